@@ -1,0 +1,187 @@
+"""The FRP certificate authority: generated once, never overwritten.
+
+frpc clients (ExApps and remote Docker engines) and HaRP's FRP server authenticate
+each other with mutual TLS under a private CA (reference-behaviour §6).  The file
+names, subjects and SANs are part of the compatibility surface: ExApp images and
+remote-engine setups copy ``ca.crt``/``client.crt``/``client.key`` and pin
+``serverName = "harp.nc"``.
+
+The set is generated when ``$HP_CERTS_DIR/frp`` is missing or empty (the reference
+left an empty directory without certs, a pitfall).  An existing complete set is never
+touched, so certificates already installed into ExApp containers stay valid across
+restarts.  A partial set stops start-up: silently regenerating would break every
+client that holds the old CA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_NAME: Final = "harp.nc"
+SERVER_NAME: Final = "harp.nc"
+CLIENT_NAME: Final = "harp.client.nc"
+FILES: Final = ("ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key")
+
+
+class CertificateError(Exception):
+    """The certificate directory cannot be used; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrpPaths:
+    """Where the FRP PKI lives; the server needs ``server.*`` and ``ca.crt``."""
+
+    directory: Path
+
+    def __getitem__(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server.key"
+
+
+def ensure_frp_certificates(directory: Path, validity_days: int) -> bool:
+    """Make sure a complete FRP PKI exists in ``directory``; return True if generated."""
+    if directory.exists() and not directory.is_dir():
+        raise CertificateError(f"{directory} exists but is not a directory")
+    present = sorted(name for name in FILES if (directory / name).exists())
+    if len(present) == len(FILES):
+        return False
+    if present or (directory.is_dir() and any(directory.iterdir())):
+        missing = ", ".join(name for name in FILES if name not in present)
+        raise CertificateError(
+            f"{directory} holds an incomplete FRP certificate set (missing: {missing}); "
+            "restore the missing files, or empty the directory to generate a new set "
+            "(then re-copy the client files to remote engines and re-install ExApps)"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _generate(directory, validity_days)
+    except OSError as exc:
+        raise CertificateError(
+            f"cannot write FRP certificates to {directory}: {exc.strerror or exc}"
+        ) from None
+    return True
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _generate(directory: Path, days: int) -> None:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    until = now + datetime.timedelta(days=days)
+
+    ca_key = _new_key()
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(CA_NAME))
+        .issuer_name(_name(CA_NAME))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(common_name: str, usage: x509.ObjectIdentifier) -> tuple[bytes, bytes]:
+        key = _new_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(until)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        return _cert_pem(cert), _key_pem(key)
+
+    server_crt, server_key = leaf(SERVER_NAME, ExtendedKeyUsageOID.SERVER_AUTH)
+    client_crt, client_key = leaf(CLIENT_NAME, ExtendedKeyUsageOID.CLIENT_AUTH)
+    # Keys first and the CA certificate last: a crash mid-way leaves a set that is
+    # reported as incomplete rather than one that looks whole but does not match.
+    for name, data, mode in (
+        ("ca.key", _key_pem(ca_key), 0o600),
+        ("server.key", server_key, 0o600),
+        ("client.key", client_key, 0o600),
+        ("server.crt", server_crt, 0o644),
+        ("client.crt", client_crt, 0o644),
+        ("ca.crt", _cert_pem(ca_cert), 0o644),
+    ):
+        write_atomic(directory / name, data, mode)
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file.
+
+    The temporary file is created with ``mode`` from the start, so a private key is
+    never readable by others, not even for an instant.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,171 @@
+"""makeService: settings in, one MultiService out.
+
+This module only wires: it builds the shared objects and the listeners and hands
+each what it needs.  Everything that can fail because of the operator's input fails
+here, before the reactor runs, as a :class:`~harp.config.ConfigError` (exit code 2).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Mapping
+from types import FrameType
+from typing import cast
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from harp import logs
+from harp.config import Address, ConfigError, Settings
+from harp.frp.server import FrpServerFactory
+from harp.pki import CertificateError, ensure_frp_certificates
+from harp.tlsctx import ReloadableServerContext, TLSConfigError
+from harp.web.control import ControlPlane
+from harp.web.root import HarpSite, KeyCheck, Root
+
+log = logs.HarpLogger("harp.service")
+
+
+class ListenerService(Service):
+    """Listen on one configured address; a bind failure stops start-up clearly.
+
+    ``StreamServerEndpointService`` would only log a failed bind and keep running
+    without the listener; an operator is better served by exit code 2 and a line
+    naming the variable.
+    """
+
+    def __init__(self, variable: str, address: Address, factory: IProtocolFactory) -> None:
+        self.variable = variable
+        self.address = address
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self.setName(variable)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        tcp = cast(IReactorTCP, reactor)
+        try:
+            self.port = tcp.listenTCP(
+                self.address.port,
+                self.factory,  # type: ignore[arg-type]
+                backlog=1024,
+                interface=self.address.host,
+            )
+        except CannotListenError as exc:
+            reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+            sys.stderr.write(
+                f"harp: configuration error: {self.variable}={str(self.address)!r}: "
+                f"cannot listen ({reason})\n"
+            )
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+        log.info("{name} listening on {address}", name=self.variable, address=self.address)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> object:
+        super().stopService()
+        port, self.port = self.port, None
+        return None if port is None else port.stopListening()
+
+
+class CertificateReloader(Service):
+    """SIGHUP reloads the HTTPS certificate without dropping connections."""
+
+    def __init__(self, context: ReloadableServerContext) -> None:
+        self.context = context
+
+    def startService(self) -> None:
+        super().startService()
+        signal.signal(signal.SIGHUP, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
+
+    def reload(self) -> None:
+        try:
+            self.context.reload()
+        except TLSConfigError as exc:
+            log.error("SIGHUP: keeping the current HTTPS certificate: {reason}", reason=str(exc))
+        else:
+            log.warn("SIGHUP: reloaded HTTPS certificate from {path}", path=str(self.context.path))
+
+
+def prepare_certificates(settings: Settings) -> ReloadableServerContext | None:
+    """Create the FRP PKI if needed and load the HTTPS certificate if there is one."""
+    if settings.certs_dir.exists() and not settings.certs_dir.is_dir():
+        raise ConfigError(
+            "HP_CERTS_DIR", str(settings.certs_dir), "it exists but is not a directory"
+        )
+    if not settings.frp_disable_tls:
+        try:
+            if ensure_frp_certificates(settings.frp_certs_dir, settings.frp_cert_validity_days):
+                log.warn("generated FRP certificates in {path}", path=str(settings.frp_certs_dir))
+        except CertificateError as exc:
+            raise ConfigError("HP_CERTS_DIR", str(settings.certs_dir), str(exc)) from None
+    if not settings.https_cert_path.exists():
+        return None
+    try:
+        return ReloadableServerContext(settings.https_cert_path)
+    except TLSConfigError as exc:
+        raise ConfigError(
+            "HP_CERTS_DIR", str(settings.certs_dir), f"{exc}; fix or remove cert.pem"
+        ) from None
+
+
+def make_service(settings: Settings) -> MultiService:
+    """Assemble HaRP from validated settings."""
+    logs.set_level(settings.log_level)
+    for warning in settings.warnings:
+        log.warn("configuration: {warning}", warning=warning)
+    https_context = prepare_certificates(settings)
+
+    site = HarpSite(Root(KeyCheck(settings.shared_key), ControlPlane()))
+    site.timeOut = settings.timeout_client
+
+    top = MultiService()
+    ListenerService(
+        "HP_EXAPPS_ADDRESS", settings.exapps_address, site  # type: ignore[arg-type]
+    ).setServiceParent(top)
+    if https_context is not None:
+        tls_factory = TLSMemoryBIOFactory(https_context, False, site)  # type: ignore[arg-type]
+        ListenerService(
+            "HP_EXAPPS_HTTPS_ADDRESS", settings.exapps_https_address, tls_factory
+        ).setServiceParent(top)
+        CertificateReloader(https_context).setServiceParent(top)
+    else:
+        log.warn(
+            "HTTPS frontend disabled: {path} does not exist", path=str(settings.https_cert_path)
+        )
+    ListenerService("HP_FRP_ADDRESS", settings.frp_address, FrpServerFactory()).setServiceParent(
+        top
+    )
+    return top
+
+
+def make_service_from_env(env: Mapping[str, str]) -> MultiService:
+    """The twistd entry point: a bad configuration exits with code 2 and one line."""
+    try:
+        settings = Settings.from_env(env)
+        if settings.verbose_start:
+            print_config(settings)
+        return make_service(settings)
+    except ConfigError as exc:
+        sys.stderr.write(f"harp: configuration error: {exc.line()}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+
+
+def print_config(settings: Settings) -> None:
+    """``HP_VERBOSE_START``: the effective configuration, every secret redacted."""
+    width = max(len(name) for name, _ in settings.describe())
+    lines = [f"harp: {name.ljust(width)} = {value}" for name, value in settings.describe()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()

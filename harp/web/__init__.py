@@ -1,0 +1,1 @@
+"""The ExApp frontends: one root resource, the decision pipeline, the proxy."""

@@ -1,0 +1,51 @@
+"""The responses HaRP generates itself, with the reference's exact bodies.
+
+AppAPI and ExApp front-ends see these, so status lines and plain-text bodies match
+the reference (reference-behaviour §3.1, "Generated responses").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final, cast
+
+from twisted.internet.interfaces import ITCPTransport
+from twisted.web.server import Request
+
+PLAIN: Final = b"text/plain"
+JSON: Final = b"application/json"
+
+_BODIES: Final = {
+    401: b"401 Unauthorized",
+    403: b"403 Forbidden",
+    404: b"404 Not Found",
+    503: b"503 Service Unavailable (HaRP)",
+}
+
+
+def send(request: Request, status: int, body: bytes, content_type: bytes = PLAIN) -> bytes:
+    """Set status and headers for a small body and return it (for ``render``)."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def error(request: Request, status: int) -> bytes:
+    """One of the reference's plain-text error responses (401/403/404/503)."""
+    return send(request, status, _BODIES[status])
+
+
+def send_json(request: Request, status: int, payload: Any) -> bytes:
+    return send(request, status, json.dumps(payload, separators=(",", ":")).encode(), JSON)
+
+
+def drop(request: Request) -> None:
+    """Close the connection without any response: the reference's "silent drop".
+
+    Used for banned clients and probes, so that they learn nothing about the proxy.
+    """
+    channel = request.channel
+    if channel is not None and channel.transport is not None:
+        cast(ITCPTransport, channel.transport).abortConnection()

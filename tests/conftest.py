@@ -1,0 +1,159 @@
+"""Shared fixtures: free ports, and the real ``twistd harp`` process under test."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRE_PEERS = os.environ.get("HARP_REQUIRE_PEERS") == "1"
+
+
+def peer_missing(what: str) -> None:
+    """A peer program is not available: fail in CI (HARP_REQUIRE_PEERS=1), else skip."""
+    if REQUIRE_PEERS:
+        pytest.fail(f"required test peer missing: {what}")
+    pytest.skip(f"test peer missing: {what}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _twistd_command() -> tuple[list[str], dict[str, str]]:
+    """How to start twistd with the harp plugin, installed or from this checkout."""
+    twistd = Path(sys.executable).parent / "twistd"
+    extra: dict[str, str] = {}
+    import twisted.plugins
+
+    ours = (REPO / "twisted" / "plugins").resolve()
+    installed = any(
+        (Path(p) / "harp_plugin.py").exists()
+        for p in twisted.plugins.__path__
+        if Path(p).resolve() != ours
+    )
+    if not installed:
+        # An editable/dev install: let twistd's plugin scan see ./twisted/plugins.
+        extra["PYTHONPATH"] = str(REPO)
+    return [str(twistd), "-n", "--pidfile=", "harp"], extra
+
+
+class HarpProcess:
+    """A real ``twistd -n harp`` child process configured by environment variables."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
+        self.workdir = workdir
+        self.env = dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"harp-{int(time.time() * 1000)}.log"
+
+    @property
+    def http_port(self) -> int:
+        return int(self.env["HP_EXAPPS_ADDRESS"].rsplit(":", 1)[1])
+
+    @property
+    def https_port(self) -> int:
+        return int(self.env["HP_EXAPPS_HTTPS_ADDRESS"].rsplit(":", 1)[1])
+
+    @property
+    def frp_port(self) -> int:
+        return int(self.env["HP_FRP_ADDRESS"].rsplit(":", 1)[1])
+
+    def start(self, wait: bool = True) -> HarpProcess:
+        command, extra = _twistd_command()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HP_", "NC_"))}
+        env.update(extra)
+        env.update(self.env)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            command, env=env, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        if wait:
+            self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"harp exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.http_port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"harp did not listen within {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def run_harp_once(env: Mapping[str, str], workdir: Path, timeout: float = 30) -> tuple[int, str]:
+    """Start harp expecting it to exit by itself (bad configuration): (code, output)."""
+    command, extra = _twistd_command()
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("HP_", "NC_"))}
+    full.update(extra)
+    full.update(env)
+    done = subprocess.run(
+        command, env=full, cwd=workdir, capture_output=True, timeout=timeout, check=False
+    )
+    return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
+
+
+@pytest.fixture
+def harp_env(tmp_path: Path) -> dict[str, str]:
+    """A minimal valid environment on free loopback ports, certs under tmp_path."""
+    return {
+        "HP_SHARED_KEY": new_key(),
+        "NC_INSTANCE_URL": "http://127.0.0.1:9",
+        "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HP_CERTS_DIR": str(tmp_path / "certs"),
+        "HP_VERBOSE_START": "0",
+        "HP_LOG_LEVEL": "info",
+    }
+
+
+@pytest.fixture
+def harp_factory(tmp_path: Path) -> Iterator[type[HarpProcess]]:
+    """Start HaRP processes; all are stopped at the end of the test."""
+    started: list[HarpProcess] = []
+
+    class Factory(HarpProcess):
+        def __init__(self, env: Mapping[str, str]) -> None:
+            super().__init__(env, tmp_path)
+            started.append(self)
+
+    yield Factory
+    for proc in started:
+        proc.stop()
