@@ -18,7 +18,7 @@ def healthcheck(settings: Settings) -> int:
     address = settings.exapps_address
     host = address.loopback_host
     host = f"[{host}]" if ":" in host else host
-    request = urllib.request.Request(  # noqa: S310 - fixed http URL on our own listener
+    request = urllib.request.Request(
         f"http://{host}:{address.port}/exapps/app_api/heartbeat",
         headers={"harp-shared-key": settings.shared_key},
     )
