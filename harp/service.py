@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import cast
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
@@ -20,14 +21,25 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReact
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from harp import logs
+from harp.bans import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.frp.server import FrpServerFactory
+from harp.nextcloud import NextcloudClient
 from harp.pki import CertificateError, ensure_frp_certificates
+from harp.state.memory import MemoryState
 from harp.tlsctx import ReloadableServerContext, TLSConfigError
 from harp.web.control import ControlPlane
-from harp.web.root import HarpSite, KeyCheck, Root
+from harp.web.headers import KeyCheck
+from harp.web.pipeline import Pipeline
+from harp.web.proxy import ExAppProxy
+from harp.web.root import HarpSite, Root
+from harp.web.storage import PREFIX as STORAGE_PREFIX
+from harp.web.storage import ExAppStorage
 
 log = logs.HarpLogger("harp.service")
+
+#: How often expired bans, "not found" marks and cached user lookups are dropped.
+SWEEP_INTERVAL = 30.0
 
 
 class ListenerService(Service):
@@ -127,10 +139,25 @@ def make_service(settings: Settings) -> MultiService:
         log.warn("configuration: {warning}", warning=warning)
     https_context = prepare_certificates(settings)
 
-    site = HarpSite(Root(KeyCheck(settings.shared_key), ControlPlane()))
+    state = MemoryState(
+        settings.blacklist_count, settings.blacklist_window, settings.session_lifetime
+    )
+    nextcloud = NextcloudClient(reactor, settings.nc_instance_url, settings.shared_key, state)
+    pipeline = Pipeline(
+        state, nextcloud, KeyCheck(settings.shared_key),
+        ClientAddressResolver(settings.trusted_proxies),
+    )
+    storage = ExAppStorage(state)
+    control = ControlPlane()
+    control.add_prefix(b"POST", STORAGE_PREFIX, storage.post)
+    control.add_prefix(b"DELETE", STORAGE_PREFIX, storage.delete)
+    proxy = ExAppProxy(reactor, settings.timeout_connect, settings.timeout_server)
+
+    site = HarpSite(Root(pipeline, control, proxy))
     site.timeOut = settings.timeout_client
 
     top = MultiService()
+    TimerService(SWEEP_INTERVAL, state.sweep).setServiceParent(top)
     ListenerService(
         "HP_EXAPPS_ADDRESS", settings.exapps_address, site  # type: ignore[arg-type]
     ).setServiceParent(top)

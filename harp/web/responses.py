@@ -26,6 +26,8 @@ _BODIES: Final = {
 def send(request: Request, status: int, body: bytes, content_type: bytes = PLAIN) -> bytes:
     """Set status and headers for a small body and return it (for ``render``)."""
     request.setResponseCode(status)
+    if status == 204:
+        return b""
     request.setHeader(b"content-type", content_type)
     request.setHeader(b"content-length", b"%d" % len(body))
     request.setHeader(b"cache-control", b"no-store")
@@ -45,7 +47,11 @@ def drop(request: Request) -> None:
     """Close the connection without any response: the reference's "silent drop".
 
     Used for banned clients and probes, so that they learn nothing about the proxy.
+    Also used to abort a response whose body cannot be completed.
     """
     channel = request.channel
     if channel is not None and channel.transport is not None:
         cast(ITCPTransport, channel.transport).abortConnection()
+
+
+abort = drop

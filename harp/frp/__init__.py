@@ -1,0 +1,19 @@
+"""FRP server side of HaRP: the protocol layers that stock ``frpc`` clients speak.
+
+The modules in this package are split by concern so each can be tested without a
+network, and so the Twisted wiring (``server.py``/``control.py``) stays thin:
+
+* :mod:`harp.frp.sniff`  -- classify the first byte of a connection (custom TLS
+  byte ``0x17``, TLS ClientHello ``0x16``, plain) and then the first byte of the
+  plaintext (yamux session vs. direct message channel).
+* :mod:`harp.frp.msg`    -- FRP message framing (type byte, int64 length, JSON
+  body) and the message dataclasses.
+* :mod:`harp.frp.crypto` -- token-derived key and the AES-128-CFB stream cipher
+  that protects the control channel (and optionally work connections).
+* :mod:`harp.frp.yamux`  -- the yamux frame codec and a sans-I/O session state
+  machine with per-stream flow control.
+
+None of these four modules performs I/O, owns a socket, or touches the reactor;
+they take bytes in and give bytes and events out.  The wire contract they follow
+is ``/work/shared/spec/frp-protocol.md`` (frpc 0.61.1 - 0.65.0).
+"""

@@ -1,0 +1,190 @@
+"""The two questions HaRP asks Nextcloud: "what is this ExApp?" and "who is this user?".
+
+``harp/exapp-meta`` and ``harp/user-info`` (appapi-client.md §4).  Both go through one
+treq client on a shared keep-alive pool that **stores no cookies**: a cookie jar would
+leak one user's ``Set-Cookie`` into another user's lookups (reference #111).
+
+- exapp-meta: concurrent misses for one app share a single request (single flight);
+  "not found" is remembered by the caller's state for 15 s.
+- user-info: answers are cached for ``HP_SESSION_LIFETIME`` under a hash of the
+  credential (``oc_sessionPassphrase`` cookie, else the ``Authorization`` header) and
+  the app id — never under the raw value, which must not sit in memory as a key.
+  Rejected credentials (4xx) are cached as anonymous too (audit notes), so replaying a
+  bad cookie does not cost a Nextcloud round trip per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from http.cookiejar import Cookie
+from typing import Any, Final
+from urllib.parse import quote
+
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar  # type: ignore[attr-defined]
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from harp.exapps import ExAppRecord, RecordError, parse_record
+from harp.logs import HarpLogger
+from harp.state import ANONYMOUS, State, UserInfo
+
+log = HarpLogger("harp.nextcloud")
+
+TOTAL_TIMEOUT: Final = 25.0
+CONNECT_TIMEOUT: Final = 5.0
+MAX_BODY: Final = 1 << 20
+
+#: Client headers not forwarded to user-info: hop-by-hop ones, the body framing of a
+#: request we do not forward the body of, and encodings we would have to undo.
+_SKIP: Final = frozenset(
+    {
+        b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+        b"upgrade", b"te", b"trailer", b"proxy-authorization", b"proxy-connection",
+        b"expect", b"accept-encoding", b"harp-shared-key", b"content-type",
+    }
+)
+
+
+class NextcloudError(Exception):
+    """Nextcloud could not answer usefully (network error, 5xx, malformed body)."""
+
+
+class _NoCookies(IndexableCookieJar):  # type: ignore[misc]
+    """A cookie jar that never stores or sends anything: lookups stay per request."""
+
+    def extract_cookies(self, response: object, request: object) -> None:
+        return None
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        return None
+
+    def add_cookie_header(self, request: object) -> None:
+        return None
+
+
+class NextcloudClient:
+    def __init__(self, reactor: IReactorTime, base_url: str, shared_key: str, state: State):
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 100
+        pool.cachedConnectionTimeout = 50
+        pool.retryAutomatically = True
+        self._http = HTTPClient(
+            Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool), cookiejar=_NoCookies()
+        )
+        self._pool = pool
+        self._meta_url = f"{base_url}/index.php/apps/app_api/harp/exapp-meta?appId="
+        self._user_url = f"{base_url}/index.php/apps/app_api/harp/user-info?appId="
+        self._key = shared_key.encode("ascii")
+        self._state = state
+        self._meta_waiters: dict[str, list[Deferred[ExAppRecord | None]]] = {}
+
+    def close(self) -> Deferred[None]:
+        return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
+
+    async def _get_json(self, url: str, headers: Headers) -> tuple[int, Any]:
+        try:
+            response = await self._http.get(url, headers=headers, timeout=TOTAL_TIMEOUT)
+            body: bytes = await response.content()
+        except Exception as exc:
+            raise NextcloudError(f"{type(exc).__name__}: {exc}") from None
+        if len(body) > MAX_BODY:
+            raise NextcloudError("answer too large")
+        if not 200 <= response.code < 300:
+            return response.code, None
+        try:
+            return response.code, json.loads(body)
+        except ValueError:
+            raise NextcloudError(f"HTTP {response.code} with a body that is not JSON") from None
+
+    # --- exapp-meta
+
+    def exapp_meta(self, app_id: str) -> Deferred[ExAppRecord | None]:
+        """The record for ``app_id`` (lower case), None if Nextcloud does not know it.
+
+        Fails with :class:`NextcloudError` when Nextcloud cannot answer; then nothing is
+        cached.  Callers waiting for the same app share one request.
+        """
+        waiter: Deferred[ExAppRecord | None] = Deferred()
+        waiters = self._meta_waiters.get(app_id)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._meta_waiters[app_id] = [waiter]
+        Deferred.fromCoroutine(self._fetch_meta(app_id)).addBoth(self._meta_done, app_id)
+        return waiter
+
+    def _meta_done(self, result: ExAppRecord | Failure | None, app_id: str) -> None:
+        for waiter in self._meta_waiters.pop(app_id, []):
+            waiter.callback(result)  # a Failure errbacks the waiter
+
+    async def _fetch_meta(self, app_id: str) -> ExAppRecord | None:
+        headers = Headers({b"harp-shared-key": [self._key], b"accept": [b"application/json"]})
+        status, payload = await self._get_json(self._meta_url + quote(app_id, safe=""), headers)
+        if status in (401, 404):
+            self._state.mark_missing(app_id)
+            return None
+        if payload is None:
+            raise NextcloudError(f"exapp-meta answered HTTP {status}")
+        try:
+            record = parse_record(app_id, payload)
+        except RecordError as exc:
+            raise NextcloudError(f"exapp-meta for {app_id}: {exc}") from None
+        self._state.put_exapp(app_id, record)
+        return record
+
+    # --- user-info
+
+    @staticmethod
+    def credential_key(app_id: str, cookie: bytes | None, authorization: bytes | None) -> bytes:
+        """Cache key: a hash of the credential that decides the answer, and the app."""
+        digest = hashlib.blake2b(digest_size=20)
+        if cookie:
+            digest.update(b"c\0" + cookie)
+        else:
+            digest.update(b"a\0" + (authorization or b""))
+        digest.update(b"\0" + app_id.encode("utf-8", "surrogateescape"))
+        return digest.digest()
+
+    async def user_info(
+        self, app_id: str, key: bytes, headers: Iterable[tuple[bytes, Sequence[bytes]]]
+    ) -> UserInfo:
+        """Resolve the user behind the client's credentials; cached under ``key``."""
+        cached = self._state.get_user(key)
+        if cached is not None:
+            return cached
+        forwarded = Headers()
+        for name, values in headers:
+            if name.lower() not in _SKIP:
+                forwarded.setRawHeaders(name, values)
+        forwarded.setRawHeaders(b"harp-shared-key", [self._key])
+        status, payload = await self._get_json(self._user_url + quote(app_id, safe=""), forwarded)
+        if 400 <= status < 500:
+            user = ANONYMOUS
+        elif payload is None:
+            raise NextcloudError(f"user-info answered HTTP {status}")
+        else:
+            user = _parse_user(payload)
+        self._state.put_user(key, user)
+        return user
+
+
+def _parse_user(payload: Any) -> UserInfo:
+    if not isinstance(payload, dict):
+        raise NextcloudError("user-info answer is not a JSON object")
+    user_id = payload.get("user_id")
+    level = payload.get("access_level")
+    if isinstance(level, str) and level.isdigit():
+        level = int(level)
+    if not isinstance(user_id, str) or isinstance(level, bool) or level not in (0, 1, 2):
+        raise NextcloudError("user-info answer lacks user_id/access_level")
+    # A disabled user comes back with level 0 and a user id: present it as anonymous
+    # rather than telling the ExApp who it is (audit notes).
+    if level == 0:
+        return ANONYMOUS
+    return UserInfo(user_id, level)

@@ -1,0 +1,66 @@
+"""The embedded default state: everything in this process, bounded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Final
+
+from harp.bans import FailureTable
+from harp.exapps import ExAppRecord
+from harp.lru import TTLCache
+from harp.state import UserInfo
+
+#: How long "Nextcloud does not know this app" is believed (reference §5).
+NEGATIVE_TTL: Final = 15.0
+MAX_SESSIONS: Final = 100_000
+MAX_MISSING: Final = 10_000
+
+
+class MemoryState:
+    def __init__(
+        self,
+        blacklist_count: int,
+        blacklist_window: float,
+        session_lifetime: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bans = FailureTable(blacklist_count, blacklist_window, clock=clock)
+        self.records: dict[str, ExAppRecord] = {}
+        self.missing: TTLCache[str, bool] = TTLCache(MAX_MISSING, NEGATIVE_TTL, clock=clock)
+        self.users: TTLCache[bytes, UserInfo] = TTLCache(
+            MAX_SESSIONS, session_lifetime, clock=clock
+        )
+
+    def is_banned(self, addr: str) -> bool:
+        return self.bans.is_banned(addr)
+
+    def record_failure(self, addr: str) -> bool:
+        return self.bans.record(addr)
+
+    def get_exapp(self, app_id: str) -> ExAppRecord | None:
+        return self.records.get(app_id)
+
+    def put_exapp(self, app_id: str, record: ExAppRecord) -> None:
+        self.records[app_id] = record
+        self.missing.pop(app_id)
+
+    def delete_exapp(self, app_id: str) -> bool:
+        return self.records.pop(app_id, None) is not None
+
+    def is_missing(self, app_id: str) -> bool:
+        return self.missing.get(app_id) is not None
+
+    def mark_missing(self, app_id: str) -> None:
+        self.missing.set(app_id, True)
+
+    def get_user(self, key: bytes) -> UserInfo | None:
+        return self.users.get(key)
+
+    def put_user(self, key: bytes, user: UserInfo) -> None:
+        self.users.set(key, user)
+
+    def sweep(self) -> None:
+        self.bans.sweep()
+        self.missing.sweep()
+        self.users.sweep()

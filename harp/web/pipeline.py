@@ -1,0 +1,249 @@
+"""The request decision pipeline (reference-behaviour §3.1), as data in, verdict out.
+
+Each request meets every concern once, in the reference's order: client address →
+ban → dot-dot → app id → control plane → AppAPI-signed → record → route access →
+identity.  :meth:`Pipeline.decide` returns a verdict object and performs no response
+I/O itself; the root resource carries the verdict out.  The only awaits are the
+Nextcloud lookups, so a request whose record and user are cached is decided without
+touching the reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from twisted.web.server import Request
+
+from harp.bans import ClientAddressResolver
+from harp.exapps import PUBLIC, ExAppRecord, Route, synthesized
+from harp.logs import HarpLogger
+from harp.nextcloud import NextcloudClient, NextcloudError
+from harp.state import ANONYMOUS, State, UserInfo
+from harp.web.headers import KeyCheck, last_header
+
+log = HarpLogger("harp.pipeline")
+
+# Compiled once: the hot path only runs them.
+_APP_ID_RE: Final = re.compile(rb"(?:^|/)exapps/([^/]+)")
+_DOTDOT_RE: Final = re.compile(rb"(?:^|/|%2f)(?:\.|%2e)(?:\.|%2e)(?=/|%2f|$)", re.IGNORECASE)
+_SIGNED_HEADERS: Final = (
+    b"ex-app-version", b"ex-app-id", b"ex-app-host", b"ex-app-port", b"harp-shared-key",
+)
+#: ExApp endpoints only AppAPI may call (signed requests).
+_APPAPI_ONLY: Final = frozenset({b"/heartbeat", b"/init", b"/enabled"})
+CONTROL_APP: Final = b"app_api"
+
+
+def has_dotdot(path: bytes) -> bool:
+    """A ``..`` segment in any spelling (``.``/``%2e``, ``/``/``%2f`` separators)."""
+    return _DOTDOT_RE.search(path) is not None
+
+
+def split_app_path(path: bytes) -> tuple[bytes, bytes] | None:
+    """``(app id as in the URL, target path)``, or None without an app id.
+
+    The id is *searched* (a prefix such as ``/nc/exapps/x`` still names ``x``), but the
+    ``/exapps/<id>`` prefix is stripped only when the path starts with it (audit notes).
+    """
+    match = _APP_ID_RE.search(path)
+    if match is None:
+        return None
+    app = match.group(1)
+    prefix_end = 8 + len(app)  # len(b"/exapps/") + id
+    if path.startswith(b"/exapps/") and path[8:prefix_end] == app:
+        return app, path[prefix_end:]
+    return app, path
+
+
+def match_route(routes: tuple[Route, ...], target: str) -> Route | None:
+    """The first route whose regex matches at the start of ``target`` (``re.match``)."""
+    for route in routes:
+        if route.pattern.match(target):
+            return route
+    return None
+
+
+def identity_token(user_id: str, token: str) -> bytes:
+    """``AUTHORIZATION-APP-API``: base64 of ``<user_id>:<exapp_token>``."""
+    return base64.b64encode(f"{user_id}:{token}".encode())
+
+
+# --- verdicts
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Close the connection without a response."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer with one of the generated error responses."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """Serve from the control plane; ``rest`` is the path after ``/exapps/app_api``."""
+
+    rest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Proxy to the ExApp with these identity headers."""
+
+    app_id: bytes
+    record: ExAppRecord
+    target: bytes
+    authorization: bytes
+    signed: bool
+    client: str
+    bruteforce: frozenset[int]
+
+
+Verdict = Drop | Reply | Control | Forward
+
+
+class Pipeline:
+    def __init__(
+        self,
+        state: State,
+        nextcloud: NextcloudClient,
+        key_ok: KeyCheck,
+        resolver: ClientAddressResolver,
+    ) -> None:
+        self.state = state
+        self.nextcloud = nextcloud
+        self.key_ok = key_ok
+        self.resolver = resolver
+
+    def client_address(self, request: Request) -> str:
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None) or "unix"
+        headers = request.requestHeaders
+        xff = headers.getRawHeaders(b"x-forwarded-for")
+        xri = headers.getRawHeaders(b"x-real-ip")
+        return self.resolver.resolve(host, xff[0] if xff else None, xri[-1] if xri else None)
+
+    def fail(self, client: str, why: str) -> None:
+        """Count a brute-force failure; log the ban when it starts."""
+        if self.state.record_failure(client):
+            log.warn("banning {client}: too many failures (last: {why})", client=client, why=why)
+
+    async def decide(self, request: Request, client: str) -> Verdict:
+        if self.state.is_banned(client):
+            return Drop("banned")
+        path = request.path
+        key_valid = self.key_ok(last_header(request, b"harp-shared-key"))
+
+        if has_dotdot(path):
+            if not key_valid:
+                self.fail(client, "dot-dot path")
+            return Drop("dot-dot path")
+
+        split = split_app_path(path)
+        if split is None:
+            if not key_valid:
+                self.fail(client, "no app id")
+            return Reply(404, "no app id in path")
+        app_raw, target = split
+        if app_raw == CONTROL_APP:
+            if not key_valid:
+                self.fail(client, "bad shared key on app_api")
+                return Reply(401, "bad shared key on app_api")
+            return Control(target)
+        app_id = app_raw.decode("latin-1").lower()
+
+        if self._is_signed(request):
+            return await self._signed(request, app_raw, app_id, target, client, key_valid)
+
+        record = self.state.get_exapp(app_id)
+        if record is None:
+            if self.state.is_missing(app_id):
+                record = None
+            else:
+                try:
+                    record = await self.nextcloud.exapp_meta(app_id)
+                except NextcloudError as exc:
+                    log.warn("exapp-meta for {app} failed: {error}", app=app_id, error=str(exc))
+                    return Reply(404, "ExApp metadata unavailable")
+            if record is None:
+                if not key_valid:
+                    self.fail(client, "unknown ExApp")
+                return Reply(404, "unknown ExApp")
+
+        if target in _APPAPI_ONLY:
+            self.fail(client, "unsigned AppAPI-only endpoint")
+            return Drop("unsigned AppAPI-only endpoint")
+
+        user = ANONYMOUS
+        cookie = request.received_cookies.get(b"oc_sessionPassphrase")
+        authorization = last_header(request, b"authorization")
+        if cookie or authorization is not None:
+            try:
+                user = await self._user(request, app_id, cookie, authorization)
+            except NextcloudError as exc:
+                log.warn("user-info for {app} failed: {error}", app=app_id, error=str(exc))
+                return Reply(401, "user lookup failed")
+
+        route = match_route(record.routes, target.decode("latin-1"))
+        if route is None:
+            self.fail(client, "no matching route")
+            return Reply(404, "no matching route")
+        if route.access_level != PUBLIC and not (
+            user.user_id and route.access_level <= user.access_level
+        ):
+            self.fail(client, "access denied")
+            return Reply(403, "access denied")
+        return Forward(
+            app_raw, record, target, identity_token(user.user_id, record.token), False, client,
+            route.bruteforce,
+        )
+
+    @staticmethod
+    def _is_signed(request: Request) -> bool:
+        """All six AppAPI headers present and the identity non-empty (audit notes)."""
+        headers = request.requestHeaders
+        if not last_header(request, b"authorization-app-api"):
+            return False
+        return all(headers.hasHeader(name) for name in _SIGNED_HEADERS)
+
+    async def _signed(
+        self, request: Request, app_raw: bytes, app_id: str, target: bytes, client: str,
+        key_valid: bool,
+    ) -> Verdict:
+        if not key_valid:
+            # The reference counts this against the raw peer; we count the true client.
+            self.fail(client, "bad shared key on signed request")
+            return Drop("bad shared key on signed request")
+        record = self.state.get_exapp(app_id)
+        if record is None and not self.state.is_missing(app_id):
+            try:
+                record = await self.nextcloud.exapp_meta(app_id)
+            except NextcloudError:
+                record = None
+        if record is None:
+            port_text = last_header(request, b"ex-app-port") or b""
+            host = (last_header(request, b"ex-app-host") or b"").decode("latin-1")
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535 or not host:
+                return Reply(503, "signed request with a bad ex-app-host/ex-app-port")
+            version = (last_header(request, b"ex-app-version") or b"").decode("latin-1")
+            record = synthesized(version, host, int(port_text))
+        authorization = last_header(request, b"authorization-app-api") or b""
+        return Forward(app_raw, record, target, authorization, True, client, frozenset())
+
+    async def _user(
+        self, request: Request, app_id: str, cookie: bytes | None, authorization: bytes | None
+    ) -> UserInfo:
+        key = NextcloudClient.credential_key(app_id, cookie, authorization)
+        return await self.nextcloud.user_info(
+            app_id, key, request.requestHeaders.getAllRawHeaders()
+        )

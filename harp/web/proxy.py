@@ -1,0 +1,213 @@
+"""Forwarding a decided request to its ExApp, and relaying the answer.
+
+``twisted.web.proxy.ReverseProxyResource`` opens an HTTP/1.0 connection per request and
+knows one fixed upstream.  :class:`ExAppProxy` keeps its place in the resource model
+but replaces the client side: one HTTP/1.1 ``Agent`` over a persistent connection pool
+and the :mod:`harp.web.upstream` endpoint factory, and a relay that streams the
+response with backpressure (the upstream is paused while the client cannot take more).
+
+Failures map to the statuses HAProxy gives in the reference: connect refused or timed
+out → 503, no response within ``HP_TIMEOUT_SERVER`` → 504, an upstream that breaks
+the response → 502 (or, mid-body, the client connection is aborted so a truncated body
+never looks complete).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, cast
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.server import Request
+
+from harp.logs import HarpLogger
+from harp.web import responses
+from harp.web.headers import HOP_BY_HOP
+from harp.web.upstream import UpstreamEndpoints, upstream_uri
+
+log = HarpLogger("harp.proxy")
+
+GATEWAY_TIMEOUT: Final = b"504 Gateway Timeout"
+BAD_GATEWAY: Final = b"502 Bad Gateway"
+
+
+class UpstreamUnresolvable(Exception):
+    """The upstream host name did not resolve."""
+
+
+class _Relay(Protocol):
+    """Streams an upstream response body into the client's request."""
+
+    def __init__(self, request: Request, reactor: IReactorTime, idle: float,
+                 done: Deferred[None]) -> None:
+        self.request = request
+        self.reactor = reactor
+        self.idle = idle
+        self.done = done
+        self.client_gone = False
+        self.timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.request.registerProducer(cast(IPushProducer, self.transport), True)
+        self.timer = self.reactor.callLater(self.idle, self._idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.client_gone:
+            return
+        if self.timer is not None:
+            self.timer.reset(self.idle)
+        self.request.write(data)
+
+    def client_lost(self) -> None:
+        self.client_gone = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _idle_timeout(self) -> None:
+        self.timer = None
+        log.info("upstream idle for {idle}s mid-response: aborting", idle=self.idle)
+        self.client_lost()
+        responses.abort(self.request)
+
+    def connectionLost(self, reason: Failure = PotentialDataLoss) -> None:  # type: ignore[assignment]
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if not self.client_gone:
+            self.request.unregisterProducer()
+            if reason.check(ResponseDone, PotentialDataLoss):
+                self.request.finish()
+            else:
+                # A truncated body must not look complete to the client.
+                responses.abort(self.request)
+        self.done.callback(None)
+
+
+class ExAppProxy(ReverseProxyResource):
+    """Proxy requests to the upstream chosen by the pipeline (see module docstring)."""
+
+    isLeaf = True
+
+    def __init__(
+        self, reactor: Any, connect_timeout: float, server_timeout: float,
+        endpoints: UpstreamEndpoints | None = None,
+    ) -> None:
+        super().__init__("", 0, b"", reactor)
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        # Below uvicorn's 5 s keep-alive, so we rarely reuse a connection the ExApp
+        # is closing at that very moment.
+        self.pool.cachedConnectionTimeout = 4
+        self.endpoints = endpoints or UpstreamEndpoints(reactor, connect_timeout)
+        self.agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool)
+        self.server_timeout = server_timeout
+
+    def forward(
+        self,
+        request: Request,
+        host: str,
+        port: int,
+        target: bytes,
+        identity: list[tuple[bytes, bytes]],
+        on_status: Callable[[int], None] | None = None,
+        on_unresolvable: Callable[[], None] | None = None,
+    ) -> None:
+        """Send ``request`` upstream and relay the answer; never raises."""
+        headers = Headers()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() not in HOP_BY_HOP:
+                headers.setRawHeaders(name, values)
+        for name, value in identity:
+            headers.setRawHeaders(name, [value])
+        body: IBodyProducer | None = None
+        if request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
+            b"transfer-encoding"
+        ):
+            content = request.content
+            assert content is not None
+            content.seek(0)
+            body = FileBodyProducer(content)
+        _, _, query = request.uri.partition(b"?")
+        uri = upstream_uri(host, port, target, query)
+        pending = self.agent.request(request.method, uri, headers, body)
+        pending.addTimeout(self.server_timeout, self.reactor)
+        finished = request.notifyFinish()
+        state: dict[str, Any] = {"relay": None}
+
+        def client_lost(reason: Failure) -> None:
+            relay = state["relay"]
+            if relay is not None:
+                relay.client_lost()
+            elif not pending.called:
+                pending.cancel()
+
+        finished.addErrback(client_lost)
+
+        def got_response(response: IResponse) -> Deferred[None] | None:
+            if on_status is not None:
+                on_status(response.code)
+            if request.finished or getattr(request, "_disconnected", False):
+                response.deliverBody(_Discard())
+                return None
+            request.setResponseCode(response.code, response.phrase)
+            out = request.responseHeaders
+            for name, values in response.headers.getAllRawHeaders():
+                if name.lower() not in HOP_BY_HOP:
+                    out.setRawHeaders(name, values)
+            done: Deferred[None] = Deferred()
+            relay = _Relay(request, self.reactor, self.server_timeout, done)
+            state["relay"] = relay
+            response.deliverBody(relay)
+            return done
+
+        def failed(failure: Failure) -> None:
+            if request.finished or getattr(request, "_disconnected", False):
+                return
+            if failure.check(CancelledError, TimeoutError) and pending.called:
+                self._reply(request, 504, GATEWAY_TIMEOUT)
+            elif failure.check(DNSLookupError):
+                if on_unresolvable is not None:
+                    on_unresolvable()
+                else:
+                    self._reply(request, 503, None)
+            elif failure.check(ConnectError, TimeoutError, CancelledError):
+                log.info("upstream {host}:{port} unreachable: {error}", host=host, port=port,
+                         error=failure.getErrorMessage())
+                self._reply(request, 503, None)
+            else:
+                log.info("upstream {host}:{port} failed: {error}", host=host, port=port,
+                         error=failure.getErrorMessage())
+                self._reply(request, 502, BAD_GATEWAY)
+
+        pending.addCallbacks(got_response, failed)
+        pending.addErrback(self._bug, request)
+
+    def _reply(self, request: Request, status: int, body: bytes | None) -> None:
+        request.write(
+            responses.error(request, status) if body is None
+            else responses.send(request, status, body)
+        )
+        request.finish()
+
+    def _bug(self, failure: Failure, request: Request) -> None:
+        log.failure("proxying failed", failure)
+        if not request.finished and not getattr(request, "_disconnected", False):
+            if request.startedWriting:
+                responses.abort(request)
+            else:
+                self._reply(request, 503, None)
+
+
+class _Discard(Protocol):
+    def connectionLost(self, reason: Failure = PotentialDataLoss) -> None:  # type: ignore[assignment]
+        pass
