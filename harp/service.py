@@ -32,7 +32,8 @@ from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
 from harp.web.pipeline import Pipeline
 from harp.web.proxy import ExAppProxy
-from harp.web.root import HarpSite, Root
+from harp.web.root import Root
+from harp.web.site import HarpSite
 from harp.web.storage import PREFIX as STORAGE_PREFIX
 from harp.web.storage import ExAppStorage
 
@@ -153,8 +154,11 @@ def make_service(settings: Settings) -> MultiService:
     control.add_prefix(b"DELETE", STORAGE_PREFIX, storage.delete)
     proxy = ExAppProxy(reactor, settings.timeout_connect, settings.timeout_server)
 
-    site = HarpSite(Root(pipeline, control, proxy))
-    site.timeOut = settings.timeout_client
+    site = HarpSite(
+        Root(pipeline, control, proxy, settings.timeout_tunnel),
+        head_timeout=settings.timeout_client,
+        timeout=settings.timeout_client,
+    )
 
     top = MultiService()
     TimerService(SWEEP_INTERVAL, state.sweep).setServiceParent(top)

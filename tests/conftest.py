@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import secrets
 import socket
@@ -12,6 +13,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRE_PEERS = os.environ.get("HARP_REQUIRE_PEERS") == "1"
@@ -157,3 +162,26 @@ def harp_factory(tmp_path: Path) -> Iterator[type[HarpProcess]]:
     yield Factory
     for proc in started:
         proc.stop()
+
+
+def self_signed_pem(path: Path, common_name: str) -> int:
+    """Write a self-signed cert + key PEM (like an operator's cert.pem); its serial."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    serial = x509.random_serial_number()
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(serial)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return serial

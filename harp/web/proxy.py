@@ -22,7 +22,7 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -32,11 +32,18 @@ from twisted.web.server import Request
 from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.headers import HOP_BY_HOP
+from harp.web.site import HarpChannel
+from harp.web.tunnel import UpgradeTunnel
 from harp.web.upstream import UpstreamEndpoints, upstream_uri
 
 log = HarpLogger("harp.proxy")
 
 GATEWAY_TIMEOUT: Final = b"504 Gateway Timeout"
+#: Request headers not copied upstream: hop-by-hop ones, the body framing (the Agent
+#: writes its own from the streamed body), and Expect (we answered 100 ourselves).
+_NOT_FORWARDED: Final = HOP_BY_HOP | {b"content-length", b"expect"}
+#: For an Upgrade the connection-level headers are the point and are kept.
+_NOT_FORWARDED_UPGRADE: Final = (HOP_BY_HOP - {b"connection", b"upgrade"}) | {b"expect"}
 BAD_GATEWAY: Final = b"502 Bad Gateway"
 
 
@@ -119,30 +126,31 @@ class ExAppProxy(ReverseProxyResource):
         port: int,
         target: bytes,
         identity: list[tuple[bytes, bytes]],
+        body: IBodyProducer | None,
         on_status: Callable[[int], None] | None = None,
         on_unresolvable: Callable[[], None] | None = None,
     ) -> None:
-        """Send ``request`` upstream and relay the answer; never raises."""
+        """Send ``request`` upstream and relay the answer; never raises.
+
+        ``body`` streams the request body (the Agent sets its framing headers).
+        """
         headers = Headers()
         for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP:
+            if name.lower() not in _NOT_FORWARDED:
                 headers.setRawHeaders(name, values)
         for name, value in identity:
             headers.setRawHeaders(name, [value])
-        body: IBodyProducer | None = None
-        if request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
-            b"transfer-encoding"
-        ):
-            content = request.content
-            assert content is not None
-            content.seek(0)
-            body = FileBodyProducer(content)
         _, _, query = request.uri.partition(b"?")
         uri = upstream_uri(host, port, target, query)
         pending = self.agent.request(request.method, uri, headers, body)
-        pending.addTimeout(self.server_timeout, self.reactor)
+        state: dict[str, Any] = {"relay": None, "timed_out": False}
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            state["timed_out"] = True
+            return result
+
+        pending.addTimeout(self.server_timeout, self.reactor, onTimeoutCancel=timed_out)
         finished = request.notifyFinish()
-        state: dict[str, Any] = {"relay": None}
 
         def client_lost(reason: Failure) -> None:
             relay = state["relay"]
@@ -173,7 +181,7 @@ class ExAppProxy(ReverseProxyResource):
         def failed(failure: Failure) -> None:
             if request.finished or getattr(request, "_disconnected", False):
                 return
-            if failure.check(CancelledError, TimeoutError) and pending.called:
+            if state["timed_out"]:
                 self._reply(request, 504, GATEWAY_TIMEOUT)
             elif failure.check(DNSLookupError):
                 if on_unresolvable is not None:
@@ -192,7 +200,44 @@ class ExAppProxy(ReverseProxyResource):
         pending.addCallbacks(got_response, failed)
         pending.addErrback(self._bug, request)
 
+    def upgrade(
+        self,
+        request: Request,
+        host: str,
+        port: int,
+        target: bytes,
+        identity: list[tuple[bytes, bytes]],
+        idle: float | None,
+    ) -> None:
+        """Turn the client connection into a tunnel to the ExApp (WebSocket etc.)."""
+        _, _, query = request.uri.partition(b"?")
+        path = (target or b"/") + (b"?" + query if query else b"")
+        replaced = {name for name, _ in identity}
+        lines = [b"%s %s HTTP/1.1" % (request.method, path)]
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lower = name.lower()
+            if lower in _NOT_FORWARDED_UPGRADE or lower in replaced:
+                continue
+            lines.extend(name + b": " + value for value in values)
+        lines.extend(name + b": " + value for name, value in identity)
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        channel = request.channel
+        assert isinstance(channel, HarpChannel)
+
+        def failed(failure: Failure) -> None:
+            if request.finished or getattr(request, "_disconnected", False):
+                return
+            log.info("upgrade to {host}:{port} failed: {error}", host=host, port=port,
+                     error=failure.getErrorMessage())
+            self._reply(request, 503, None)
+
+        endpoint = self.endpoints.endpointForURI(URI.fromBytes(upstream_uri(host, port, b"/", b"")))
+        UpgradeTunnel(channel, head, idle, self.reactor, failed).start(endpoint)
+
     def _reply(self, request: Request, status: int, body: bytes | None) -> None:
+        close_early = getattr(request, "close_early", None)
+        if close_early is not None:
+            close_early()  # the body (if any) will not be read: do not wait for it
         request.write(
             responses.error(request, status) if body is None
             else responses.send(request, status, body)

@@ -9,23 +9,31 @@ the control plane, or the proxy.
 
 from __future__ import annotations
 
-import time
-from typing import Final
+from io import BytesIO
+from typing import Final, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.control import ControlPlane
 from harp.web.pipeline import Control, Drop, Forward, Pipeline, Reply, Verdict
 from harp.web.proxy import ExAppProxy
+from harp.web.site import HarpRequest
 
-log = HarpLogger("harp.access")
 errors = HarpLogger("harp.web")
+
+
+class DockerPassthrough(Protocol):
+    """The Docker Engine API passthrough (``harp.docker``); it answers the request."""
+
+    def passthrough(self, request: HarpRequest, rest: bytes) -> None: ...
+
+#: Largest body the control plane reads (ExApp records are a few KiB).
+CONTROL_BODY_LIMIT: Final = 1 << 20
 
 #: Set on every proxied request; AppAPI's real value is overwritten (reference §3.2).
 AA_VERSION: Final = b"32"
@@ -36,11 +44,16 @@ class Root(Resource):
 
     isLeaf = True
 
-    def __init__(self, pipeline: Pipeline, control: ControlPlane, proxy: ExAppProxy) -> None:
+    def __init__(
+        self, pipeline: Pipeline, control: ControlPlane, proxy: ExAppProxy,
+        tunnel_timeout: float | None, docker: DockerPassthrough | None = None,
+    ) -> None:
         super().__init__()
         self.pipeline = pipeline
         self.control = control
         self.proxy = proxy
+        self.tunnel_timeout = tunnel_timeout
+        self.docker = docker
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         client = self.pipeline.client_address(request)
@@ -49,28 +62,62 @@ class Root(Resource):
         decided.addErrback(self._internal_error, request)
         return NOT_DONE_YET
 
-    def _act(self, verdict: Verdict, request: Request) -> None:
-        if getattr(request, "_disconnected", False):
+    def _act(self, verdict: Verdict, req: Request) -> None:
+        request = cast(HarpRequest, req)
+        if request._disconnected:
             return
         if isinstance(verdict, Forward):
             self._forward(verdict, request)
         elif isinstance(verdict, Reply):
+            # Do not make the client upload a body nobody will read.
+            request.close_early()
             self._finish(request, responses.error(request, verdict.status))
         elif isinstance(verdict, Control):
-            body = self.control.render(request, verdict.rest)
-            if body != NOT_DONE_YET:
-                assert isinstance(body, bytes)
-                self._finish(request, body)
+            self._control(verdict, request)
         elif isinstance(verdict, Drop):
-            if isinstance(request, HarpRequest):
-                request.note = verdict.reason
-                request.channel.factory.log(request)  # type: ignore[union-attr]
+            request.note = verdict.reason
+            if request.site is not None:
+                request.site.log(request)
             responses.drop(request)
 
-    def _forward(self, verdict: Forward, request: Request) -> None:
+    def _control(self, verdict: Control, request: HarpRequest) -> None:
+        if not request.has_body or request.body is None:
+            request.content = BytesIO(b"")
+            self._control_render(verdict, request)
+            return
+
+        def got(data: bytes) -> None:
+            request.content = BytesIO(data)
+            self._control_render(verdict, request)
+
+        def too_large(failure: Failure) -> None:
+            request.close_early()
+            self._finish(request, responses.send(request, 413, b"413 Payload Too Large"))
+
+        request.body.collect(CONTROL_BODY_LIMIT).addCallbacks(got, too_large).addErrback(
+            self._internal_error, request
+        )
+
+    def _control_render(self, verdict: Control, request: HarpRequest) -> None:
+        if request._disconnected:
+            return
+        # Reference §3.3: a docker-engine-port header selects the raw Engine API
+        # passthrough, except for HaRP's own /docker/... endpoints.
+        if (
+            self.docker is not None
+            and request.requestHeaders.hasHeader(b"docker-engine-port")
+            and not verdict.rest.startswith(b"/docker/")
+        ):
+            self.docker.passthrough(request, verdict.rest)
+            return
+        body = self.control.render(request, verdict.rest)
+        if body != NOT_DONE_YET:
+            assert isinstance(body, bytes)
+            self._finish(request, body)
+
+    def _forward(self, verdict: Forward, request: HarpRequest) -> None:
         record = verdict.record
-        if isinstance(request, HarpRequest):
-            request.app_id = verdict.app_id.decode("latin-1")
+        request.app_id = verdict.app_id.decode("latin-1")
         identity = [
             (b"ex-app-id", verdict.app_id),
             (b"ex-app-version", record.version.encode("utf-8")),
@@ -89,8 +136,15 @@ class Root(Resource):
             # take it for "init done" (audit notes).
             self._finish(request, responses.error(request, 503 if verdict.signed else 404))
 
+        if _is_upgrade(request):
+            self.proxy.upgrade(
+                request, record.host, record.port, verdict.target, identity, self.tunnel_timeout
+            )
+            return
+        body = request.body if request.has_body else None
         self.proxy.forward(
-            request, record.host, record.port, verdict.target, identity, on_status, unresolvable
+            request, record.host, record.port, verdict.target, identity, body, on_status,
+            unresolvable,
         )
 
     @staticmethod
@@ -108,43 +162,12 @@ class Root(Resource):
                 self._finish(request, responses.error(request, 503))
 
 
-class HarpRequest(Request):
-    """Remembers when it started and which app it was for, for the access line."""
-
-    started: float = 0.0
-    app_id: str = "-"
-    note: str = ""
-    # A proxied response without Content-Type must stay without one.
-    defaultContentType = None
-
-    def process(self) -> None:
-        self.started = time.monotonic()
-        super().process()
-
-    def render(self, resrc: Resource) -> None:
-        # twisted.web announces itself; a reverse proxy should not.
-        self.responseHeaders.removeHeader(b"server")
-        super().render(resrc)
-
-
-class HarpSite(Site):
-    """A Site whose access log is one line at info level, without secrets or query."""
-
-    requestFactory = HarpRequest
-    displayTracebacks = False
-    noisy = False
-
-    def log(self, request: http.Request) -> None:
-        if not isinstance(request, HarpRequest):
-            return
-        client = request.getClientAddress()
-        log.info(
-            "{client} {method} {path} {status} app={app} {ms:.1f}ms{note}",
-            client=getattr(client, "host", "-"),
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1"),
-            status="drop" if request.note else request.code,
-            app=request.app_id,
-            ms=(time.monotonic() - request.started) * 1000,
-            note=f" ({request.note})" if request.note else "",
-        )
+def _is_upgrade(request: Request) -> bool:
+    """``Upgrade`` present and ``Connection`` naming it (RFC 9110 §7.8)."""
+    headers = request.requestHeaders
+    if not headers.hasHeader(b"upgrade"):
+        return False
+    for value in headers.getRawHeaders(b"connection", []):
+        if any(token.strip().lower() == b"upgrade" for token in value.split(b",")):
+            return True
+    return False

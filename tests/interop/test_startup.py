@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from harp import __version__
-from tests.conftest import HarpProcess, free_port, run_harp_once
+from tests.conftest import HarpProcess, free_port, run_harp_once, self_signed_pem
 
 pytestmark = pytest.mark.interop
 
@@ -222,28 +221,6 @@ def test_info_and_heartbeat_need_the_key(
     assert harp_env["HP_SHARED_KEY"] not in harp.output()
 
 
-def _self_signed(path: Path, common_name: str) -> int:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    serial = x509.random_serial_number()
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(serial)
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return serial
-
-
 def _tls_connection(port: int) -> http.client.HTTPSConnection:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -266,7 +243,7 @@ def test_https_only_with_cert_pem(harp_env: dict[str, str],
     harp.stop()
 
     certs = Path(harp_env["HP_CERTS_DIR"])
-    first = _self_signed(certs / "cert.pem", "first.example")
+    first = self_signed_pem(certs / "cert.pem", "first.example")
     harp = harp_factory(harp_env).start()
     key = {"harp-shared-key": harp_env["HP_SHARED_KEY"]}
     conn = _tls_connection(harp.https_port)
@@ -276,7 +253,7 @@ def test_https_only_with_cert_pem(harp_env: dict[str, str],
     assert _served_serial(conn) == first
 
     # SIGHUP: new connections get the new certificate, the open one keeps working.
-    second = _self_signed(certs / "cert.pem", "second.example")
+    second = self_signed_pem(certs / "cert.pem", "second.example")
     assert harp.proc is not None
     harp.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10

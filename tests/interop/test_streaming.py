@@ -1,0 +1,353 @@
+"""The streaming data path through the real harp process: SSE, WebSockets, big bodies,
+keep-alive, timeouts, and no leaked descriptors."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from tests.conftest import HarpProcess, free_port, new_key, self_signed_pem
+from tests.peers.bulk_upstream import BulkUpstream, pattern_sha256
+from tests.peers.exapp_runner import ExAppProcess
+from tests.peers.fake_nextcloud import FakeNextcloud
+
+pytestmark = pytest.mark.interop
+
+MB = 1 << 20
+ALL_PUBLIC = [{"url": "^/", "access_level": 0}]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class RssSampler:
+    """Samples a process's RSS in the background; ``peak`` in KiB."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_kib(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def key() -> str:
+    return new_key()
+
+
+@pytest.fixture(scope="module")
+def nextcloud(key: str) -> Iterator[FakeNextcloud]:
+    with FakeNextcloud(key) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def exapp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExAppProcess]:
+    with ExAppProcess(app_id="streamer", log_path=tmp_path_factory.mktemp("ex") / "log") as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def bulk() -> Iterator[BulkUpstream]:
+    with BulkUpstream() as upstream:
+        yield upstream
+
+
+def start_harp(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:
+    full = {
+        "HP_SHARED_KEY": key, "NC_INSTANCE_URL": nextcloud.url,
+        "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HP_CERTS_DIR": str(tmp / "certs"), "HP_FRP_DISABLE_TLS": "true",
+        "HP_VERBOSE_START": "0", "HP_LOG_LEVEL": "warning", **env,
+    }
+    return HarpProcess(full, tmp).start()
+
+
+@pytest.fixture(scope="module")
+def harp(tmp_path_factory: pytest.TempPathFactory, key: str, nextcloud: FakeNextcloud,
+         exapp: ExAppProcess, bulk: BulkUpstream) -> Iterator[HarpProcess]:
+    nextcloud.apps["streamer"] = {
+        "exapp_token": exapp.secret, "exapp_version": exapp.version, "host": "127.0.0.1",
+        "port": exapp.port, "routes": ALL_PUBLIC,
+    }
+    nextcloud.apps["bulk"] = {
+        "exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": bulk.port,
+        "routes": ALL_PUBLIC,
+    }
+    nextcloud.apps["refused"] = {
+        "exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": free_port(),
+        "routes": ALL_PUBLIC,
+    }
+    # A short client timeout: it must cut slow clients, never WebSockets or SSE.
+    tmp = tmp_path_factory.mktemp("harp")
+    (tmp / "certs").mkdir()
+    self_signed_pem(tmp / "certs" / "cert.pem", "harp.test")  # HTTPS on, same tree
+    proc = start_harp(tmp, key, nextcloud, HP_TIMEOUT_CLIENT="3s")
+    yield proc
+    proc.stop()
+
+
+def conn(harp: HarpProcess, timeout: float = 60) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", harp.http_port, timeout=timeout)
+
+
+def test_sse_events_arrive_as_they_are_sent(harp: HarpProcess) -> None:
+    c = conn(harp)
+    start = time.monotonic()
+    c.request("GET", "/exapps/streamer/sse")
+    resp = c.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("content-type", "").startswith("text/event-stream")
+    first = resp.readline()
+    first_at = time.monotonic() - start
+    rest = resp.read()
+    total = time.monotonic() - start
+    assert first.startswith((b"data:", b"id:"))
+    assert first_at < 0.5 and total >= 0.9, (first_at, total)  # 3 events, 0.5 s apart
+    assert (first + rest).count(b"data:") == 3
+    c.close()
+
+
+def test_sse_bulk_upstream_chunks_flushed(harp: HarpProcess) -> None:
+    c = conn(harp)
+    start = time.monotonic()
+    c.request("GET", "/exapps/bulk/sse?n=4&interval=1")
+    resp = c.getresponse()
+    times = []
+    while line := resp.readline():
+        if line.startswith(b"data:"):
+            times.append(time.monotonic() - start)
+    assert len(times) == 4
+    assert times[0] < 0.7 and times[-1] > 2.8
+    c.close()
+
+
+def test_websocket_echo_idle_and_big_message(harp: HarpProcess) -> None:
+    url = f"ws://127.0.0.1:{harp.http_port}/exapps/streamer/ws"
+    with ws_connect(url, max_size=32 * MB, open_timeout=10) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "Echo: hello"
+        big = base64.b64encode(os.urandom(7_500_000)).decode()  # 10 MB of text
+        ws.send(big)
+        assert ws.recv(timeout=60) == "Echo: " + big
+        time.sleep(35)  # idle far beyond HP_TIMEOUT_CLIENT (3 s): bug #114 must not exist
+        ws.send("still there")
+        assert ws.recv(timeout=10) == "Echo: still there"
+
+
+def test_https_frontend_streams_and_upgrades(harp: HarpProcess) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    c = http.client.HTTPSConnection("127.0.0.1", harp.https_port, timeout=30, context=ctx)
+    start = time.monotonic()
+    c.request("GET", "/exapps/bulk/sse?n=3&interval=1")
+    resp = c.getresponse()
+    first = resp.readline()
+    assert first.startswith(b"data:") and time.monotonic() - start < 0.8
+    resp.read()
+    c.request("GET", f"/exapps/bulk/bytes/{10 * MB}")  # keep-alive on the TLS connection
+    body = c.getresponse().read()
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(10 * MB)
+    c.close()
+    url = f"wss://127.0.0.1:{harp.https_port}/exapps/streamer/ws"
+    with ws_connect(url, ssl=ctx, open_timeout=10, max_size=8 * MB) as ws:
+        message = "x" * (2 * MB)
+        ws.send(message)
+        assert ws.recv(timeout=30) == "Echo: " + message
+
+
+def test_download_100mb_bounded_memory(harp: HarpProcess) -> None:
+    assert harp.proc is not None
+    for chunked in (False, True):
+        c = conn(harp)
+        baseline = rss_kib(harp.proc.pid)
+        with RssSampler(harp.proc.pid) as sampler:
+            c.request("GET", f"/exapps/bulk/bytes/{100 * MB}" + ("?chunked=1" if chunked else ""))
+            resp = c.getresponse()
+            assert resp.status == 200
+            digest = hashlib.sha256()
+            received = 0
+            while block := resp.read(1 << 16):
+                digest.update(block)
+                received += len(block)
+                if received < 8 * MB:
+                    time.sleep(0.001)  # a slowish reader at first: HaRP must not buffer
+        assert received == 100 * MB
+        assert digest.hexdigest() == pattern_sha256(100 * MB)
+        assert sampler.peak - baseline < 50 * 1024, (sampler.peak, baseline)
+        c.close()
+
+
+def test_upload_100mb_bounded_memory(harp: HarpProcess) -> None:
+    assert harp.proc is not None
+    block = os.urandom(MB)
+    expected = hashlib.sha256(block * 100).hexdigest()
+
+    def body() -> Iterator[bytes]:
+        for _ in range(100):
+            yield block
+
+    for chunked in (True, False):
+        c = conn(harp)
+        baseline = rss_kib(harp.proc.pid)
+        with RssSampler(harp.proc.pid) as sampler:
+            headers = {} if chunked else {"Content-Length": str(100 * MB)}
+            c.request("POST", "/exapps/bulk/upload", body=body(), headers=headers,
+                      encode_chunked=chunked)
+            resp = c.getresponse()
+            result = json.loads(resp.read())
+        assert resp.status == 200
+        assert result == {"length": 100 * MB, "sha256": expected}
+        assert sampler.peak - baseline < 50 * 1024, (sampler.peak, baseline)
+        c.close()
+
+
+def test_keep_alive_reuses_upstream_connections(harp: HarpProcess, bulk: BulkUpstream) -> None:
+    before = bulk.connections
+    c = conn(harp)
+    for _ in range(200):
+        c.request("GET", "/exapps/bulk/bytes/100")
+        resp = c.getresponse()
+        assert resp.status == 200 and len(resp.read()) == 100
+    c.close()
+    assert bulk.connections - before <= 2
+
+
+def test_headers_relayed(harp: HarpProcess) -> None:
+    c = conn(harp)
+    c.request("GET", "/exapps/bulk/headers", headers={"Host": "cloud.example", "X-A": "b",
+                                                      "Connection": "keep-alive, X-A"})
+    seen = json.loads(c.getresponse().read())
+    assert seen["host"] == "cloud.example"  # the client's Host passes through
+    assert "x-a" in seen  # listed in Connection but forwarded as the reference does
+    assert seen["ex-app-id"] == "bulk" and seen["aa-version"] == "32"
+    assert "keep-alive" not in seen.get("connection", "")
+    c.request("HEAD", "/exapps/bulk/anything")
+    resp = c.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    c.close()
+
+
+def test_early_answer_does_not_wait_for_the_body(harp: HarpProcess) -> None:
+    for path, status in (("/exapps/no-such-app/x", b"404"), ("/exapps/refused/x", b"503")):
+        sock = socket.create_connection(("127.0.0.1", harp.http_port), timeout=10)
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 52428800\r\n\r\n" + b"x" * MB)
+        answer = sock.recv(4096)  # without sending the other 49 MB
+        assert answer.startswith(b"HTTP/1.1 " + status), answer
+        assert b"connection: close" in answer.lower()
+        sock.close()
+
+
+def test_refused_upstream_is_503(harp: HarpProcess) -> None:
+    c = conn(harp)
+    c.request("GET", "/exapps/refused/x")
+    resp = c.getresponse()
+    assert (resp.status, resp.read()) == (503, b"503 Service Unavailable (HaRP)")
+    c.close()
+
+
+def test_slow_loris_is_cut(harp: HarpProcess) -> None:
+    start = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", harp.http_port))
+    sock.settimeout(15)
+    sock.sendall(b"GET /exapps/bulk/bytes/1 HTTP/1.1\r\n")
+    answer = b""
+    try:
+        for i in range(20):
+            sock.sendall(b"X-Slow-%d: y\r\n" % i)  # one header a second, never finished
+            time.sleep(1)
+    except OSError:
+        pass
+    try:
+        answer = sock.recv(4096)
+    except OSError:
+        pass
+    elapsed = time.monotonic() - start
+    sock.close()
+    assert elapsed < 8, elapsed
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
+
+
+def test_idle_keep_alive_closed(harp: HarpProcess) -> None:
+    c = conn(harp)
+    c.request("GET", "/exapps/bulk/bytes/1")
+    c.getresponse().read()
+    assert c.sock is not None
+    c.sock.settimeout(10)
+    start = time.monotonic()
+    assert c.sock.recv(1) == b""  # closed by HaRP after HP_TIMEOUT_CLIENT
+    assert 2 < time.monotonic() - start < 6
+    c.close()
+
+
+def test_upstream_that_never_answers_is_504(tmp_path: Path, key: str,
+                                            nextcloud: FakeNextcloud,
+                                            bulk: BulkUpstream) -> None:
+    proc = start_harp(tmp_path, key, nextcloud, HP_TIMEOUT_SERVER="2s")
+    try:
+        c = conn(proc)
+        start = time.monotonic()
+        c.request("GET", "/exapps/bulk/hang")
+        resp = c.getresponse()
+        assert (resp.status, resp.read()) == (504, b"504 Gateway Timeout")
+        assert 1.5 < time.monotonic() - start < 6
+        c.close()
+    finally:
+        proc.stop()
+
+
+def test_no_descriptor_leak(harp: HarpProcess) -> None:
+    # Runs last in this module (pytest keeps file order): everything above is done.
+    assert harp.proc is not None
+    time.sleep(6)  # idle pooled upstream connections expire after 4 s
+    first = fd_count(harp.proc.pid)
+    for _ in range(30):
+        c = conn(harp)
+        c.request("GET", "/exapps/bulk/bytes/10")
+        c.getresponse().read()
+        c.close()
+    url = f"ws://127.0.0.1:{harp.http_port}/exapps/streamer/ws"
+    for _ in range(5):
+        with ws_connect(url, open_timeout=10) as ws:
+            ws.send("x")
+            assert ws.recv(timeout=10) == "Echo: x"
+    time.sleep(6)
+    assert fd_count(harp.proc.pid) <= first, (fd_count(harp.proc.pid), first)
+
+
