@@ -23,7 +23,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from harp import logs
 from harp.bans import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
-from harp.frp.server import FrpServerFactory
+from harp.frp.server import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
+from harp.frp.tunnels import TunnelRegistry
 from harp.nextcloud import NextcloudClient
 from harp.pki import CertificateError, ensure_frp_certificates
 from harp.state.memory import MemoryState
@@ -36,6 +37,7 @@ from harp.web.root import Root
 from harp.web.site import HarpSite
 from harp.web.storage import PREFIX as STORAGE_PREFIX
 from harp.web.storage import ExAppStorage
+from harp.web.upstream import UpstreamEndpoints
 
 log = logs.HarpLogger("harp.service")
 
@@ -152,7 +154,19 @@ def make_service(settings: Settings) -> MultiService:
     control = ControlPlane()
     control.add_prefix(b"POST", STORAGE_PREFIX, storage.post)
     control.add_prefix(b"DELETE", STORAGE_PREFIX, storage.delete)
-    proxy = ExAppProxy(reactor, settings.timeout_connect, settings.timeout_server)
+    # FRP: tunnels meet the HTTP side only through the registry (design.md seams).
+    frp_tls: FrpTLSContext | None = None
+    if not settings.frp_disable_tls:
+        try:
+            frp_tls = FrpTLSContext(settings.frp_certs_dir)
+        except FrpTLSConfigError as exc:
+            raise ConfigError("HP_CERTS_DIR", str(settings.certs_dir), str(exc)) from None
+    tunnels = TunnelRegistry(reactor, idle_timeout=settings.timeout_server)
+    frp_factory = FrpServerFactory(reactor, settings.shared_key, state, tunnels, frp_tls)
+    proxy = ExAppProxy(
+        reactor, settings.timeout_connect, settings.timeout_server,
+        endpoints=UpstreamEndpoints(reactor, settings.timeout_connect, tunnels=tunnels),
+    )
 
     site = HarpSite(
         Root(pipeline, control, proxy, settings.timeout_tunnel),
@@ -175,9 +189,9 @@ def make_service(settings: Settings) -> MultiService:
         log.warn(
             "HTTPS frontend disabled: {path} does not exist", path=str(settings.https_cert_path)
         )
-    ListenerService("HP_FRP_ADDRESS", settings.frp_address, FrpServerFactory()).setServiceParent(
-        top
-    )
+    ListenerService(
+        "HP_FRP_ADDRESS", settings.frp_address, frp_factory  # type: ignore[arg-type]
+    ).setServiceParent(top)
     return top
 
 

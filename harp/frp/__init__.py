@@ -14,6 +14,16 @@ network, and so the Twisted wiring (``server.py``/``control.py``) stays thin:
   machine with per-stream flow control.
 
 None of these four modules performs I/O, owns a socket, or touches the reactor;
-they take bytes in and give bytes and events out.  The wire contract they follow
-is ``/work/shared/spec/frp-protocol.md`` (frpc 0.61.1 - 0.65.0).
+they take bytes in and give bytes and events out.  The Twisted side builds on them:
+
+* :mod:`harp.frp.channel` -- a control/work connection as a Twisted transport
+  (a yamux stream or a whole TCP connection), with flow control both ways.
+* :mod:`harp.frp.mux`     -- a yamux session driven over a transport (keepalive,
+  dead-peer detection, login deadline).
+* :mod:`harp.frp.control` -- logins, proxies, work-connection pools, cleanup.
+* :mod:`harp.frp.tunnels` -- ``TunnelRegistry``: tunnel ports on 127.0.0.1 and the
+  in-process endpoints the HTTP side uses.
+* :mod:`harp.frp.server`  -- ``FrpServerFactory``: first-byte sniffing, mutual TLS.
+
+The wire contract they follow is ``/work/shared/spec/frp-protocol.md`` (frpc 0.61.1 - 0.65.0).
 """

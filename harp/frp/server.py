@@ -1,28 +1,262 @@
-"""The FRP frontend's Factory.
+"""The FRP frontend: Factory and Protocols that put the FRP layers onto a TCP connection.
 
-The listener is bound from the start so the address is reserved and health checks
-see it; the protocol stack (sniff → TLS → yamux → control) plugs in here.  Until it
-does, a connection is closed right away with a log line, so an frpc client retries
-instead of hanging.
+Layering per accepted connection (spec §1, §2, §10)::
+
+    TCP ─► _Sniff ──(0x17: drop it │ 0x16: keep it)──► TLSMemoryBIOProtocol ─┐
+              └──(plain, only with HP_FRP_DISABLE_TLS=true)─────────────────┤
+                                                                            ▼
+                                                         _Payload (sniff again)
+                        0x00 ─► YamuxConnection ─► StreamChannel per stream ─┐
+                 'o' / 'w' / 'v' ─► DirectChannel (the connection itself) ───┤
+                                                                             ▼
+                                            FirstMessage ─► Control | parked work conn
+
+Why sniff instead of trusting configuration: frps reads the first byte to find TLS and
+relies on its own ``tcpMux`` matching the client's; sniffing both is what the spec found
+robust, and it lets one listener serve every frpc variant HaRP's users run.  The first
+byte may arrive in the same segment as the ClientHello, so the TLS layer is created
+after the fact and the buffered bytes are replayed into it (no ``startTLS``).
+
+Mutual TLS uses the generated PKI (``$HP_CERTS_DIR/frp``): our certificate is
+``server.crt``/``server.key`` and the client must present a certificate chaining to
+``ca.crt`` (``VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT``), like the reference's frps with
+``tls.force = true`` and ``trustedCaFile``.  With TLS enabled a plain client is refused.
 """
 
 from __future__ import annotations
 
-from twisted.internet.protocol import Factory, Protocol
+from pathlib import Path
+from typing import Any, Final
 
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IAddress, IDelayedCall, IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from harp.frp import sniff
+from harp.frp.channel import DirectChannel
+from harp.frp.control import FIRST_MESSAGE_TIMEOUT, BanTable, FrpServer
+from harp.frp.mux import StreamChannel, YamuxConnection
+from harp.frp.tunnels import TunnelRegistry
 from harp.logs import HarpLogger
 
-log = HarpLogger()
+__all__ = ["FrpServerFactory", "FrpTLSConfigError", "FrpTLSContext"]
+
+log = HarpLogger("harp.frp")
+
+HANDSHAKE_TIMEOUT: Final = FIRST_MESSAGE_TIMEOUT
+"""From accept until we know what the connection carries (TLS handshake included)."""
 
 
-class _Refuse(Protocol):
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        peer = self.transport.getPeer()
-        log.warn("FRP connection from {peer} refused: FRP server not available", peer=peer)
-        self.transport.loseConnection()
+class FrpTLSConfigError(Exception):
+    """The FRP certificate files cannot be used; the message names the file."""
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class FrpTLSContext:
+    """Server side of FRP mutual TLS, built once from ``$HP_CERTS_DIR/frp``."""
+
+    def __init__(self, certs_dir: Path) -> None:
+        server_crt, server_key, ca_crt = (
+            certs_dir / "server.crt", certs_dir / "server.key", certs_dir / "ca.crt"
+        )
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        current = server_crt
+        try:
+            ctx.use_certificate_chain_file(str(server_crt))
+            current = server_key
+            ctx.use_privatekey_file(str(server_key))
+            ctx.check_privatekey()
+            current = ca_crt
+            ctx.load_verify_locations(str(ca_crt))
+            ca = crypto.load_certificate(crypto.FILETYPE_PEM, ca_crt.read_bytes())
+        except (SSL.Error, crypto.Error) as exc:
+            raise FrpTLSConfigError(f"{current}: unusable for FRP TLS ({exc})") from None
+        except OSError as exc:
+            raise FrpTLSConfigError(f"{current}: cannot be read ({exc.strerror})") from None
+        # Advertise our CA: Go's client only presents a certificate the server says it
+        # accepts, and an empty list would also do, but naming it is what frps does.
+        ctx.set_client_ca_list([ca.get_subject()])
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify)
+        self._context = ctx
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+def _verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    # OpenSSL's chain verdict against ca.crt is the whole check: frps checks no name.
+    return bool(ok)
 
 
 class FrpServerFactory(Factory):
-    protocol = _Refuse
+    """Accepts frpc connections on ``HP_FRP_ADDRESS``.
+
+    *tls* is the :class:`FrpTLSContext` (``None`` = ``HP_FRP_DISABLE_TLS=true``: plain
+    only).  *bans* is the process-wide ban table, *registry* the tunnel registry shared
+    with the HTTP side.  ``self.server`` is the :class:`~harp.frp.control.FrpServer`
+    holding the logged-in clients.
+    """
+
     noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        shared_key: str,
+        bans: BanTable,
+        registry: TunnelRegistry,
+        tls: IOpenSSLServerConnectionCreator | None,
+        *,
+        server: FrpServer | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.reactor = reactor
+        self.registry = registry
+        self.server = server or FrpServer(reactor, shared_key, bans, registry)
+        self.handshake_timeout = handshake_timeout
+        self.tls_factory: TLSMemoryBIOFactory | None = None
+        if tls is not None:
+            self.tls_factory = TLSMemoryBIOFactory(tls, False, Factory(), reactor)
+
+    def buildProtocol(self, addr: IAddress | None) -> _Sniff:
+        return _Sniff(self)
+
+
+class _Sniff(Protocol):
+    """Raw TCP: decide TLS or plain from the first byte, then delegate everything."""
+
+    def __init__(self, factory: FrpServerFactory) -> None:
+        self.factory = factory
+        self._buffer = b""
+        self._next: Protocol | None = None
+        self._timer: IDelayedCall | None = None
+        self._peer = ""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        self._peer = str(getattr(peer, "host", peer))
+        self._timer = self.factory.reactor.callLater(self.factory.handshake_timeout,
+                                                     self._expired)
+
+    def identified(self) -> None:
+        """The connection carries frp (first message seen): the deadline is over."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        log.info("FRP connection from {peer}: no FRP message within {secs:.0f}s, closing",
+                 peer=self._peer, secs=self.factory.handshake_timeout)
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._next is not None:
+            self._next.dataReceived(data)
+            return
+        self._buffer += data
+        kind = sniff.sniff_transport(self._buffer)
+        if kind is None:
+            return
+        buffered, self._buffer = self._buffer, b""
+        transport: Any = self.transport
+        payload = _Payload(self.factory, self)
+        if kind is sniff.TransportKind.PLAIN:
+            if self.factory.tls_factory is not None:
+                log.info("FRP connection from {peer} refused: plain TCP, but TLS is required "
+                         "(set transport.tls.enable = true in frpc, or HP_FRP_DISABLE_TLS=true)",
+                         peer=self._peer)
+                self.identified()
+                transport.abortConnection()
+                return
+            self._next = payload
+            payload.makeConnection(transport)
+            payload.dataReceived(buffered)
+            return
+        if self.factory.tls_factory is None:
+            log.info("FRP connection from {peer} refused: TLS, but HP_FRP_DISABLE_TLS=true "
+                     "(set transport.tls.enable = false in frpc)", peer=self._peer)
+            self.identified()
+            transport.abortConnection()
+            return
+        tls = TLSMemoryBIOProtocol(self.factory.tls_factory, payload)
+        self._next = tls
+        tls.makeConnection(transport)
+        rest = sniff.tls_bytes(kind, buffered)
+        if rest:  # the 0x17 marker often arrives alone; an empty feed confuses OpenSSL
+            tls.dataReceived(rest)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.identified()
+        if self._next is not None:
+            self._next.connectionLost(reason)
+
+
+class _Payload(Protocol):
+    """Plaintext (after TLS, or plain): yamux session or a direct message channel."""
+
+    def __init__(self, factory: FrpServerFactory, sniffer: _Sniff) -> None:
+        self.factory = factory
+        self.sniffer = sniffer
+        self._buffer = b""
+        self._mux: YamuxConnection | None = None
+        self._direct: DirectChannel | None = None
+        self._decided = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mux is not None:
+            self._mux.data_received(data)
+            return
+        if self._direct is not None:
+            self._direct._incoming(data)
+            return
+        if self._decided:
+            return
+        self._buffer += data
+        kind = sniff.sniff_payload(self._buffer)
+        if kind is None:
+            return
+        self._decided = True
+        buffered, self._buffer = self._buffer, b""
+        transport: Any = self.transport
+        server = self.factory.server
+        if kind is sniff.PayloadKind.YAMUX:
+            self._mux = YamuxConnection(transport, self.factory.reactor, self._new_stream)
+            self._mux.data_received(buffered)
+        elif kind.is_direct_messages:
+            self._direct = DirectChannel(transport)
+            server.new_channel(self._direct, self.sniffer.identified)
+            self._direct._incoming(buffered)
+        else:
+            log.info("FRP connection from {peer}: not an frpc connection (first byte 0x{b:02x}), "
+                     "closing", peer=self.sniffer._peer, b=buffered[0])
+            self.sniffer.identified()
+            transport.abortConnection()
+
+    def _new_stream(self, channel: StreamChannel) -> None:
+        self.factory.server.new_channel(channel, self.sniffer.identified)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._mux is not None:
+            self._mux.connection_lost(reason)
+        elif self._direct is not None:
+            self._direct.connection_lost(reason)
+        elif reason.check(SSL.Error):
+            log.info("FRP connection from {peer}: TLS handshake failed: {error}",
+                     peer=self.sniffer._peer, error=_ssl_reason(reason.value or Exception()))
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list):
+        parts = [str(p[2]) for p in args[0] if isinstance(p, tuple) and len(p) == 3]
+        if parts:
+            return "; ".join(parts)
+    return str(exc) or type(exc).__name__
