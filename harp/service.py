@@ -20,7 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from harp import logs
+from harp import docker, logs
 from harp.bans import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.frp.server import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
@@ -163,13 +163,22 @@ def make_service(settings: Settings) -> MultiService:
             raise ConfigError("HP_CERTS_DIR", str(settings.certs_dir), str(exc)) from None
     tunnels = TunnelRegistry(reactor, idle_timeout=settings.timeout_server)
     frp_factory = FrpServerFactory(reactor, settings.shared_key, state, tunnels, frp_tls)
+    # Docker engines: 24000 = HP_DOCKER_SOCKET, 24001-24099 = FRP engine tunnels.
+    docker_passthrough = docker.build(
+        reactor, control,
+        socket_path=settings.docker_socket,
+        tunnels=tunnels,
+        connect_timeout=settings.timeout_connect,
+        server_timeout=settings.timeout_server,
+        frp_certs_dir=None if settings.frp_disable_tls else settings.frp_certs_dir,
+    )
     proxy = ExAppProxy(
         reactor, settings.timeout_connect, settings.timeout_server,
         endpoints=UpstreamEndpoints(reactor, settings.timeout_connect, tunnels=tunnels),
     )
 
     site = HarpSite(
-        Root(pipeline, control, proxy, settings.timeout_tunnel),
+        Root(pipeline, control, proxy, settings.timeout_tunnel, docker=docker_passthrough),
         head_timeout=settings.timeout_client,
         timeout=settings.timeout_client,
     )

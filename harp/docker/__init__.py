@@ -1,0 +1,41 @@
+"""Docker engines behind HaRP: engine selection, the raw Engine API passthrough and the
+``/docker/exapp/*`` lifecycle (reference-behaviour §3.3, §3.4, §6; spec README difference 3).
+
+:func:`build` wires the three parts over one :class:`~harp.docker.engines.EngineEndpoints`,
+so the passthrough and HaRP's own lifecycle calls always reach the same engine for a port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from harp.docker.engines import EngineEndpoints, TunnelLookup
+from harp.docker.lifecycle import DockerLifecycle
+from harp.docker.passthrough import DockerPassthrough
+from harp.web.control import ControlPlane
+from harp.web.proxy import ExAppProxy
+from harp.web.upstream import UpstreamEndpoints
+
+__all__ = ["DockerLifecycle", "DockerPassthrough", "EngineEndpoints", "build"]
+
+
+def build(
+    reactor: Any,
+    control: ControlPlane,
+    *,
+    socket_path: Path,
+    tunnels: TunnelLookup | None,
+    connect_timeout: float,
+    server_timeout: float,
+    frp_certs_dir: Path | None,
+) -> DockerPassthrough:
+    """Register ``/docker/exapp/*`` on ``control``; return the passthrough for ``Root``."""
+    endpoints = EngineEndpoints(reactor, socket_path, tunnels, connect_timeout)
+    DockerLifecycle(reactor, endpoints, frp_certs_dir).register(control)
+    # ExAppProxy only needs an IAgentEndpointFactory; it is annotated with the ExApp one.
+    proxy = ExAppProxy(
+        reactor, connect_timeout, server_timeout,
+        endpoints=cast(UpstreamEndpoints, endpoints),
+    )
+    return DockerPassthrough(endpoints, proxy)

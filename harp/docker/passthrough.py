@@ -1,0 +1,118 @@
+"""The raw Docker Engine API passthrough and its allow-list (reference §3.3, audit notes).
+
+AppAPI makes exactly five kinds of raw Engine calls through HaRP (appapi-client §2.3):
+``_ping``, ``images/create`` (pull, streamed NDJSON progress), ``images/<ref>/json``, and
+``containers/nc_app_<id>/{json,logs}`` (logs as Docker's multiplexed stream).  Everything
+else an engine can do (create, exec, archive, delete …) stays behind HaRP's own
+``/docker/exapp/*`` endpoints, so the passthrough admits only those five, with any
+``/v<digits.dots>`` version prefix, and answers 403 to the rest.  ``HEAD`` is admitted
+wherever ``GET`` is (HAProxy's ``METH_GET`` does the same).
+
+The reference matches its regexes on the URL-decoded path.  We decode once, exactly as the
+engine will, and additionally refuse what could make the engine see a different path than
+the one checked: empty segments (``//``), ``.``/``..`` segments in any spelling, backslashes,
+control characters, and a ``%`` surviving the decode (double encoding).  The decoded path —
+which then consists of URL-safe characters only — is what is forwarded, so the engine routes
+exactly the path that was checked.  The query string is forwarded unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from io import BytesIO
+from typing import Final
+from urllib.parse import unquote_to_bytes
+
+from twisted.web.client import FileBodyProducer
+from twisted.web.iweb import IBodyProducer
+from twisted.web.server import Request
+
+from harp.docker.engines import ENGINE_HOST, EngineEndpoints, EngineSelectionError, parse_port
+from harp.docker.names import valid_image_ref
+from harp.logs import HarpLogger
+from harp.web import responses
+from harp.web.headers import last_header
+from harp.web.proxy import ExAppProxy
+
+log = HarpLogger("harp.docker")
+
+_VERSION: Final = rb"(?:/v[0-9.]+)?"
+_READ: Final = frozenset({b"GET", b"HEAD"})
+_PING: Final = re.compile(_VERSION + rb"/_ping", re.IGNORECASE)
+_IMAGE_JSON: Final = re.compile(_VERSION + rb"/images/(?P<ref>.+)/json", re.IGNORECASE)
+_CONTAINER: Final = re.compile(
+    _VERSION + rb"/containers/nc_app_[a-z0-9_.-]+/(?:json|logs)", re.IGNORECASE
+)
+_PULL: Final = re.compile(_VERSION + rb"/images/create", re.IGNORECASE)
+#: What a checked, decoded path may contain (all of it URL-safe as is).
+_SAFE_PATH: Final = re.compile(rb"[A-Za-z0-9._/:@+-]+")
+
+#: Never sent to an engine: HaRP's shared key (also inside AppAPI's Basic auth) is no
+#: business of a remote engine's frpc host.
+_SECRET_HEADERS: Final = (b"harp-shared-key", b"authorization", b"docker-engine-port", b"cookie")
+
+
+def allowed_target(method: bytes, rest: bytes) -> bytes | None:
+    """The path to forward for an allowed ``method`` + raw ``rest``, else None (→ 403)."""
+    path = unquote_to_bytes(rest)
+    if not path.startswith(b"/") or not _SAFE_PATH.fullmatch(path):
+        return None  # control chars, "%" after decoding, "\\", "?", "#", spaces ...
+    segments = path[1:].split(b"/")
+    if any(segment in (b"", b".", b"..") for segment in segments):
+        return None
+    if method in _READ:
+        if _PING.fullmatch(path) or _CONTAINER.fullmatch(path):
+            return path
+        image = _IMAGE_JSON.fullmatch(path)
+        if image is not None and valid_image_ref(image.group("ref").decode("ascii")):
+            return path
+        return None
+    if method == b"POST" and _PULL.fullmatch(path):
+        return path
+    return None
+
+
+class DockerPassthrough:
+    """Serves ``/exapps/app_api/<rest>`` requests that carry ``docker-engine-port``."""
+
+    def __init__(self, endpoints: EngineEndpoints, proxy: ExAppProxy) -> None:
+        self.endpoints = endpoints
+        self.proxy = proxy
+
+    def passthrough(self, request: Request, rest: bytes) -> None:
+        try:
+            port = parse_port(last_header(request, b"docker-engine-port"))
+        except EngineSelectionError as exc:
+            _finish(request, responses.send_json(request, exc.status, exc.payload()))
+            return
+        target = allowed_target(request.method, rest)
+        if target is None:
+            log.info("docker passthrough denied: {method} {path}",
+                     method=request.method.decode("latin-1"), path=_printable(rest))
+            _finish(request, responses.error(request, 403))
+            return
+        try:
+            self.endpoints.require(port)
+        except EngineSelectionError as exc:
+            _finish(request, responses.send_json(request, exc.status, exc.payload()))
+            return
+        for name in _SECRET_HEADERS:
+            request.requestHeaders.removeHeader(name)
+        self.proxy.forward(request, ENGINE_HOST, port, target, [], _body(request))
+
+
+def _body(request: Request) -> IBodyProducer | None:
+    """The (already collected, ≤ 1 MiB) request body, e.g. an image import's tarball."""
+    content = request.content
+    data = content.getvalue() if isinstance(content, BytesIO) else b""
+    return FileBodyProducer(BytesIO(data)) if data else None
+
+
+def _finish(request: Request, body: bytes) -> None:
+    if body:
+        request.write(body)
+    request.finish()
+
+
+def _printable(raw: bytes) -> str:
+    return raw[:200].decode("latin-1").encode("unicode_escape").decode("ascii")
