@@ -93,17 +93,29 @@ class HarpProcess:
         return self
 
     def wait_listening(self, timeout: float = 20.0) -> None:
+        """Wait until the HTTP and FRP listeners accept (all are bound before serving)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"harp exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.http_port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"harp did not listen within {timeout}s:\n{self.output()}")
+        targets = [("127.0.0.1", self.http_port)]
+        frp_host = self.env.get("HP_FRP_ADDRESS", "").rsplit(":", 1)[0].strip("[]")
+        if frp_host:
+            targets.append(("::1" if ":" in frp_host else "127.0.0.1", self.frp_port))
+        for target in targets:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"harp exited with {self.proc.returncode}:\n{self.output()}"
+                    )
+                try:
+                    with socket.create_connection(target, timeout=0.5):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(
+                            f"harp did not listen on {target} within {timeout}s:\n"
+                            f"{self.output()}"
+                        ) from None
+                    time.sleep(0.05)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

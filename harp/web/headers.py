@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Final
 
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) plus the old proxy ones: they describe one
@@ -15,6 +16,24 @@ HOP_BY_HOP: Final = frozenset(
         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     }
 )
+
+
+def connection_listed(headers: Headers) -> frozenset[bytes]:
+    """Header names a ``Connection`` header declares hop-by-hop (RFC 9110 §7.6.1).
+
+    A proxy must not forward them; the common values (``keep-alive``, ``close``,
+    ``upgrade``) are covered by :data:`HOP_BY_HOP` anyway, so this costs nothing
+    when the header is absent.
+    """
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return _EMPTY
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
+
+
+_EMPTY: Final[frozenset[bytes]] = frozenset()
 
 
 def last_header(request: Request, name: bytes) -> bytes | None:

@@ -31,7 +31,7 @@ from twisted.web.server import Request
 
 from harp.logs import HarpLogger
 from harp.web import responses
-from harp.web.headers import HOP_BY_HOP
+from harp.web.headers import HOP_BY_HOP, connection_listed
 from harp.web.site import HarpChannel
 from harp.web.tunnel import UpgradeTunnel
 from harp.web.upstream import UpstreamEndpoints, upstream_uri
@@ -135,8 +135,10 @@ class ExAppProxy(ReverseProxyResource):
         ``body`` streams the request body (the Agent sets its framing headers).
         """
         headers = Headers()
+        listed = connection_listed(request.requestHeaders)
         for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in _NOT_FORWARDED:
+            lower = name.lower()
+            if lower not in _NOT_FORWARDED and lower not in listed:
                 headers.setRawHeaders(name, values)
         for name, value in identity:
             headers.setRawHeaders(name, [value])
@@ -169,8 +171,10 @@ class ExAppProxy(ReverseProxyResource):
                 return None
             request.setResponseCode(response.code, response.phrase)
             out = request.responseHeaders
+            listed = connection_listed(response.headers)
             for name, values in response.headers.getAllRawHeaders():
-                if name.lower() not in HOP_BY_HOP:
+                lower = name.lower()
+                if lower not in HOP_BY_HOP and lower not in listed:
                     out.setRawHeaders(name, values)
             done: Deferred[None] = Deferred()
             relay = _Relay(request, self.reactor, self.server_timeout, done)

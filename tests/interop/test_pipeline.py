@@ -457,3 +457,13 @@ def test_hanging_nextcloud_does_not_block_others(tmp_path: Path, key: str,
         finally:
             fake.mode = "ok"
             proc.stop()
+
+
+def test_direct_mode_dns_name(harp: HarpProcess, key: str, exapp: ExAppProcess) -> None:
+    # Direct mode: the record's host is a DNS name, resolved without blocking.
+    record = json.dumps(record_for(exapp, host="localhost")).encode()
+    path = "/exapps/app_api/exapp_storage/by-name"
+    assert ok(request(harp.http_port, path, {"harp-shared-key": key}, "POST", record)).status == 204
+    # nc_py_api answers (401: the URL's app id is not its APP_ID): the name resolved.
+    assert ok(request(harp.http_port, "/exapps/by-name/public")).status == 401
+    assert ok(request(harp.http_port, path, {"harp-shared-key": key}, "DELETE")).status == 204
