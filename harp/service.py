@@ -25,10 +25,13 @@ from harp.bans import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.frp.server import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
 from harp.frp.tunnels import TunnelRegistry
+from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from harp.metrics import Metrics
 from harp.nextcloud import NextcloudClient
 from harp.pki import CertificateError, ensure_frp_certificates
 from harp.state.memory import MemoryState
 from harp.tlsctx import ReloadableServerContext, TLSConfigError
+from harp.web import responses
 from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
 from harp.web.pipeline import Pipeline
@@ -177,9 +180,19 @@ def make_service(settings: Settings) -> MultiService:
         endpoints=UpstreamEndpoints(reactor, settings.timeout_connect, tunnels=tunnels),
     )
 
+    metrics = Metrics()
+    metrics.gauge("harp_tunnel_ports", "Tunnel ports with a live FRP proxy.",
+                  lambda: len(tunnels.ports()))
+    metrics.gauge("harp_failure_addresses", "Client addresses with recent failures.",
+                  lambda: len(getattr(state, "bans", ())))
+    metrics.gauge("harp_exapps_known", "ExApp records held.",
+                  lambda: len(getattr(state, "records", ())))
+    control.add(b"GET", b"/metrics", lambda request, rest: responses.send(
+        request, 200, metrics.render(), METRICS_CONTENT_TYPE))
     site = HarpSite(
         Root(pipeline, control, proxy, settings.timeout_tunnel, docker=docker_passthrough),
         head_timeout=settings.timeout_client,
+        metrics=metrics,
         timeout=settings.timeout_client,
     )
 

@@ -27,12 +27,15 @@ from typing import Any, Protocol
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from harp import logs
 from harp.logs import HarpLogger
+from harp.metrics import Metrics
 from harp.web.body import BodyPipe
 
 log = HarpLogger("harp.access")
@@ -216,9 +219,13 @@ class HarpSite(Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, resource: Resource, head_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, resource: Resource, head_timeout: float, metrics: Metrics | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(resource, **kwargs)
         self.head_timeout = head_timeout
+        self.metrics = metrics or Metrics()
 
     def buildProtocol(self, addr: Any) -> HarpChannel:  # type: ignore[override]
         channel: HarpChannel = super().buildProtocol(addr)
@@ -228,6 +235,13 @@ class HarpSite(Site):
     def log(self, request: http.Request) -> None:
         if not isinstance(request, HarpRequest):
             return
+        elapsed = time.monotonic() - request.started
+        if request.note:
+            self.metrics.drop(request.note)
+        else:
+            self.metrics.response(request.code, elapsed)
+        if not logs.enabled(LogLevel.info):
+            return
         client = request.getClientAddress()
         log.info(
             "{client} {method} {path} {status} app={app} {ms:.1f}ms{note}",
@@ -236,6 +250,6 @@ class HarpSite(Site):
             path=request.path.decode("latin-1"),
             status="drop" if request.note else request.code,
             app=request.app_id,
-            ms=(time.monotonic() - request.started) * 1000,
+            ms=elapsed * 1000,
             note=f" ({request.note})" if request.note else "",
         )

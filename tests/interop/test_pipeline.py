@@ -467,3 +467,16 @@ def test_direct_mode_dns_name(harp: HarpProcess, key: str, exapp: ExAppProcess) 
     # nc_py_api answers (401: the URL's app id is not its APP_ID): the name resolved.
     assert ok(request(harp.http_port, "/exapps/by-name/public")).status == 401
     assert ok(request(harp.http_port, path, {"harp-shared-key": key}, "DELETE")).status == 204
+
+
+def test_metrics(harp: HarpProcess, key: str) -> None:
+    ok(request(harp.http_port, f"/exapps/{APP}/public"))
+    assert ok(request(harp.http_port, "/exapps/app_api/metrics")).status == 401
+    resp = ok(request(harp.http_port, "/exapps/app_api/metrics", {"harp-shared-key": key}))
+    assert resp.status == 200
+    assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = resp.body.decode()
+    assert 'harp_responses_total{code="200"}' in text
+    assert "harp_request_duration_seconds_count" in text
+    assert "harp_exapps_known" in text and "harp_tunnel_ports 0" in text
+    assert key not in text
