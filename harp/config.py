@@ -192,6 +192,13 @@ def _check_key(var: str, raw: str, shown: str | None) -> str:
             var, shown, 'the key must not contain " or \\ (they break frpc configuration files)',
             secret=shown is None,
         )
+    if "{{" in key or "}}" in key:
+        # frpc renders its configuration file as a Go template before parsing it, so
+        # an ExApp's generated frpc.toml with such a key would not even load.
+        raise ConfigError(
+            var, shown, "the key must not contain {{ or }} (frpc reads its config as a template)",
+            secret=shown is None,
+        )
     return key
 
 

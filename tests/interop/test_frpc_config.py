@@ -3,8 +3,9 @@
 The unit tests pin what the generated TOML says; only the real frpc can prove that it is
 what frpc accepts (``frpc verify`` is strict: an unknown or misspelt key is an error) and
 that the file, as written by the command with ``--out``, logs in to HaRP and carries
-traffic.  The shared key used here contains ``{{ }}`` on purpose: frpc runs config files
-through Go's text/template, so an unescaped brace pair would break the file.
+traffic.  The shared key used here contains single braces and a quote-like ``'`` on
+purpose (HaRP refuses ``{{``/``}}`` in keys: frpc runs config files through Go's
+text/template; the generator still escapes braces defensively).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def frpc_binary() -> str:
 
 def harp_env(workdir: Path, **extra: str) -> dict[str, str]:
     return {
-        "HP_SHARED_KEY": f"{new_key()}-{{{{x}}}}",
+        "HP_SHARED_KEY": f"{new_key()}-{{x}}'}}",
         "NC_INSTANCE_URL": "http://127.0.0.1:9",
         "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
         "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",

@@ -55,6 +55,7 @@ BAD_CASES = {
     "key with backslash": ({"HP_SHARED_KEY": "ab\\cd" + SECRET}, "HP_SHARED_KEY"),
     "key with tab": ({"HP_SHARED_KEY": "ab\tcd" + SECRET}, "HP_SHARED_KEY"),
     "key only quotes": ({"HP_SHARED_KEY": '""'}, "HP_SHARED_KEY"),
+    "key with template braces": ({"HP_SHARED_KEY": "ab{{x}}" + SECRET}, "HP_SHARED_KEY"),
     "empty NC url": ({"NC_INSTANCE_URL": ""}, "NC_INSTANCE_URL"),
     "NC url without scheme": ({"NC_INSTANCE_URL": "cloud.example.com"}, "NC_INSTANCE_URL"),
     "malformed address": ({"HP_EXAPPS_ADDRESS": "nohost"}, "HP_EXAPPS_ADDRESS"),
