@@ -328,10 +328,13 @@ def test_tunnel_variants_byte_exact(env: FrpEnv, variant: str) -> None:
     frpc = env.frpc(harp, [proxy], **frpc_options)
     frpc.start()
     match = expect_log(frpc, harp, r"\[engine-1\] (start proxy success|start error: .*)")
-    if "start error" in match.group(0):
-        # The issue allows refusing compression with a clear NewProxyResp error.
-        assert variant == "encryption-compression", match.group(0)
-        pytest.skip(f"HaRP refuses compressed work connections: {match.group(0)}")
+    if variant == "encryption-compression":
+        # Our decision (the issue allows it): compression is refused with a clear
+        # NewProxyResp error naming the frpc option to turn off.
+        assert "start error" in match.group(0), match.group(0)
+        assert "transport.useCompression" in match.group(0)
+        return
+    assert "start error" not in match.group(0), match.group(0)
     size = 8 * MB
     expected = pattern_sha256(size)
     for i in range(3):  # several user connections: pooled and freshly requested work conns
