@@ -30,6 +30,7 @@ from harp.metrics import Metrics
 from harp.nextcloud import NextcloudClient
 from harp.pki import CertificateError, ensure_frp_certificates
 from harp.state.memory import MemoryState
+from harp.state.redis import RedisState, RedisStateService
 from harp.tlsctx import ReloadableServerContext, TLSConfigError
 from harp.web import responses
 from harp.web.control import ControlPlane
@@ -145,9 +146,17 @@ def make_service(settings: Settings) -> MultiService:
         log.warn("configuration: {warning}", warning=warning)
     https_context = prepare_certificates(settings)
 
-    state = MemoryState(
-        settings.blacklist_count, settings.blacklist_window, settings.session_lifetime
-    )
+    # HP_REDIS_URL: bans and the ExApp registry shared by all replicas (difference 8).
+    state: MemoryState | RedisState
+    if settings.redis_url:
+        state = RedisState(
+            settings.redis_url, settings.blacklist_count, settings.blacklist_window,
+            settings.session_lifetime,
+        )
+    else:
+        state = MemoryState(
+            settings.blacklist_count, settings.blacklist_window, settings.session_lifetime
+        )
     nextcloud = NextcloudClient(reactor, settings.nc_instance_url, settings.shared_key, state)
     pipeline = Pipeline(
         state, nextcloud, KeyCheck(settings.shared_key),
@@ -197,6 +206,8 @@ def make_service(settings: Settings) -> MultiService:
     )
 
     top = MultiService()
+    if isinstance(state, RedisState):
+        RedisStateService(state).setServiceParent(top)  # first started, last stopped
     TimerService(SWEEP_INTERVAL, state.sweep).setServiceParent(top)
     ListenerService(
         "HP_EXAPPS_ADDRESS", settings.exapps_address, site  # type: ignore[arg-type]

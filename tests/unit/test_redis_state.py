@@ -1,0 +1,160 @@
+"""Unit tests for the pure parts of harp.state.redis: URL parsing, the event codec, the
+backoff, and how a replica's mirror applies events (no Redis, no reactor running)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from harp.config import ConfigError
+from harp.exapps import parse_record
+from harp.state.redis import (
+    RECONNECT_MAX,
+    Event,
+    RedisState,
+    backoff_delay,
+    decode_event,
+    encode_delete,
+    encode_put,
+    parse_redis_url,
+    target_without_password,
+)
+
+RECORD: dict[str, Any] = {
+    "exapp_token": "t", "exapp_version": "1.0", "host": "127.0.0.1", "port": 23000,
+    "routes": [{"url": "^/x$", "access_level": 0}],
+}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- HP_REDIS_URL
+
+
+def test_parse_tcp_url_with_password_and_db() -> None:
+    target = parse_redis_url("redis://:s3cr%40t@redis.internal:6380/2")
+    assert (target.host, target.port, target.db, target.tls) == ("redis.internal", 6380, 2, False)
+    assert target.password == "s3cr@t" and target.username is None
+    assert target.describe() == "redis://redis.internal:6380/2"
+    assert "s3cr" not in repr(target)
+
+
+def test_parse_defaults_tls_acl_user_ipv6_and_unix() -> None:
+    target = parse_redis_url("rediss://harp:pw@[::1]")
+    assert (target.port, target.db, target.tls, target.username) == (6379, None, True, "harp")
+    assert target.describe() == "rediss://[::1]:6379"
+    unix = parse_redis_url("unix:///run/redis/redis.sock?db=3")
+    assert (unix.path, unix.db, unix.host) == ("/run/redis/redis.sock", 3, None)
+    assert unix.describe() == "unix:///run/redis/redis.sock/3"
+
+
+@pytest.mark.parametrize("url", ["redis://:pw@host:6379/x", "redis://:pw@host:99999/0"])
+def test_bad_url_is_a_config_error_without_the_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_redis_url(url)
+    assert caught.value.var == "HP_REDIS_URL"
+    assert ":pw@" not in caught.value.line() and "<redacted>" in caught.value.line()
+
+
+def test_target_without_password() -> None:
+    assert target_without_password("redis://u:p@h:1/0") == "redis://u:<redacted>@h:1/0"
+    assert target_without_password("redis://h:1") == "redis://h:1"
+
+
+# --- events
+
+
+def test_event_round_trip() -> None:
+    put = decode_event(encode_put("o1", 7, "app", RECORD))
+    assert put == Event("put", "o1", 7, "app", RECORD)
+    assert decode_event(encode_delete("o1", 8, "app")) == Event("del", "o1", 8, "app")
+    # As the Lua script's cjson.encode writes it.
+    ban = decode_event(b'{"addr":"192.0.2.1","o":"o2","k":"ban","ttl":4000}')
+    assert ban == Event("ban", "o2", addr="192.0.2.1", ttl=4000.0)
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"not json", b"[]", b'{"k":"put","o":"x","app":"a"}', b'{"k":"del","o":"x"}',
+    b'{"k":"ban","o":"x","addr":"1.2.3.4","ttl":0}', b'{"k":"ban","o":"x","addr":"a","ttl":true}',
+    b'{"k":"zap","o":"x"}', b'{"k":"del","app":"a"}', b'{"k":"del","o":"x","app":"a","s":"1"}',
+    b"\xff\xfe",
+])
+def test_malformed_events_are_ignored(raw: bytes) -> None:
+    assert decode_event(raw) is None
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    assert 0.4 <= backoff_delay(0) <= 0.6
+    assert backoff_delay(1, lambda: 0.5) == 2 * backoff_delay(0, lambda: 0.5)
+    assert backoff_delay(10_000, lambda: 1.0) == pytest.approx(RECONNECT_MAX * 1.2)
+
+
+# --- a replica's mirror, not connected
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def state(clock: FakeClock) -> RedisState:
+    return RedisState("redis://127.0.0.1:1/0", 3, 10, 60, clock=clock)  # never started
+
+
+def test_without_redis_it_behaves_like_memory_state(state: RedisState) -> None:
+    assert [state.record_failure("::ffff:192.0.2.9") for _ in range(3)] == [False, False, True]
+    assert state.is_banned("192.0.2.9")
+    state.put_exapp("app", parse_record("app", dict(RECORD)))
+    assert state.get_exapp("app") is not None
+    assert state.delete_exapp("app") and not state.delete_exapp("app")
+    state.put_exapp("kept", parse_record("kept", dict(RECORD)))
+    assert state._dirty == {"app", "kept"}  # written when Redis is reachable
+
+
+def test_events_from_other_replicas_update_the_mirror(
+    state: RedisState, clock: FakeClock
+) -> None:
+    state.mark_missing("app")
+    state.on_message(encode_put("other", 1, "app", RECORD))
+    record = state.get_exapp("app")
+    assert record is not None and record.port == 23000 and not state.is_missing("app")
+    state.on_message(encode_put("other", 2, "app", RECORD))
+    assert state.get_exapp("app") is record  # unchanged: not parsed again
+    state.on_message(encode_delete("other", 3, "app"))
+    assert state.get_exapp("app") is None
+    state.on_message(json.dumps({"k": "ban", "o": "other", "addr": "::ffff:198.51.100.1",
+                                 "ttl": 2000}))
+    assert state.is_banned("198.51.100.1")
+    clock.now += 2.5
+    assert not state.is_banned("198.51.100.1")
+
+
+def test_stale_echo_of_own_write_is_skipped(state: RedisState) -> None:
+    state.records["app"] = parse_record("app", dict(RECORD))
+    state._own_pending["app"] = 5  # our delete (seq 5) is on its way
+    del state.records["app"]
+    state.apply(Event("put", state.origin, 4, "app", RECORD))
+    assert state.get_exapp("app") is None
+    state.apply(Event("del", state.origin, 5, "app"))
+    assert "app" not in state._own_pending
+    state.apply(Event("put", "other", 1, "app", RECORD))  # others always apply
+    assert state.get_exapp("app") is not None
+
+
+def test_snapshot_replaces_mirror_but_keeps_newer_own_writes(state: RedisState) -> None:
+    same = parse_record("same", dict(RECORD))
+    state.records = {"same": same, "stale": same, "mine": same}
+    state._own_pending["mine"] = 9
+    text = json.dumps(RECORD)
+    state._load({"same": text, "new": text, "bad": "{", "invalid": "{}"}, snapshot_seq=8)
+    assert state.records.keys() == {"same", "new", "mine"}
+    assert state.records["same"] is same
