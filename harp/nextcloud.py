@@ -83,6 +83,7 @@ class NextcloudClient:
         self._key = shared_key.encode("ascii")
         self._state = state
         self._meta_waiters: dict[str, list[Deferred[ExAppRecord | None]]] = {}
+        self._user_waiters: dict[bytes, list[Deferred[UserInfo]]] = {}
 
     def close(self) -> Deferred[None]:
         return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
@@ -154,10 +155,35 @@ class NextcloudClient:
     async def user_info(
         self, app_id: str, key: bytes, headers: Iterable[tuple[bytes, Sequence[bytes]]]
     ) -> UserInfo:
-        """Resolve the user behind the client's credentials; cached under ``key``."""
+        """Resolve the user behind the client's credentials; cached under ``key``.
+
+        Concurrent lookups for one key share a single Nextcloud request: a page that
+        opens many connections at once (or a load balancer's burst after the cache
+        expired) costs one round trip, not one per connection.
+        """
         cached = self._state.get_user(key)
         if cached is not None:
             return cached
+        waiters = self._user_waiters.get(key)
+        if waiters is not None:
+            waiter: Deferred[UserInfo] = Deferred()
+            waiters.append(waiter)
+            return await waiter
+        self._user_waiters[key] = []
+        try:
+            user = await self._lookup_user(app_id, key, headers)
+        except Exception:
+            failure = Failure()
+            for waiter in self._user_waiters.pop(key, []):
+                waiter.errback(failure)
+            raise
+        for waiter in self._user_waiters.pop(key, []):
+            waiter.callback(user)
+        return user
+
+    async def _lookup_user(
+        self, app_id: str, key: bytes, headers: Iterable[tuple[bytes, Sequence[bytes]]]
+    ) -> UserInfo:
         forwarded = Headers()
         for name, values in headers:
             if name.lower() not in _SKIP:

@@ -480,3 +480,26 @@ def test_metrics(harp: HarpProcess, key: str) -> None:
     assert "harp_request_duration_seconds_count" in text
     assert "harp_exapps_known" in text and "harp_tunnel_ports 0" in text
     assert key not in text
+
+
+def test_concurrent_lookups_share_one_user_info_call(harp: HarpProcess,
+                                                     nextcloud: FakeNextcloud) -> None:
+    nextcloud.add_session("burst", "bursty", 1)
+    cookie = {"Cookie": "oc_sessionPassphrase=burst"}
+    before = nextcloud.count("user-info")
+    nextcloud.delay = 0.5
+    try:
+        results: list[Any] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(
+                request(harp.http_port, f"/exapps/{APP}/user", cookie)))
+            for _ in range(10)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        nextcloud.delay = 0
+    assert [ok(r).status for r in results] == [200] * 10
+    assert nextcloud.count("user-info") - before == 1
