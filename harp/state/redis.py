@@ -54,13 +54,12 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from harp.bans import FailureTable, normalize_ip
+from harp.bans import normalize_ip
 from harp.config import ConfigError
 from harp.exapps import ExAppRecord, RecordError, parse_record
 from harp.logs import HarpLogger
 from harp.lru import TTLCache
-from harp.state import UserInfo
-from harp.state.memory import MAX_MISSING, MAX_SESSIONS, NEGATIVE_TTL
+from harp.state.memory import MemoryState
 
 log = HarpLogger("harp.redis")
 
@@ -512,10 +511,12 @@ def _endpoint(reactor: Any, target: RedisTarget) -> IStreamClientEndpoint:
 # --------------------------------------------------------------------------------------------
 
 
-class RedisState:
+class RedisState(MemoryState):
     """The :class:`~harp.state.State` of a replica sharing bans and registry through Redis.
 
-    Reads are served from local tables only.  :meth:`start` / :meth:`stop` (called by
+    A :class:`~harp.state.memory.MemoryState` (whose tables every read looks at) that
+    writes through to Redis and applies the other replicas' changes.  Reads are served
+    from local tables only.  :meth:`start` / :meth:`stop` (called by
     :class:`RedisStateService`) manage the two connections; before the first sync and during
     an outage the state behaves like :class:`~harp.state.memory.MemoryState`.
     """
@@ -537,15 +538,10 @@ class RedisState:
             reactor = default_reactor
         self.target = parse_redis_url(url)
         self.reactor = reactor
-        # Local tables: what every read looks at.
-        self.bans = FailureTable(blacklist_count, blacklist_window, clock=clock)
+        # Local tables (bans, records, missing, users): what every read looks at.
+        super().__init__(blacklist_count, blacklist_window, session_lifetime, clock=clock)
         self.remote_bans: TTLCache[str, bool] = TTLCache(
             MAX_REMOTE_BANS, blacklist_window, clock=clock
-        )
-        self.records: dict[str, ExAppRecord] = {}
-        self.missing: TTLCache[str, bool] = TTLCache(MAX_MISSING, NEGATIVE_TTL, clock=clock)
-        self.users: TTLCache[bytes, UserInfo] = TTLCache(
-            MAX_SESSIONS, session_lifetime, clock=clock
         )
         self.blacklist_count = blacklist_count
         self.window_ms = max(1, round(blacklist_window * 1000))
@@ -616,12 +612,8 @@ class RedisState:
 
     # --- State: registry
 
-    def get_exapp(self, app_id: str) -> ExAppRecord | None:
-        return self.records.get(app_id)
-
     def put_exapp(self, app_id: str, record: ExAppRecord) -> None:
-        self.records[app_id] = record
-        self.missing.pop(app_id)
+        super().put_exapp(app_id, record)
         self._write(app_id)
 
     def delete_exapp(self, app_id: str) -> bool:
@@ -630,25 +622,12 @@ class RedisState:
         self._write(app_id)
         return True
 
-    def is_missing(self, app_id: str) -> bool:
-        return self.missing.get(app_id) is not None
-
-    def mark_missing(self, app_id: str) -> None:
-        self.missing.set(app_id, True)
-
-    # --- State: user lookups (local only, see the module docstring)
-
-    def get_user(self, key: bytes) -> UserInfo | None:
-        return self.users.get(key)
-
-    def put_user(self, key: bytes, user: UserInfo) -> None:
-        self.users.set(key, user)
+    # is_missing/mark_missing and the user-lookup cache stay local (MemoryState's);
+    # see the module docstring.
 
     def sweep(self) -> None:
-        self.bans.sweep()
+        super().sweep()
         self.remote_bans.sweep()
-        self.missing.sweep()
-        self.users.sweep()
 
     # --- writing through
 
