@@ -97,6 +97,13 @@ class HarpChannel(http.HTTPChannel):
             tunnel.client_lost()
         super().connectionLost(reason)
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # The reference answers a malformed request (bad request line, oversized or
+        # broken headers) with a silent drop, not a 400 (reference-behaviour §3.1).
+        self.discarding = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def become_tunnel(self, tunnel: Tunnel) -> None:
         """Stop speaking HTTP: every further byte belongs to ``tunnel``."""
         self._cancel_head_timer()

@@ -351,3 +351,34 @@ def test_no_descriptor_leak(harp: HarpProcess) -> None:
     assert fd_count(harp.proc.pid) <= first, (fd_count(harp.proc.pid), first)
 
 
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nbad header line\r\n\r\n",
+        b"GET /exapps/bulk/x HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+        b"GET /exapps/bulk/x HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # TLS on the HTTP port
+    ],
+)
+def test_malformed_requests_are_dropped_silently(harp: HarpProcess, raw: bytes) -> None:
+    sock = socket.create_connection(("127.0.0.1", harp.http_port), timeout=10)
+    try:
+        sock.sendall(raw)
+        data = b""
+        try:
+            while chunk := sock.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        assert data == b""
+    finally:
+        sock.close()
+    # And the reactor is alive.
+    c = conn(harp)
+    c.request("GET", "/exapps/bulk/bytes/3")
+    resp = c.getresponse()
+    assert resp.status == 200 and len(resp.read()) == 3
+    c.close()
