@@ -47,10 +47,6 @@ _NOT_FORWARDED_UPGRADE: Final = (HOP_BY_HOP - {b"connection", b"upgrade"}) | {b"
 BAD_GATEWAY: Final = b"502 Bad Gateway"
 
 
-class UpstreamUnresolvable(Exception):
-    """The upstream host name did not resolve."""
-
-
 class _Relay(Protocol):
     """Streams an upstream response body into the client's request."""
 

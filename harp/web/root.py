@@ -32,6 +32,7 @@ class DockerPassthrough(Protocol):
 
     def passthrough(self, request: HarpRequest, rest: bytes) -> None: ...
 
+
 #: Largest body the control plane reads (ExApp records are a few KiB).
 CONTROL_BODY_LIMIT: Final = 1 << 20
 
