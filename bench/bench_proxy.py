@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.conftest import HarpProcess, free_port, new_key
+from tests.conftest import HarpProcess, base_env, new_key
 from tests.peers.bulk_upstream import BulkUpstream
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
@@ -88,14 +88,10 @@ def main() -> int:
         }
         nc.apps["bulk"] = {"exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1",
                            "port": bulk.port, "routes": [{"url": "^/", "access_level": 0}]}
-        harp = HarpProcess({
-            "HP_SHARED_KEY": key, "NC_INSTANCE_URL": nc.url,
-            "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
-            "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
-            "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}", "HP_CERTS_DIR": str(work / "certs"),
-            "HP_FRP_DISABLE_TLS": "true", "HP_VERBOSE_START": "0", "HP_LOG_LEVEL": "warning",
-            "HP_SESSION_LIFETIME": "10",
-        }, work).start()
+        harp = HarpProcess(base_env(
+            work, HP_SHARED_KEY=key, NC_INSTANCE_URL=nc.url, HP_FRP_DISABLE_TLS="true",
+            HP_LOG_LEVEL="warning", HP_SESSION_LIFETIME="10",
+        ), work).start()
         try:
             direct = f"http://127.0.0.1:{app.port}"
             via = f"http://127.0.0.1:{harp.http_port}/exapps/bench"

@@ -146,19 +146,41 @@ def run_harp_once(env: Mapping[str, str], workdir: Path, timeout: float = 30) ->
     return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
 
 
-@pytest.fixture
-def harp_env(tmp_path: Path) -> dict[str, str]:
-    """A minimal valid environment on free loopback ports, certs under tmp_path."""
-    return {
+def base_env(workdir: Path, **overrides: str) -> dict[str, str]:
+    """A valid HaRP environment: a fresh key, free loopback ports, certs under ``workdir``.
+
+    Every test module starts HaRP from this and states only what it changes.
+    """
+    env = {
         "HP_SHARED_KEY": new_key(),
         "NC_INSTANCE_URL": "http://127.0.0.1:9",
         "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
         "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
         "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_CERTS_DIR": str(tmp_path / "certs"),
+        "HP_CERTS_DIR": str(workdir / "certs"),
         "HP_VERBOSE_START": "0",
         "HP_LOG_LEVEL": "info",
     }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def harp_env(tmp_path: Path) -> dict[str, str]:
+    """A minimal valid environment on free loopback ports, certs under tmp_path."""
+    return base_env(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def frpc_binary() -> str:
+    """The real frpc 0.65 (tools/get-frpc); missing -> skip locally, fail in CI."""
+    from tests.peers.frpc import FrpcUnavailable, find_frpc
+
+    try:
+        return find_frpc()
+    except FrpcUnavailable as exc:
+        peer_missing(f"frpc: {exc}")
+        raise AssertionError("unreachable") from exc
 
 
 @pytest.fixture

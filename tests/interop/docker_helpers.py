@@ -16,7 +16,6 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, HarpProcess, free_port, new_key, peer_missing
+from tests.conftest import REPO, HarpProcess, base_env, free_port, peer_missing
+from tests.peers.exapp_runner import UnixHTTPConnection
 
 DOCKER_PEER = REPO / "tools" / "docker-peer"
 PEER_DIR = Path(os.environ.get("DOCKER_PEER_DIR", "/tmp/harp-docker-peer"))
@@ -48,7 +48,7 @@ class Engine:
         headers: dict[str, str] | None = None, timeout: float = 60,
     ) -> tuple[int, bytes]:
         """Call the engine directly (test set-up and checks), unversioned paths."""
-        conn = UnixHTTPConnection(str(self.socket_path), timeout)
+        conn = UnixHTTPConnection(str(self.socket_path), timeout, host="engine")
         try:
             hdrs = dict(headers or {})
             data = raw
@@ -72,18 +72,6 @@ class Engine:
         self.api("DELETE", f"/containers/{container}?force=true&v=true")
         if volume:
             self.api("DELETE", f"/volumes/{volume}")
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("engine", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
 
 
 def _recorded_registry_port() -> int | None:
@@ -132,17 +120,7 @@ def docker_engine() -> Iterator[Engine]:
 
 
 def harp_env_for(workdir: Path, socket_path: Path | str) -> dict[str, str]:
-    return {
-        "HP_SHARED_KEY": new_key(),
-        "NC_INSTANCE_URL": "http://127.0.0.1:9",
-        "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_CERTS_DIR": str(workdir / "certs"),
-        "HP_DOCKER_SOCKET": str(socket_path),
-        "HP_VERBOSE_START": "0",
-        "HP_LOG_LEVEL": "info",
-    }
+    return base_env(workdir, HP_DOCKER_SOCKET=str(socket_path))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HarpProcess, free_port, peer_missing
+from tests.conftest import HarpProcess, free_port
 from tests.interop.docker_helpers import (
     LOCAL_IMAGE,
     AppApi,
@@ -32,7 +32,7 @@ from tests.interop.docker_helpers import (
     harp_env_for,
     running_harp,
 )
-from tests.peers.frpc import FrpcProcess, FrpcProxy, FrpcUnavailable, find_frpc
+from tests.peers.frpc import FrpcProcess, FrpcProxy
 
 pytestmark = pytest.mark.interop
 __all__ = ["docker_engine"]
@@ -73,15 +73,6 @@ def start_frpc(harp: HarpProcess, engine: Engine, port: int, workdir: Path) -> F
         log_level="info",
     )
     return proc.start()
-
-
-@pytest.fixture(scope="module")
-def frpc_binary() -> str:
-    try:
-        return find_frpc()
-    except FrpcUnavailable as exc:
-        peer_missing(f"frpc: {exc}")
-        raise
 
 
 class Setup:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import HarpProcess, free_port, new_key, peer_missing
+from tests.conftest import HarpProcess, base_env
 from tests.interop.frp_helpers import (
     DataServer,
     download,
@@ -43,7 +43,7 @@ from tests.interop.frp_helpers import (
     wait_port_refused,
 )
 from tests.peers.exapp_runner import ExAppProcess
-from tests.peers.frpc import FrpcProcess, FrpcProxy, FrpcUnavailable, find_frpc
+from tests.peers.frpc import FrpcProcess, FrpcProxy
 
 pytestmark = pytest.mark.interop
 
@@ -61,15 +61,6 @@ BAD_TOKEN_ERRORS = (
 
 
 # ------------------------------------------------------------------------------ environment
-
-
-@pytest.fixture(scope="module")
-def frpc_bin() -> str:
-    try:
-        return find_frpc()
-    except FrpcUnavailable as exc:
-        peer_missing(f"frpc ({exc})")
-        raise AssertionError("unreachable") from exc
 
 
 def _listening(port: int) -> list[str]:
@@ -106,18 +97,7 @@ class FrpEnv:
     def harp(self, **env: str) -> HarpProcess:
         workdir = self.tmp / f"harp{len(self.harps)}"
         workdir.mkdir()
-        full = {
-            "HP_SHARED_KEY": new_key(),
-            "NC_INSTANCE_URL": "http://127.0.0.1:9",
-            "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
-            "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
-            "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
-            "HP_CERTS_DIR": str(workdir / "certs"),
-            "HP_VERBOSE_START": "0",
-            "HP_LOG_LEVEL": "info",
-            "HP_BLACKLIST_COUNT": "1000",
-            **env,
-        }
+        full = base_env(workdir, **{"HP_BLACKLIST_COUNT": "1000", **env})
         proc = HarpProcess(full, workdir)
         self.harps.append(proc)
         proc.start()
@@ -197,8 +177,8 @@ class FrpEnv:
 
 
 @pytest.fixture
-def env(tmp_path: Path, frpc_bin: str) -> Iterator[FrpEnv]:
-    frp = FrpEnv(tmp_path, frpc_bin)
+def env(tmp_path: Path, frpc_binary: str) -> Iterator[FrpEnv]:
+    frp = FrpEnv(tmp_path, frpc_binary)
     try:
         yield frp
     finally:

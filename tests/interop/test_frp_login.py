@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HarpProcess, free_port, new_key, peer_missing
-from tests.peers.frpc import FrpcProcess, FrpcProxy, FrpcUnavailable, find_frpc
+from tests.conftest import HarpProcess, base_env, free_port
+from tests.peers.frpc import FrpcProcess, FrpcProxy
 
 pytestmark = pytest.mark.interop
 
@@ -115,27 +115,8 @@ _PORTS = iter(range(2, 99))
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def frpc_binary() -> str:
-    try:
-        return find_frpc()
-    except FrpcUnavailable as exc:
-        peer_missing(f"frpc: {exc}")
-        raise
-
-
 def _start_harp(workdir: Path, **extra: str) -> HarpProcess:
-    env = {
-        "HP_SHARED_KEY": new_key(),
-        "NC_INSTANCE_URL": "http://127.0.0.1:9",
-        "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_CERTS_DIR": str(workdir / "certs"),
-        "HP_VERBOSE_START": "0",
-        "HP_LOG_LEVEL": "info",
-        **extra,
-    }
+    env = base_env(workdir, **extra)
     workdir.mkdir(parents=True, exist_ok=True)
     return HarpProcess(env, workdir).start()
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, HarpProcess, free_port, new_key, peer_missing
+from tests.conftest import REPO, HarpProcess, base_env, new_key
 from tests.peers.bulk_upstream import BulkUpstream, pattern
-from tests.peers.frpc import FrpcProcess, FrpcUnavailable, find_frpc
+from tests.peers.frpc import FrpcProcess
 
 pytestmark = pytest.mark.interop
 
@@ -33,27 +33,8 @@ ENGINE_PORT_TLS = 24077
 ENGINE_PORT_PLAIN = 24078
 
 
-@pytest.fixture(scope="module")
-def frpc_binary() -> str:
-    try:
-        return find_frpc()
-    except FrpcUnavailable as exc:
-        peer_missing(f"frpc: {exc}")
-        raise
-
-
 def harp_env(workdir: Path, **extra: str) -> dict[str, str]:
-    return {
-        "HP_SHARED_KEY": f"{new_key()}-{{x}}'}}",
-        "NC_INSTANCE_URL": "http://127.0.0.1:9",
-        "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_CERTS_DIR": str(workdir / "certs"),
-        "HP_VERBOSE_START": "0",
-        "HP_LOG_LEVEL": "info",
-        **extra,
-    }
+    return base_env(workdir, HP_SHARED_KEY=f"{new_key()}-{{x}}'}}", **extra)
 
 
 def run_command(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HarpProcess, free_port, new_key
+from tests.conftest import HarpProcess, base_env, new_key
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
 
@@ -101,19 +101,8 @@ def record_for(app: ExAppProcess, **changes: Any) -> dict[str, Any]:
 
 
 def start_harp(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:
-    full = {
-        "HP_SHARED_KEY": key,
-        "NC_INSTANCE_URL": nextcloud.url,
-        "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_CERTS_DIR": str(tmp / "certs"),
-        "HP_FRP_DISABLE_TLS": "true",
-        "HP_VERBOSE_START": "0",
-        "HP_LOG_LEVEL": "info",
-        "HP_BLACKLIST_COUNT": "1000",
-        **env,
-    }
+    defaults = {"HP_FRP_DISABLE_TLS": "true", "HP_BLACKLIST_COUNT": "1000"}
+    full = base_env(tmp, HP_SHARED_KEY=key, NC_INSTANCE_URL=nextcloud.url, **{**defaults, **env})
     return HarpProcess(full, tmp).start()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import HarpProcess, free_port, new_key, self_signed_pem
+from tests.conftest import HarpProcess, base_env, free_port, new_key, self_signed_pem
 from tests.peers.bulk_upstream import BulkUpstream, pattern_sha256
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
@@ -86,14 +86,8 @@ def bulk() -> Iterator[BulkUpstream]:
 
 
 def start_harp(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:
-    full = {
-        "HP_SHARED_KEY": key, "NC_INSTANCE_URL": nextcloud.url,
-        "HP_EXAPPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_EXAPPS_HTTPS_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_FRP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "HP_CERTS_DIR": str(tmp / "certs"), "HP_FRP_DISABLE_TLS": "true",
-        "HP_VERBOSE_START": "0", "HP_LOG_LEVEL": "warning", **env,
-    }
+    defaults = {"HP_FRP_DISABLE_TLS": "true", "HP_LOG_LEVEL": "warning"}
+    full = base_env(tmp, HP_SHARED_KEY=key, NC_INSTANCE_URL=nextcloud.url, **{**defaults, **env})
     return HarpProcess(full, tmp).start()
 
 

@@ -51,8 +51,8 @@ def free_tcp_port() -> int:
 class UnixHTTPConnection(http.client.HTTPConnection):
     """``http.client`` over a unix socket, for talking to the ExApp as frpc would."""
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("localhost", timeout=timeout)
+    def __init__(self, path: str, timeout: float = 10.0, host: str = "localhost") -> None:
+        super().__init__(host, timeout=timeout)
         self.unix_path = path
 
     def connect(self) -> None:

@@ -23,7 +23,7 @@ from websockets.sync.client import connect as ws_connect
 
 from .exapp_runner import ExAppProcess
 from .fake_nextcloud import BAD_KEY_BODY, FakeNextcloud
-from .frpc import FrpcProcess, FrpcProxy, FrpcUnavailable, find_frpc
+from .frpc import FrpcProcess, FrpcProxy
 
 KEY = "some-very-secret-shared-key"
 RECORD = {
@@ -278,20 +278,8 @@ def test_exapp_on_unix_socket(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- frpc
 
 
-@pytest.fixture(scope="module")
-def frpc_bin() -> str:
-    """The frpc binary; missing -> skip locally, fail in CI (the suite's peer policy)."""
-    try:
-        return find_frpc()
-    except FrpcUnavailable as exc:
-        from ..conftest import peer_missing
-
-        peer_missing(f"frpc ({exc})")
-        raise
-
-
 @pytest.mark.interop
-def test_frpc_config_verifies(tmp_path: Path, frpc_bin: str) -> None:
+def test_frpc_config_verifies(tmp_path: Path, frpc_binary: str) -> None:
     proc = FrpcProcess(
         server_port=8782,
         token=KEY,
@@ -324,7 +312,7 @@ def test_frpc_config_verifies(tmp_path: Path, frpc_bin: str) -> None:
     [(False, None, b"\x00\x01"), (True, False, b"\x17\x16")],
 )
 def test_frpc_connects_with_configured_transport(
-    tmp_path: Path, frpc_bin: str, tls: bool, first_byte_disabled: bool | None, expected: bytes
+    tmp_path: Path, frpc_binary: str, tls: bool, first_byte_disabled: bool | None, expected: bytes
 ) -> None:
     """frpc really dials the server: plain yamux (00 01 = SYN) or the custom TLS first byte 0x17."""
     received = bytearray()
