@@ -537,9 +537,7 @@ def _reply(request: Request, outcome: Outcome) -> None:
         body = responses.send_json(request, outcome.status, outcome.payload)
     else:
         body = responses.send(request, outcome.status, (outcome.text or "").encode())
-    if body:
-        request.write(body)
-    request.finish()
+    responses.finish(request, body)
 
 
 def _failed(request: Request, failure: Failure, rest: bytes) -> None:

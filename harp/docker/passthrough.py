@@ -83,18 +83,18 @@ class DockerPassthrough:
         try:
             port = parse_port(last_header(request, b"docker-engine-port"))
         except EngineSelectionError as exc:
-            _finish(request, responses.send_json(request, exc.status, exc.payload()))
+            responses.finish(request, responses.send_json(request, exc.status, exc.payload()))
             return
         target = allowed_target(request.method, rest)
         if target is None:
             log.info("docker passthrough denied: {method} {path}",
                      method=request.method.decode("latin-1"), path=_printable(rest))
-            _finish(request, responses.error(request, 403))
+            responses.finish(request, responses.error(request, 403))
             return
         try:
             self.endpoints.require(port)
         except EngineSelectionError as exc:
-            _finish(request, responses.send_json(request, exc.status, exc.payload()))
+            responses.finish(request, responses.send_json(request, exc.status, exc.payload()))
             return
         for name in _SECRET_HEADERS:
             request.requestHeaders.removeHeader(name)
@@ -106,12 +106,6 @@ def _body(request: Request) -> IBodyProducer | None:
     content = request.content
     data = content.getvalue() if isinstance(content, BytesIO) else b""
     return FileBodyProducer(BytesIO(data)) if data else None
-
-
-def _finish(request: Request, body: bytes) -> None:
-    if body:
-        request.write(body)
-    request.finish()
 
 
 def _printable(raw: bytes) -> str:

@@ -238,11 +238,11 @@ class ExAppProxy(ReverseProxyResource):
         close_early = getattr(request, "close_early", None)
         if close_early is not None:
             close_early()  # the body (if any) will not be read: do not wait for it
-        request.write(
+        responses.finish(
+            request,
             responses.error(request, status) if body is None
-            else responses.send(request, status, body)
+            else responses.send(request, status, body),
         )
-        request.finish()
 
     def _bug(self, failure: Failure, request: Request) -> None:
         log.failure("proxying failed", failure)

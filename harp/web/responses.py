@@ -43,6 +43,13 @@ def send_json(request: Request, status: int, payload: Any) -> bytes:
     return send(request, status, json.dumps(payload, separators=(",", ":")).encode(), JSON)
 
 
+def finish(request: Request, body: bytes) -> None:
+    """Write a body produced by :func:`send`/:func:`error` (if any) and end the response."""
+    if body:
+        request.write(body)
+    request.finish()
+
+
 def drop(request: Request) -> None:
     """Close the connection without any response: the reference's "silent drop".
 

@@ -72,7 +72,7 @@ class Root(Resource):
         elif isinstance(verdict, Reply):
             # Do not make the client upload a body nobody will read.
             request.close_early()
-            self._finish(request, responses.error(request, verdict.status))
+            responses.finish(request, responses.error(request, verdict.status))
         elif isinstance(verdict, Control):
             self._control(verdict, request)
         elif isinstance(verdict, Drop):
@@ -93,7 +93,7 @@ class Root(Resource):
 
         def too_large(failure: Failure) -> None:
             request.close_early()
-            self._finish(request, responses.send(request, 413, b"413 Payload Too Large"))
+            responses.finish(request, responses.send(request, 413, b"413 Payload Too Large"))
 
         request.body.collect(CONTROL_BODY_LIMIT).addCallbacks(got, too_large).addErrback(
             self._internal_error, request
@@ -114,7 +114,7 @@ class Root(Resource):
         body = self.control.render(request, verdict.rest)
         if body != NOT_DONE_YET:
             assert isinstance(body, bytes)
-            self._finish(request, body)
+            responses.finish(request, body)
 
     def _forward(self, verdict: Forward, request: HarpRequest) -> None:
         record = verdict.record
@@ -135,7 +135,7 @@ class Root(Resource):
         def unresolvable() -> None:
             # A signed call (e.g. /init) must never see a 404 of ours: Nextcloud would
             # take it for "init done" (audit notes).
-            self._finish(request, responses.error(request, 503 if verdict.signed else 404))
+            responses.finish(request, responses.error(request, 503 if verdict.signed else 404))
 
         if _is_upgrade(request):
             self.proxy.upgrade(
@@ -148,19 +148,13 @@ class Root(Resource):
             unresolvable,
         )
 
-    @staticmethod
-    def _finish(request: Request, body: bytes) -> None:
-        if body:
-            request.write(body)
-        request.finish()
-
     def _internal_error(self, failure: Failure, request: Request) -> None:
         errors.failure("request pipeline failed", failure)
         if not request.finished and not getattr(request, "_disconnected", False):
             if request.startedWriting:
                 responses.abort(request)
             else:
-                self._finish(request, responses.error(request, 503))
+                responses.finish(request, responses.error(request, 503))
 
 
 def _is_upgrade(request: Request) -> bool:
