@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from harp.bans import parse_trusted_proxies
 
@@ -39,10 +39,20 @@ _TIME_UNITS: Final = {
     "h": 3600.0,
     "d": 86400.0,
 }
-_TIME_RE: Final = re.compile(r"^(\d+)(us|ms|s|m|h|d)?$")
+#: ASCII digits only, and at most 18 of them: ``int()`` of a longer digit string is slow
+#: or refused by Python, and no real timeout needs more.
+_TIME_RE: Final = re.compile(r"([0-9]{1,18})(us|ms|s|m|h|d)?", re.ASCII)
+_PORT_RE: Final = re.compile(r"[0-9]{1,5}", re.ASCII)
+_INT_RE: Final = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
+#: Whitespace and control characters never belong in a URL; ``urlsplit`` would silently
+#: drop some of them (tab, newline), so the URL HaRP uses would differ from the one checked.
+_URL_UNSAFE_RE: Final = re.compile(r"[\x00-\x20\x7f]")
+_BRACKET_HOST_RE: Final = re.compile(r"\[[^\[\]]+\](?::[0-9]*)?", re.ASCII)
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 _REDACTED: Final = "<redacted>"
+#: The user-info part of a URL authority (``//user:password@``), for redaction.
+_USERINFO_RE: Final = re.compile(r"(//)[^/?#]*@")
 
 
 class ConfigError(Exception):
@@ -121,7 +131,8 @@ def parse_address(var: str, raw: str) -> Address:
         host = str(ipaddress.ip_address(host))
     except ValueError:
         raise ConfigError(var, raw, allowed) from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
         raise ConfigError(var, raw, allowed)
     return Address(host, int(port_text))
 
@@ -132,7 +143,7 @@ def parse_duration(var: str, raw: str, *, allow_zero: bool = False) -> float | N
     Returns seconds; ``None`` means unlimited (only when ``allow_zero`` and the value
     is zero in any unit, which HAProxy turns into its 24-day maximum).
     """
-    match = _TIME_RE.match(raw.strip())
+    match = _TIME_RE.fullmatch(raw.strip())
     allowed = "expected a duration like 30s, 500ms, 2m, 1h (a bare number is milliseconds)"
     if allow_zero:
         allowed += "; 0 means unlimited"
@@ -157,7 +168,7 @@ def _parse_bool(var: str, raw: str) -> bool:
 
 def _parse_int(var: str, raw: str, low: int, high: int) -> int:
     text = raw.strip()
-    if not re.fullmatch(r"[+-]?\d+", text) or not low <= int(text) <= high:
+    if not _INT_RE.fullmatch(text) or not low <= int(text) <= high:
         raise ConfigError(var, raw, f"expected a whole number from {low} to {high}")
     return int(text)
 
@@ -237,14 +248,44 @@ def _read_shared_key(env: Mapping[str, str]) -> str:
     return _check_key("HP_SHARED_KEY_FILE", text, path)
 
 
+def _split_url(url: str) -> tuple[SplitResult, int | None] | None:
+    """``urlsplit(url)`` and its port, or None when the URL cannot be parsed at all.
+
+    ``urlsplit`` raises ``ValueError`` for a malformed IPv6 literal (``http://[::1``), and
+    ``.port``/``.hostname`` raise it for a bad port or bracket; a start-up check must turn
+    all of that into a :class:`ConfigError`, never a traceback.
+    """
+    if _URL_UNSAFE_RE.search(url):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        parts.hostname  # noqa: B018 -- raises ValueError for a malformed host
+    except ValueError:
+        return None
+    host_port = parts.netloc.rpartition("@")[2]
+    if host_port.startswith("[") and not _BRACKET_HOST_RE.fullmatch(host_port):
+        return None  # "[::1]x": urlsplit keeps the host and drops the tail
+    return parts, port
+
+
 def _parse_nc_url(raw: str) -> str:
     url = strip_quotes(raw.strip())
     allowed = "set it to Nextcloud's base URL, e.g. https://cloud.example.com"
     if not url:
         raise ConfigError("NC_INSTANCE_URL", raw if raw else None, allowed)
-    parts = urlsplit(url)
+    split = _split_url(url)
+    if split is None:
+        raise ConfigError(
+            "NC_INSTANCE_URL", raw,
+            allowed + " (not a valid URL: check the [IPv6] brackets, the port 1-65535 "
+            "and that there are no spaces)",
+        )
+    parts, port = split
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("NC_INSTANCE_URL", raw, allowed + " (http:// or https://)")
+    if port == 0:
+        raise ConfigError("NC_INSTANCE_URL", raw, allowed + " (the port must be 1-65535)")
     url = url.rstrip("/").removesuffix("/index.php").rstrip("/")
     return url
 
@@ -253,22 +294,36 @@ def _parse_redis_url(raw: str) -> str | None:
     url = strip_quotes(raw.strip())
     if not url:
         return None
-    parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss") and parts.hostname:
+    allowed = "expected redis://[:password@]host:port[/db] or unix:///path/to/redis.sock"
+    split = _split_url(url)
+    if split is None:
+        raise ConfigError(
+            "HP_REDIS_URL", _redact_url(url),
+            allowed + " (not a valid URL: check the [IPv6] brackets, the port 1-65535 "
+            "and that there are no spaces)",
+        )
+    parts, port = split
+    if parts.scheme in ("redis", "rediss") and parts.hostname and port != 0:
         return url
     if parts.scheme == "unix" and parts.path:
         return url
-    raise ConfigError(
-        "HP_REDIS_URL", _redact_url(url),
-        "expected redis://[:password@]host:port[/db] or unix:///path/to/redis.sock",
-    )
+    raise ConfigError("HP_REDIS_URL", _redact_url(url), allowed)
 
 
 def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password replaced; also for URLs ``urlsplit`` cannot parse."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        password = None
+        parts = None
+    if parts is None or _URL_UNSAFE_RE.search(url):
+        # Unparseable: hide everything between "//" and the last "@" of the authority.
+        return _USERINFO_RE.sub(r"\1" + _REDACTED + "@", url)
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", f":{_REDACTED}@", 1)
+    netloc = parts.netloc.replace(f":{password}@", f":{_REDACTED}@", 1)
     return parts._replace(netloc=netloc).geturl()
 
 
@@ -289,6 +344,8 @@ class Settings:
     session_lifetime: float
     blacklist_count: int
     blacklist_window: int
+    #: Open client connections on the HTTP(S) frontends before accepting pauses.
+    max_connections: int
     timeout_connect: float
     timeout_client: float
     timeout_server: float
@@ -382,6 +439,9 @@ class Settings:
             blacklist_window=_parse_int(
                 "HP_BLACKLIST_WINDOW", get("HP_BLACKLIST_WINDOW", "300"), 1, 30 * 86400
             ),
+            max_connections=_parse_int(
+                "HP_MAX_CONNECTIONS", get("HP_MAX_CONNECTIONS", "8192"), 1, 1_000_000
+            ),
             timeout_connect=connect,
             timeout_client=client,
             timeout_server=server_timeout,
@@ -411,6 +471,7 @@ class Settings:
             ("HP_SESSION_LIFETIME", f"{self.session_lifetime:g}s"),
             ("HP_BLACKLIST_COUNT", str(self.blacklist_count)),
             ("HP_BLACKLIST_WINDOW", f"{self.blacklist_window}s"),
+            ("HP_MAX_CONNECTIONS", str(self.max_connections)),
             ("HP_TIMEOUT_CONNECT", seconds(self.timeout_connect)),
             ("HP_TIMEOUT_CLIENT", seconds(self.timeout_client)),
             ("HP_TIMEOUT_SERVER", seconds(self.timeout_server)),

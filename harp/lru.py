@@ -1,6 +1,9 @@
-"""A small bounded LRU cache with per-entry expiry, for the per-request hot path.
+"""Small bounded per-key structures for the per-request hot path.
 
-Used for the Nextcloud user-lookup cache (``HP_SESSION_LIFETIME``, spec §4.2 and
+:class:`TTLCache` is an LRU cache with per-entry expiry; :class:`TokenBuckets` a per-key
+rate limit (Nextcloud user lookups per client address). Both are bounded by ``maxsize``.
+
+The cache is used for the Nextcloud user-lookup cache (``HP_SESSION_LIFETIME``, spec §4.2 and
 deliberate difference 7). The reference keeps an unbounded dict there, so a client sending
 a flood of distinct ``oc_sessionPassphrase`` cookies (or ``Authorization`` headers) grows the
 agent's memory without limit. This cache is bounded by ``maxsize`` (least recently used
@@ -19,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["TTLCache"]
+__all__ = ["TTLCache", "TokenBuckets"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -105,6 +108,28 @@ class TTLCache(Generic[K, V]):
             data.popitem(last=False)
         data[key] = (self._clock() + ttl, value)
 
+    def set_if_room(self, key: K, value: V, ttl: float | None = None) -> bool:
+        """Like :meth:`set`, but never evicts a live entry: return False if there is no room.
+
+        When full, expired entries at the least recently used end are dropped first; if the
+        oldest remaining entry is still live, nothing is stored. For tables whose entries must
+        not be pushed out by a flood of new ones (bans learnt from other replicas).
+        """
+        if self._ttl <= 0:
+            return False
+        data = self._data
+        if key not in data and len(data) >= self._maxsize:
+            now = self._clock()
+            while data:
+                oldest = next(iter(data.values()))
+                if now <= oldest[0]:
+                    break
+                data.popitem(last=False)
+            if len(data) >= self._maxsize:
+                return False
+        self.set(key, value, ttl)
+        return True
+
     def pop(self, key: K) -> V | None:
         """Remove ``key``; return its value if it was present and not expired, else None."""
         entry = self._data.pop(key, None)
@@ -130,3 +155,77 @@ class TTLCache(Generic[K, V]):
 
     def __repr__(self) -> str:
         return f"TTLCache(maxsize={self._maxsize}, ttl={self._ttl}, len={len(self._data)})"
+
+
+class TokenBuckets(Generic[K]):
+    """Token buckets per key (a rate limit per client address), bounded in memory.
+
+    Each key starts with ``burst`` tokens and regains ``rate`` tokens per second up to
+    ``burst``; :meth:`take` spends one token or answers False. At most ``maxsize`` keys are
+    tracked; when full, the least recently used key is forgotten. Forgetting a bucket only
+    gives that key a fresh burst, so the bound trades a little precision for memory, never
+    correctness of the limit for keys in active use (they are the most recently used).
+
+    Pure and synchronous, time from an injected clock (default :func:`time.monotonic`).
+    """
+
+    __slots__ = ("_burst", "_clock", "_data", "_maxsize", "_rate")
+
+    def __init__(
+        self,
+        maxsize: int,
+        burst: float,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize!r}")
+        if not burst >= 1:  # also rejects NaN
+            raise ValueError(f"burst must be >= 1, got {burst!r}")
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0, got {rate!r}")
+        self._maxsize = maxsize
+        self._burst = float(burst)
+        self._rate = float(rate)
+        self._clock = clock
+        # key -> (tokens at `stamp`, stamp); insertion order is the LRU order.
+        self._data: OrderedDict[K, tuple[float, float]] = OrderedDict()
+
+    def tokens(self, key: K) -> float:
+        """Tokens ``key`` has now (``burst`` for an unknown key). Does not spend any."""
+        entry = self._data.get(key)
+        if entry is None:
+            return self._burst
+        return min(self._burst, entry[0] + (self._clock() - entry[1]) * self._rate)
+
+    def take(self, key: K) -> bool:
+        """Spend one token of ``key``; False (and nothing spent) if it has less than one."""
+        now = self._clock()
+        data = self._data
+        entry = data.get(key)
+        if entry is None:
+            if len(data) >= self._maxsize:
+                data.popitem(last=False)
+            tokens = self._burst
+        else:
+            data.move_to_end(key)
+            tokens = min(self._burst, entry[0] + (now - entry[1]) * self._rate)
+        if tokens < 1:
+            data[key] = (tokens, now)
+            return False
+        data[key] = (tokens - 1, now)
+        return True
+
+    def sweep(self) -> int:
+        """Forget keys whose bucket is full again (same as unknown); return how many."""
+        now = self._clock()
+        full = [
+            key for key, (tokens, stamp) in self._data.items()
+            if tokens + (now - stamp) * self._rate >= self._burst
+        ]
+        for key in full:
+            del self._data[key]
+        return len(full)
+
+    def __len__(self) -> int:
+        return len(self._data)

@@ -11,6 +11,15 @@ leak one user's ``Set-Cookie`` into another user's lookups (reference #111).
   the app id — never under the raw value, which must not sit in memory as a key.
   Rejected credentials (4xx) are cached as anonymous too (audit notes), so replaying a
   bad cookie does not cost a Nextcloud round trip per request.
+- Redirects are never followed.  Nextcloud answers a made-up session cookie with a redirect
+  to the same URL (after dropping the session); following it loops until the client gives
+  up, which turned every such request into a 401, even on PUBLIC routes.  For user-info a
+  3xx means "anonymous" (cached like a rejected credential); for exapp-meta it means
+  "unavailable" (an error, nothing cached, nobody charged: a redirect there is a
+  misconfigured ``NC_INSTANCE_URL``, e.g. http redirected to https, not a client's doing).
+- Uncached user lookups are rate-limited per client address (:meth:`may_look_up`): a
+  client sending a fresh random cookie with every request would otherwise cost one
+  Nextcloud request each, uncounted by the brute-force protection.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from harp.bans import ban_key
 from harp.exapps import ExAppRecord, RecordError, parse_record
 from harp.logs import HarpLogger
+from harp.lru import TokenBuckets
 from harp.state import ANONYMOUS, State, UserInfo
 
 log = HarpLogger("harp.nextcloud")
@@ -39,6 +50,13 @@ log = HarpLogger("harp.nextcloud")
 TOTAL_TIMEOUT: Final = 25.0
 CONNECT_TIMEOUT: Final = 5.0
 MAX_BODY: Final = 1 << 20
+#: Uncached user lookups a client address (ban key: IPv4, IPv6 /64) may make at once, and
+#: how many it regains per second.  A browser opening an ExApp page costs a handful of
+#: lookups per HP_SESSION_LIFETIME; the limit only bites a client inventing credentials.
+LOOKUP_BURST: Final = 20
+LOOKUP_RATE: Final = 5.0
+#: Client addresses whose lookup budget is remembered (least recently used forgotten).
+MAX_LOOKUP_CLIENTS: Final = 100_000
 
 #: Client headers not forwarded to user-info: hop-by-hop ones, the body framing of a
 #: request we do not forward the body of, and encodings we would have to undo.
@@ -84,13 +102,18 @@ class NextcloudClient:
         self._state = state
         self._meta_waiters: dict[str, list[Deferred[ExAppRecord | None]]] = {}
         self._user_waiters: dict[bytes, list[Deferred[UserInfo]]] = {}
+        self._lookups: TokenBuckets[str] = TokenBuckets(
+            MAX_LOOKUP_CLIENTS, LOOKUP_BURST, LOOKUP_RATE
+        )
 
     def close(self) -> Deferred[None]:
         return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
 
     async def _get_json(self, url: str, headers: Headers) -> tuple[int, Any]:
         try:
-            response = await self._http.get(url, headers=headers, timeout=TOTAL_TIMEOUT)
+            response = await self._http.get(
+                url, headers=headers, timeout=TOTAL_TIMEOUT, allow_redirects=False
+            )
             body: bytes = await response.content()
         except Exception as exc:
             raise NextcloudError(f"{type(exc).__name__}: {exc}") from None
@@ -131,6 +154,11 @@ class NextcloudClient:
             self._state.mark_missing(app_id)
             return None
         if payload is None:
+            if 300 <= status < 400:
+                raise NextcloudError(
+                    f"exapp-meta answered a redirect (HTTP {status}), which is not followed; "
+                    "check NC_INSTANCE_URL"
+                )
             raise NextcloudError(f"exapp-meta answered HTTP {status}")
         try:
             record = parse_record(app_id, payload)
@@ -151,6 +179,19 @@ class NextcloudClient:
             digest.update(b"a\0" + (authorization or b""))
         digest.update(b"\0" + app_id.encode("utf-8", "surrogateescape"))
         return digest.digest()
+
+    def may_look_up(self, key: bytes, client: str) -> bool:
+        """May ``client`` have the credential ``key`` resolved now?
+
+        True without cost when the answer is cached or a lookup for it is in flight;
+        otherwise one token of the client's bucket (keyed by its ban key, so an IPv6
+        client cannot rotate through its /64) is spent, and False when it has none. The
+        caller then treats the request as anonymous, which PUBLIC routes accept and the
+        others refuse (counting a failure as usual).
+        """
+        if self._state.get_user(key) is not None or key in self._user_waiters:
+            return True
+        return self._lookups.take(ban_key(client))
 
     async def user_info(
         self, app_id: str, key: bytes, headers: Iterable[tuple[bytes, Sequence[bytes]]]
@@ -190,7 +231,9 @@ class NextcloudClient:
                 forwarded.setRawHeaders(name, values)
         forwarded.setRawHeaders(b"harp-shared-key", [self._key])
         status, payload = await self._get_json(self._user_url + quote(app_id, safe=""), forwarded)
-        if 400 <= status < 500:
+        if 300 <= status < 500:
+            # 4xx: credentials rejected.  3xx: Nextcloud dropped an unknown session and
+            # redirects to itself; not followed (module docstring).  Both: anonymous.
             user = ANONYMOUS
         elif payload is None:
             raise NextcloudError(f"user-info answered HTTP {status}")

@@ -11,13 +11,29 @@ left an empty directory without certs, a pitfall).  An existing complete set is 
 touched, so certificates already installed into ExApp containers stay valid across
 restarts.  A partial set stops start-up: silently regenerating would break every
 client that holds the old CA.
+
+Several replicas may start together on one shared, empty directory (docs/k8s-notes).
+Generation therefore happens under an exclusive ``flock`` on ``.harp-pki.lock`` in the
+directory: the winner writes the whole set under temporary names in a private
+sub-directory and only then renames each file into place (``ca.crt`` last); every other
+replica waits for the lock and then finds the winner's complete set.  Without the lock,
+two replicas interleaved their files and left a CA, certificates and keys that did not
+match ("key values mismatch") — permanently, since an existing set is never replaced.
+A set that is already complete is used without taking the lock, so a read-only mount of
+a finished set keeps working.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -31,6 +47,11 @@ CA_NAME: Final = "harp.nc"
 SERVER_NAME: Final = "harp.nc"
 CLIENT_NAME: Final = "harp.client.nc"
 FILES: Final = ("ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key")
+#: Our own bookkeeping in the directory; ignored when deciding whether it is empty.
+LOCK_NAME: Final = ".harp-pki.lock"
+STAGING_PREFIX: Final = ".harp-pki-new."
+#: How long a replica waits for another one to finish generating (seconds).
+LOCK_TIMEOUT: Final = 120.0
 
 
 class CertificateError(Exception):
@@ -63,24 +84,77 @@ def ensure_frp_certificates(directory: Path, validity_days: int) -> bool:
     """Make sure a complete FRP PKI exists in ``directory``; return True if generated."""
     if directory.exists() and not directory.is_dir():
         raise CertificateError(f"{directory} exists but is not a directory")
-    present = sorted(name for name in FILES if (directory / name).exists())
-    if len(present) == len(FILES):
-        return False
-    if present or (directory.is_dir() and any(directory.iterdir())):
+    if _is_complete(directory):
+        return False  # the common case; needs no lock and no write access
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _exclusive(directory / LOCK_NAME):
+            # Another replica may have generated the set while we waited for the lock.
+            if _is_complete(directory):
+                return False
+            _refuse_foreign_content(directory)
+            _discard_staging(directory)
+            _generate(directory, validity_days)
+    except OSError as exc:
+        raise CertificateError(
+            f"cannot write FRP certificates to {directory}: {exc.strerror or exc}"
+        ) from None
+    return True
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in FILES)
+
+
+def _refuse_foreign_content(directory: Path) -> None:
+    """A partial set, or files we did not write, must not be silently replaced."""
+    present = [name for name in FILES if (directory / name).exists()]
+    others = [
+        entry.name for entry in directory.iterdir()
+        if entry.name != LOCK_NAME and not entry.name.startswith(STAGING_PREFIX)
+    ]
+    if present or others:
         missing = ", ".join(name for name in FILES if name not in present)
         raise CertificateError(
             f"{directory} holds an incomplete FRP certificate set (missing: {missing}); "
             "restore the missing files, or empty the directory to generate a new set "
             "(then re-copy the client files to remote engines and re-install ExApps)"
         )
+
+
+def _discard_staging(directory: Path) -> None:
+    """Remove what a replica that crashed mid-generation left (we hold the lock)."""
+    for entry in directory.iterdir():
+        if entry.name.startswith(STAGING_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def _exclusive(lock_path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created 0600, never removed).
+
+    The file stays: removing a lock file that others may be waiting on would let two
+    processes lock two different files of the same name.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        _generate(directory, validity_days)
-    except OSError as exc:
-        raise CertificateError(
-            f"cannot write FRP certificates to {directory}: {exc.strerror or exc}"
-        ) from None
-    return True
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise CertificateError(
+                        f"{lock_path} is still locked after {timeout:g}s: another HaRP "
+                        "is generating the FRP certificates or hangs; retry or remove it"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # also releases the lock
 
 
 def _name(common_name: str) -> x509.Name:
@@ -143,17 +217,42 @@ def _generate(directory: Path, days: int) -> None:
 
     server_crt, server_key = leaf(SERVER_NAME, ExtendedKeyUsageOID.SERVER_AUTH)
     client_crt, client_key = leaf(CLIENT_NAME, ExtendedKeyUsageOID.CLIENT_AUTH)
-    # Keys first and the CA certificate last: a crash mid-way leaves a set that is
-    # reported as incomplete rather than one that looks whole but does not match.
-    for name, data, mode in (
+    _publish(directory, [
         ("ca.key", _key_pem(ca_key), 0o600),
         ("server.key", server_key, 0o600),
         ("client.key", client_key, 0o600),
         ("server.crt", server_crt, 0o644),
         ("client.crt", client_crt, 0o644),
         ("ca.crt", _cert_pem(ca_cert), 0o644),
-    ):
-        write_atomic(directory / name, data, mode)
+    ])
+
+
+def _publish(directory: Path, files: list[tuple[str, bytes, int]]) -> None:
+    """Write every file to a staging folder first, then rename them into ``directory``.
+
+    Keys first and the CA certificate last: a crash mid-way leaves a set that is
+    reported as incomplete rather than one that looks whole but does not match.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    try:
+        for name, data, mode in files:
+            write_atomic(staging / name, data, mode)
+        for name, _, _ in files:
+            os.replace(staging / name, directory / name)
+        _fsync_directory(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable before other replicas rely on them."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the renames stand anyway
+    finally:
+        os.close(fd)
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:

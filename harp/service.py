@@ -35,6 +35,7 @@ from harp.tlsctx import ReloadableServerContext, TLSConfigError
 from harp.web import responses
 from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
+from harp.web.limits import ConnectionLimit, Pausable
 from harp.web.pipeline import Pipeline
 from harp.web.proxy import ExAppProxy
 from harp.web.root import Root
@@ -57,10 +58,14 @@ class ListenerService(Service):
     naming the variable.
     """
 
-    def __init__(self, variable: str, address: Address, factory: IProtocolFactory) -> None:
+    def __init__(
+        self, variable: str, address: Address, factory: IProtocolFactory,
+        limit: ConnectionLimit | None = None,
+    ) -> None:
         self.variable = variable
         self.address = address
         self.factory = factory
+        self.limit = limit
         self.port: IListeningPort | None = None
         self.setName(variable)
 
@@ -82,6 +87,8 @@ class ListenerService(Service):
             )
             sys.stderr.flush()
             raise SystemExit(2) from None
+        if self.limit is not None:
+            self.limit.add_port(cast(Pausable, self.port))
         log.info("{name} listening on {address}", name=self.variable, address=self.address)
 
     def startService(self) -> None:
@@ -92,6 +99,8 @@ class ListenerService(Service):
     def stopService(self) -> object:
         super().stopService()
         port, self.port = self.port, None
+        if port is not None and self.limit is not None:
+            self.limit.remove_port(cast(Pausable, port))
         return None if port is None else port.stopListening()
 
 
@@ -198,24 +207,29 @@ def make_service(settings: Settings) -> MultiService:
                   lambda: len(getattr(state, "records", ())))
     control.add(b"GET", b"/metrics", lambda request, rest: responses.send(
         request, 200, metrics.render(), METRICS_CONTENT_TYPE))
+    limit = ConnectionLimit(settings.max_connections)
+    metrics.gauge("harp_client_connections", "Open connections on the ExApp frontends.",
+                  lambda: limit.open)
     site = HarpSite(
         Root(pipeline, control, proxy, settings.timeout_tunnel, docker=docker_passthrough),
         head_timeout=settings.timeout_client,
         metrics=metrics,
+        limit=limit,
         timeout=settings.timeout_client,
     )
 
+    site.on_malformed = pipeline.malformed
     top = MultiService()
     if isinstance(state, RedisState):
         RedisStateService(state).setServiceParent(top)  # first started, last stopped
     TimerService(SWEEP_INTERVAL, state.sweep).setServiceParent(top)
     ListenerService(
-        "HP_EXAPPS_ADDRESS", settings.exapps_address, site  # type: ignore[arg-type]
+        "HP_EXAPPS_ADDRESS", settings.exapps_address, site, limit  # type: ignore[arg-type]
     ).setServiceParent(top)
     if https_context is not None:
         tls_factory = TLSMemoryBIOFactory(https_context, False, site)  # type: ignore[arg-type]
         ListenerService(
-            "HP_EXAPPS_HTTPS_ADDRESS", settings.exapps_https_address, tls_factory
+            "HP_EXAPPS_HTTPS_ADDRESS", settings.exapps_https_address, tls_factory, limit
         ).setServiceParent(top)
         CertificateReloader(https_context).setServiceParent(top)
     else:

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.server import NOT_DONE_YET, Request
 
+from harp.docker.archive import read_file
 from harp.docker.engines import (
     Deadline,
     EngineClient,
@@ -325,6 +326,15 @@ class DockerLifecycle:
     async def install_certificates(
         self, engine: EngineClient, spec: CertificatesPayload, deadline: Deadline
     ) -> Outcome:
+        """Put the CA and FRP files into the container, then run the CA update if needed.
+
+        Every file goes in first, through the archive API, which works on a stopped
+        container (hardening hole 14): the ExApp's entrypoint decides at its first start
+        whether frpc uses TLS, so starting it before ``/certs/frp`` exists sent its first
+        frpc login in plain text, which HaRP refuses.  The container is started only to
+        run the CA update command, and then put back the way it was: AppAPI's next call
+        is ``start``, which counts "already started" as an error.
+        """
         name = spec.exapp.container
         reply = await engine.call(b"GET", f"/containers/{name}/json", deadline)
         if reply.status == 404:
@@ -332,46 +342,60 @@ class DockerLifecycle:
         if reply.status != 200:
             raise _engine_status("Failed to inspect container", reply.status)
         was_running = bool(((reply.json() or {}).get("State") or {}).get("Running"))
-        if not was_running:
-            started = await engine.call(b"POST", f"/containers/{name}/start", deadline)
-            if started.status not in (204, 304):
-                raise _engine_status("Failed to start container", started.status)
-        try:
-            await self._install(engine, name, spec, deadline)
-        finally:
-            if not was_running:
-                # AppAPI's next call is start, which counts "already started" as an error:
-                # put the container back the way it was, even after a failure or timeout.
-                await _stop_quietly(engine, name, Deadline(self.reactor, TIMEOUT_SHORT))
+        files, update = await self._files_to_install(engine, name, spec, deadline)
+        if files:
+            await _put_files(engine, name, files, deadline)
+        if update:
+            await self._run_ca_update(engine, name, update, was_running, deadline)
         return NO_CONTENT
 
-    async def _install(
+    async def _files_to_install(
         self, engine: EngineClient, name: str, spec: CertificatesPayload, deadline: Deadline
-    ) -> None:
-        if spec.system_certs_bundle:
-            code, os_release = await _exec(engine, name, ["cat", "/etc/os-release"], deadline)
-            target, update = ca_target(os_release if code == 0 else "")
-            pems = _PEM_RE.findall(spec.system_certs_bundle)
+    ) -> tuple[dict[str, bytes], list[str]]:
+        """Every file to copy (path relative to ``/`` → bytes) and the CA update command."""
+        files: dict[str, bytes] = {}
+        update: list[str] = []
+        pems = _PEM_RE.findall(spec.system_certs_bundle or "")
+        if pems:
+            os_release = await read_file(engine, name, "/etc/os-release", deadline)
+            target, command = ca_target(os_release.decode("utf-8", "replace")
+                                        if os_release is not None else "")
             if target is None:
                 log.warn("{name}: unknown OS, system CA certificates not installed", name=name)
-            elif pems:
-                files = {
+            else:
+                files.update({
                     f"{target.lstrip('/')}/custom_ca_cert_{i}.crt": pem.encode() + b"\n"
                     for i, pem in enumerate(pems)
-                }
-                await _put_files(engine, name, files, deadline)
-                code, output = await _exec(engine, name, update, deadline)
-                if code != 0:
-                    log.warn("{name}: {command} exited with {code}: {output}", name=name,
-                             command=" ".join(update), code=code, output=output[:300])
-                log.info("{name}: installed {n} CA certificates", name=name, n=len(pems))
+                })
+                update = command
+                log.info("{name}: installing {n} CA certificates", name=name, n=len(pems))
         if spec.install_frp_certs:
             frp_files = self._frp_cert_files()
             if frp_files is None:
                 log.info("{name}: no FRP client certificates on HaRP, none installed", name=name)
             else:
-                await _put_files(engine, name, frp_files, deadline)
-                log.info("{name}: installed FRP client certificates", name=name)
+                files.update(frp_files)
+                log.info("{name}: installing FRP client certificates", name=name)
+        return files, update
+
+    async def _run_ca_update(
+        self, engine: EngineClient, name: str, update: list[str], was_running: bool,
+        deadline: Deadline,
+    ) -> None:
+        """Run ``update`` (e.g. update-ca-certificates), starting the container if needed."""
+        if not was_running:
+            started = await engine.call(b"POST", f"/containers/{name}/start", deadline)
+            if started.status not in (204, 304):
+                raise _engine_status("Failed to start container", started.status)
+        try:
+            code, output = await _exec(engine, name, update, deadline)
+            if code != 0:
+                log.warn("{name}: {command} exited with {code}: {output}", name=name,
+                         command=" ".join(update), code=code, output=output[:300])
+        finally:
+            if not was_running:
+                # Put the container back the way it was, even after a failure or timeout.
+                await _stop_quietly(engine, name, Deadline(self.reactor, TIMEOUT_SHORT))
 
     def _frp_cert_files(self) -> dict[str, bytes] | None:
         """``$HP_CERTS_DIR/frp/{ca.crt,client.crt,client.key}``, all or nothing."""

@@ -13,7 +13,16 @@ engine will, and additionally refuse what could make the engine see a different 
 the one checked: empty segments (``//``), ``.``/``..`` segments in any spelling, backslashes,
 control characters, and a ``%`` surviving the decode (double encoding).  The decoded path —
 which then consists of URL-safe characters only — is what is forwarded, so the engine routes
-exactly the path that was checked.  The query string is forwarded unchanged.
+exactly the path that was checked.
+
+The query is allow-listed too (hardening hole 11): ``images/create?fromSrc=<url>`` makes
+the engine download an arbitrary URL (and ``fromSrc=-`` imports the request body as an
+image), ``logs?follow=true`` holds a connection open forever.  Each endpoint admits only
+the parameters AppAPI sends (appapi-client §1.2, §2.3) — ``fromImage``, ``tag`` and
+``platform`` for a pull, ``stdout``, ``stderr`` and ``tail`` for logs, none elsewhere —
+judged on the strictly parsed, decoded names (:mod:`harp.docker.query`), and the
+canonical re-encoding is what the engine receives.  A refused query is a 403 like a
+refused path.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from twisted.web.server import Request
 
 from harp.docker.engines import ENGINE_HOST, EngineEndpoints, EngineSelectionError, parse_port
 from harp.docker.names import valid_image_ref
+from harp.docker.query import filter_query
 from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.headers import last_header
@@ -47,6 +57,12 @@ _PULL: Final = re.compile(_VERSION + rb"/images/create", re.IGNORECASE)
 #: What a checked, decoded path may contain (all of it URL-safe as is).
 _SAFE_PATH: Final = re.compile(rb"[A-Za-z0-9._/:@+-]+")
 
+#: Query parameters per endpoint: what AppAPI sends, nothing more.
+NO_PARAMS: Final[frozenset[str]] = frozenset()
+PULL_PARAMS: Final = frozenset({"fromImage", "tag", "platform"})
+LOGS_PARAMS: Final = frozenset({"stdout", "stderr", "tail"})
+_LOGS: Final = re.compile(rb".*/logs", re.IGNORECASE)
+
 #: Never sent to an engine: HaRP's shared key (also inside AppAPI's Basic auth) is no
 #: business of a remote engine's frpc host.
 _SECRET_HEADERS: Final = (b"harp-shared-key", b"authorization", b"docker-engine-port", b"cookie")
@@ -54,6 +70,22 @@ _SECRET_HEADERS: Final = (b"harp-shared-key", b"authorization", b"docker-engine-
 
 def allowed_target(method: bytes, rest: bytes) -> bytes | None:
     """The path to forward for an allowed ``method`` + raw ``rest``, else None (→ 403)."""
+    matched = _match(method, rest)
+    return None if matched is None else matched[0]
+
+
+def allowed_request(method: bytes, rest: bytes, query: bytes) -> tuple[bytes, bytes] | None:
+    """(path, canonical query) to forward for an allowed request, else None (→ 403)."""
+    matched = _match(method, rest)
+    if matched is None:
+        return None
+    path, params = matched
+    canonical = filter_query(query, params)
+    return None if canonical is None else (path, canonical)
+
+
+def _match(method: bytes, rest: bytes) -> tuple[bytes, frozenset[str]] | None:
+    """The decoded path and the query parameters its endpoint admits."""
     path = unquote_to_bytes(rest)
     if not path.startswith(b"/") or not _SAFE_PATH.fullmatch(path):
         return None  # control chars, "%" after decoding, "\\", "?", "#", spaces ...
@@ -61,14 +93,16 @@ def allowed_target(method: bytes, rest: bytes) -> bytes | None:
     if any(segment in (b"", b".", b"..") for segment in segments):
         return None
     if method in _READ:
-        if _PING.fullmatch(path) or _CONTAINER.fullmatch(path):
-            return path
+        if _PING.fullmatch(path):
+            return path, NO_PARAMS
+        if _CONTAINER.fullmatch(path):
+            return path, LOGS_PARAMS if _LOGS.fullmatch(path) else NO_PARAMS
         image = _IMAGE_JSON.fullmatch(path)
         if image is not None and valid_image_ref(image.group("ref").decode("ascii")):
-            return path
+            return path, NO_PARAMS
         return None
     if method == b"POST" and _PULL.fullmatch(path):
-        return path
+        return path, PULL_PARAMS
     return None
 
 
@@ -85,12 +119,15 @@ class DockerPassthrough:
         except EngineSelectionError as exc:
             responses.finish(request, responses.send_json(request, exc.status, exc.payload()))
             return
-        target = allowed_target(request.method, rest)
-        if target is None:
+        _, _, query = request.uri.partition(b"?")
+        allowed = allowed_request(request.method, rest, query)
+        if allowed is None:
             log.info("docker passthrough denied: {method} {path}",
-                     method=request.method.decode("latin-1"), path=_printable(rest))
+                     method=request.method.decode("latin-1"),
+                     path=_printable(rest + (b"?" + query if query else b"")))
             responses.finish(request, responses.error(request, 403))
             return
+        target, canonical = allowed
         try:
             self.endpoints.require(port)
         except EngineSelectionError as exc:
@@ -98,6 +135,8 @@ class DockerPassthrough:
             return
         for name in _SECRET_HEADERS:
             request.requestHeaders.removeHeader(name)
+        # ExAppProxy.forward takes the query from request.uri: hand it the checked one.
+        request.uri = request.uri.partition(b"?")[0] + (b"?" + canonical if canonical else b"")
         self.proxy.forward(request, ENGINE_HOST, port, target, [], _body(request))
 
 

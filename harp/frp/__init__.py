@@ -24,6 +24,8 @@ they take bytes in and give bytes and events out.  The Twisted side builds on th
 * :mod:`harp.frp.tunnels` -- ``TunnelRegistry``: tunnel ports on 127.0.0.1 and the
   in-process endpoints the HTTP side uses.
 * :mod:`harp.frp.server`  -- ``FrpServerFactory``: first-byte sniffing, mutual TLS.
+* :mod:`harp.frp.backlog` -- ``OutputGuard``: stop reading a peer that does not read.
 
-The wire contract they follow is ``/work/shared/spec/frp-protocol.md`` (frpc 0.61.1 - 0.65.0).
+The wire contract they follow is the FRP protocol spec (frpc 0.61.1 - 0.65.0), cited as
+"spec §N" throughout.
 """

@@ -45,6 +45,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from harp.frp.backlog import OutputGuard
 from harp.frp.crypto import StreamDecryptor, StreamEncryptor
 
 __all__ = ["WRITE_HIGH_WATER", "WRITE_LOW_WATER", "Channel", "DirectChannel"]
@@ -102,6 +103,15 @@ class Channel:
             hook(self)
         else:
             self._lost_hooks.append(hook)
+
+    @property
+    def carrier(self) -> object:
+        """The connection this channel travels on: the yamux session, or itself.
+
+        Work connections are accepted only on their control's carrier (or, without yamux,
+        from its address), see :meth:`harp.frp.control.FrpServer.work_conn`.
+        """
+        return self
 
     @property
     def alive(self) -> bool:
@@ -261,11 +271,19 @@ class DirectChannel(Channel):
     The owning protocol feeds it with :meth:`_incoming` and reports the end with
     :meth:`connection_lost`.  Producer registration goes straight to the transport
     below, which already pauses a producer when its write buffer is full.
+
+    *guard* is the connection's :class:`~harp.frp.backlog.OutputGuard`: it measures the
+    queue after every write (a peer flooding ``Ping`` without reading its ``Pong``) and
+    owns pausing the socket's reading, which this channel also asks for when its consumer
+    is full.
     """
 
-    def __init__(self, transport: Any) -> None:
+    CONSUMER_REASON = "consumer"
+
+    def __init__(self, transport: Any, guard: OutputGuard | None = None) -> None:
         super().__init__()
         self._transport = transport
+        self._guard = guard
         self._forwarded = False
 
     def getPeer(self) -> IAddress:
@@ -297,6 +315,8 @@ class DirectChannel(Channel):
 
     def _raw_write(self, data: bytes) -> None:
         self._transport.write(data)
+        if self._guard is not None:
+            self._guard.check()
 
     def _raw_close(self) -> None:
         # A still-registered producer would keep a Twisted transport from closing.
@@ -309,7 +329,13 @@ class DirectChannel(Channel):
         self._lost(self.aborted("FRP connection aborted"))
 
     def _raw_pause_reading(self) -> None:
-        self._transport.pauseProducing()
+        if self._guard is not None:
+            self._guard.pause_reading(self.CONSUMER_REASON)
+        else:
+            self._transport.pauseProducing()
 
     def _raw_resume_reading(self) -> None:
-        self._transport.resumeProducing()
+        if self._guard is not None:
+            self._guard.resume_reading(self.CONSUMER_REASON)
+        else:
+            self._transport.resumeProducing()

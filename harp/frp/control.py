@@ -10,8 +10,9 @@ frpc says what a channel is by its first message, not by any id (spec §1):
   :class:`Control`, which from then on owns the channel: plaintext ``LoginResp``,
   AES-128-CFB both ways, ``pool_count`` x ``ReqWorkConn``, ``NewProxy``/``CloseProxy``,
   ``Ping``/``Pong``;
-* ``NewWorkConn`` → the channel is parked in its control's pool until a user connection
-  needs it (``StartWorkConn``, then raw bytes);
+* ``NewWorkConn`` → if it arrived on its control's yamux session (or, without tcpMux, from
+  its control's address), the channel is parked in its control's pool until a user
+  connection needs it (``StartWorkConn``, then raw bytes);
 * anything else → closed.
 
 Error texts sent to frpc are frps's own (spec §5, §8), so frpc logs what operators know.
@@ -196,13 +197,54 @@ class FrpServer:
     # ------------------------------------------------------------ work connections
 
     def work_conn(self, channel: Channel, message: msg.NewWorkConn) -> None:
+        """Park a work connection in its control's pool, if it really belongs to it.
+
+        frps looks the control up by ``run_id`` alone, but a run_id is no secret: it
+        travels in every NewWorkConn (in clear with ``HP_FRP_DISABLE_TLS=true``) and is
+        logged.  A stranger holding it could otherwise receive the users' traffic of
+        that client.  So the work connection must come the way frpc sends it: on the
+        control's own yamux session, or -- without tcpMux, one TCP connection each --
+        from the control's address.  A privilege_key, sent only by clients with the
+        ``NewWorkConns`` scope, must match too (spec §5).  Refusals count towards a ban
+        like failed logins.  An unknown run_id is only closed: after a control ends, its
+        client may still answer a ReqWorkConn that was in flight.
+        """
         control = self.controls.get(message.run_id)
         if control is None or not control.started or control.closed:
             log.debug("FRP work connection for unknown run_id {run_id} closed",
                       run_id=_describe(message.run_id))
             channel.loseConnection()
             return
+        why = self._work_conn_mismatch(control, channel, message)
+        if why is not None:
+            peer = channel.getPeer()
+            ip = client_ip(peer)
+            banned = ip is not None and self.bans.record_failure(ip)
+            log.info("FRP work connection from {addr} for client {run_id} rejected: "
+                     "{why}{ban}", addr=ip or str(peer), run_id=control.run_id, why=why,
+                     ban=" (address now banned)" if banned else "")
+            channel.abortConnection()
+            return
         control.add_work_conn(channel)
+
+    def _work_conn_mismatch(
+        self, control: Control, channel: Channel, message: msg.NewWorkConn
+    ) -> str | None:
+        """Why *channel* cannot be a work connection of *control*, or None if it can."""
+        if control.channel.multiplexed:
+            if channel.carrier is not control.channel.carrier:
+                return "not on the yamux session of its control connection"
+        elif channel.multiplexed:
+            return "on a yamux session, but its control connection has no tcpMux"
+        else:
+            ip = client_ip(channel.getPeer())
+            if ip is None or ip != client_ip(control.channel.getPeer()):
+                return "not from the address of its control connection"
+        if (message.privilege_key or message.timestamp) and not verify_auth_key(
+            self.auth_token, message.timestamp, message.privilege_key
+        ):
+            return "privilege_key does not match"
+        return None
 
     def forget(self, control: Control) -> None:
         if self.controls.get(control.run_id) is control:

@@ -14,6 +14,9 @@
 * **write back-pressure**: the connection registers itself as a streaming producer on
   its transport.  While the TCP/TLS buffer below is full, every stream's producer is
   paused, so fast sources cannot queue unbounded data behind a slow client;
+* **read back-pressure**: ``on_write`` is called after every write; the server passes
+  the connection's :class:`~harp.frp.backlog.OutputGuard`, which stops reading from a
+  peer that does not read our answers (pings, ACKs) and drops it past a hard cap;
 * **linger**: after we FIN a stream, frpc FINs back at once; if it does not within
   ``linger`` seconds the stream is reset so it cannot stay in the session for ever.
 """
@@ -59,6 +62,10 @@ class StreamChannel(Channel):
 
     def getHost(self) -> IAddress:
         return self.conn.host
+
+    @property
+    def carrier(self) -> object:
+        return self.conn
 
     def close_carrier(self) -> None:
         self.conn.abort("its control connection ended")
@@ -130,6 +137,7 @@ class YamuxConnection:
         login_timeout: float = 10.0,
         linger: float = 30.0,
         window: int = STREAM_WINDOW,
+        on_write: Callable[[], object] | None = None,
     ) -> None:
         self.transport = transport
         self.reactor = reactor
@@ -141,6 +149,7 @@ class YamuxConnection:
         self.closed = False
         self.logged_in = False
         self._on_stream = on_stream
+        self._on_write = on_write
         self._keepalive = keepalive
         self._dead_after = dead_after
         self._linger_time = linger
@@ -218,6 +227,8 @@ class YamuxConnection:
         out = self.session.data_to_send()
         if out and not self.closed:
             self.transport.write(out)
+            if self._on_write is not None:
+                self._on_write()  # the output guard (harp.frp.backlog) measures the queue
 
     def linger(self, channel: StreamChannel) -> None:
         """Reset *channel*'s stream if frpc does not finish closing it in time."""

@@ -17,6 +17,10 @@ robust, and it lets one listener serve every frpc variant HaRP's users run.  The
 byte may arrive in the same segment as the ClientHello, so the TLS layer is created
 after the fact and the buffered bytes are replayed into it (no ``startTLS``).
 
+The raw TCP connection also carries an :class:`~harp.frp.backlog.OutputGuard`: below
+TLS it sees every byte we owe the peer, and it stops reading from a peer that does not
+read our answers (yamux Ping ACKs, Pongs) and drops it past a hard cap or a stall.
+
 Mutual TLS uses the generated PKI (``$HP_CERTS_DIR/frp``): our certificate is
 ``server.crt``/``server.key`` and the client must present a certificate chaining to
 ``ca.crt`` (``VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT``), like the reference's frps with
@@ -31,20 +35,32 @@ from typing import Any, Final
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IAddress, IDelayedCall, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from harp.frp import sniff
+from harp.frp.backlog import OutputGuard, tcp_backlog, tls_backlog
 from harp.frp.channel import DirectChannel
 from harp.frp.control import FIRST_MESSAGE_TIMEOUT, BanTable, FrpServer
 from harp.frp.mux import StreamChannel, YamuxConnection
 from harp.frp.tunnels import TunnelRegistry
 from harp.logs import HarpLogger
+from harp.tlsctx import apply_server_policy
 
-__all__ = ["FrpServerFactory", "FrpTLSConfigError", "FrpTLSContext"]
+__all__ = ["PLAINTEXT_WARNING", "FrpServerFactory", "FrpTLSConfigError", "FrpTLSContext"]
 
 log = HarpLogger("harp.frp")
+
+PLAINTEXT_WARNING: Final = (
+    "HP_FRP_DISABLE_TLS=true: FRP runs WITHOUT TLS. frpc logins (including the shared key "
+    "HP_SHARED_KEY in metadatas.token) and every tunnel (Docker API calls, ExApp traffic) "
+    "cross the network unencrypted and can be read or hijacked by anyone on the path; "
+    "only use this on a trusted network"
+)
+"""Logged once at start when the FRP listener runs without TLS (spec §9: the token is
+checked in Login's ``metas``, and frp's own cipher uses a key derived from ``""``)."""
 
 HANDSHAKE_TIMEOUT: Final = FIRST_MESSAGE_TIMEOUT
 """From accept until we know what the connection carries (TLS handshake included)."""
@@ -63,8 +79,8 @@ class FrpTLSContext:
             certs_dir / "server.crt", certs_dir / "server.key", certs_dir / "ca.crt"
         )
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        # The same modern policy as the HTTPS frontend (docs/security.md, TLS).
+        apply_server_policy(ctx)
         current = server_crt
         try:
             ctx.use_certificate_chain_file(str(server_crt))
@@ -123,6 +139,12 @@ class FrpServerFactory(Factory):
         if tls is not None:
             self.tls_factory = TLSMemoryBIOFactory(tls, False, Factory(), reactor)
 
+    def startFactory(self) -> None:
+        """The listener is up: with TLS off, say loudly what that means."""
+        if self.tls_factory is None:
+            # twisted's own Logger, not HarpLogger: no HP_LOG_LEVEL may hide this line.
+            Logger(namespace="harp.frp").warn(PLAINTEXT_WARNING)
+
     def buildProtocol(self, addr: IAddress | None) -> _Sniff:
         return _Sniff(self)
 
@@ -136,6 +158,8 @@ class _Sniff(Protocol):
         self._next: Protocol | None = None
         self._timer: IDelayedCall | None = None
         self._peer = ""
+        self._tls: TLSMemoryBIOProtocol | None = None
+        self.guard: OutputGuard | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -143,6 +167,15 @@ class _Sniff(Protocol):
         self._peer = str(getattr(peer, "host", peer))
         self._timer = self.factory.reactor.callLater(self.factory.handshake_timeout,
                                                      self._expired)
+        # Bounds what this peer can make us queue, TLS or not, logged in or not.
+        self.guard = OutputGuard(self.factory.reactor, self.transport, self._backlog,
+                                 self._peer)
+
+    def _backlog(self) -> int:
+        pending = tcp_backlog(self.transport)
+        if self._tls is not None:
+            pending += tls_backlog(self._tls)
+        return pending
 
     def identified(self) -> None:
         """The connection carries frp (first message seen): the deadline is over."""
@@ -158,6 +191,11 @@ class _Sniff(Protocol):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
+        self._received(data)
+        if self.guard is not None:
+            self.guard.check()  # whatever this input made us write
+
+    def _received(self, data: bytes) -> None:
         if self._next is not None:
             self._next.dataReceived(data)
             return
@@ -187,7 +225,7 @@ class _Sniff(Protocol):
             transport.abortConnection()
             return
         tls = TLSMemoryBIOProtocol(self.factory.tls_factory, payload)
-        self._next = tls
+        self._next = self._tls = tls
         tls.makeConnection(transport)
         rest = sniff.tls_bytes(kind, buffered)
         if rest:  # the 0x17 marker often arrives alone; an empty feed confuses OpenSSL
@@ -195,6 +233,8 @@ class _Sniff(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.identified()
+        if self.guard is not None:
+            self.guard.stop()
         if self._next is not None:
             self._next.connectionLost(reason)
 
@@ -227,11 +267,13 @@ class _Payload(Protocol):
         buffered, self._buffer = self._buffer, b""
         transport: Any = self.transport
         server = self.factory.server
+        guard = self.sniffer.guard
         if kind is sniff.PayloadKind.YAMUX:
-            self._mux = YamuxConnection(transport, self.factory.reactor, self._new_stream)
+            self._mux = YamuxConnection(transport, self.factory.reactor, self._new_stream,
+                                        on_write=None if guard is None else guard.check)
             self._mux.data_received(buffered)
         elif kind.is_direct_messages:
-            self._direct = DirectChannel(transport)
+            self._direct = DirectChannel(transport, guard)
             server.new_channel(self._direct, self.sniffer.identified)
             self._direct._incoming(buffered)
         else:

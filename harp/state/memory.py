@@ -8,13 +8,25 @@ from typing import Final
 
 from harp.bans import FailureTable
 from harp.exapps import ExAppRecord
+from harp.logs import HarpLogger
 from harp.lru import TTLCache
 from harp.state import UserInfo
+
+log = HarpLogger("harp.state")
 
 #: How long "Nextcloud does not know this app" is believed (reference §5).
 NEGATIVE_TTL: Final = 15.0
 MAX_SESSIONS: Final = 100_000
 MAX_MISSING: Final = 10_000
+#: Ban keys (IPv4 addresses, IPv6 /64s) tracked at most (deliberate difference 6).
+MAX_BAN_KEYS: Final = 100_000
+
+
+def _log_ban_table_full() -> None:
+    log.warn(
+        "ban table full of active bans ({n} entries): new failures are not counted until "
+        "bans lapse", n=MAX_BAN_KEYS,
+    )
 
 
 class MemoryState:
@@ -25,7 +37,10 @@ class MemoryState:
         session_lifetime: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.bans = FailureTable(blacklist_count, blacklist_window, clock=clock)
+        self.bans = FailureTable(
+            blacklist_count, blacklist_window, MAX_BAN_KEYS, clock=clock,
+            on_full=_log_ban_table_full,
+        )
         self.records: dict[str, ExAppRecord] = {}
         self.missing: TTLCache[str, bool] = TTLCache(MAX_MISSING, NEGATIVE_TTL, clock=clock)
         self.users: TTLCache[bytes, UserInfo] = TTLCache(

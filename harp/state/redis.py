@@ -12,7 +12,8 @@ is where writes go through to and where the other replicas learn about them:
   reloaded from the hash.  The negative cache ("Nextcloud does not know this app") stays
   local: it is a 15-second optimisation whose only cost when unshared is one more lookup.
 * **Bans** -- each failure is counted locally (the answer of :meth:`record_failure`) *and*
-  added to the sorted set ``harp:fail:<addr>`` by a Lua script that uses Redis' clock, keeps
+  added to the sorted set ``harp:fail:<key>`` (``key`` from :func:`harp.bans.ban_key`: the
+  IPv4 address or the IPv6 /64) by a Lua script that uses Redis' clock, keeps
   only failures younger than ``HP_BLACKLIST_WINDOW`` and, once ``HP_BLACKLIST_COUNT`` is
   reached, records the ban in ``harp:bans`` (addr -> end) and publishes it.  Every replica
   keeps the published bans in a bounded local table, so :meth:`is_banned` stays an O(1)
@@ -28,7 +29,9 @@ is where writes go through to and where the other replicas learn about them:
 When Redis is unreachable everything keeps working per replica (local bans, local registry).
 Registry changes made meanwhile are remembered and written when the connection is back; if
 Redis lost its data meanwhile (a restart without persistence, detected by the ``harp:epoch``
-key changing), every replica re-seeds the hash from its mirror.  Both connections (commands
+key changing), every replica re-seeds the hash from its mirror.  A delete leaves a tombstone,
+locally until it has reached Redis and in Redis (``harp:gone:<app>``, one day), so that a
+replica still holding the app cannot re-seed it back.  Both connections (commands
 and pub/sub) reconnect with capped exponential backoff, never block the reactor, and every
 Redis error is caught and logged once per outage.  The password is never logged.
 """
@@ -54,7 +57,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from harp.bans import normalize_ip
+from harp.bans import ban_key
 from harp.config import ConfigError
 from harp.exapps import ExAppRecord, RecordError, parse_record
 from harp.logs import HarpLogger
@@ -77,6 +80,12 @@ REPLY_TIMEOUT: Final = 5.0
 #: How often both connections are PINGed (finds half-open connections) and pending
 #: registry writes retried.
 HEARTBEAT_INTERVAL: Final = 10.0
+#: How long Redis remembers that an ExApp was deleted (``harp:gone:<app>``).  A replica
+#: that missed the delete (it was cut off from Redis) and finds Redis emptied by a restart
+#: re-seeds from its mirror; the tombstone stops it from bringing the app back.  Replicas
+#: reconnect within seconds (RECONNECT_MAX), so a day is far more than needed, and a
+#: tombstone costs a few bytes per deleted app.
+TOMBSTONE_TTL_MS: Final = 24 * 3600 * 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,15 +238,18 @@ def backoff_delay(attempt: int, rand: Callable[[], float] = random.random) -> fl
 # Lua scripts: each is one atomic step, so concurrent replicas cannot interleave inside it
 # --------------------------------------------------------------------------------------------
 
-# KEYS: hash, channel.  ARGV: app id, record JSON, event.
+# KEYS: hash, channel, tombstone of the app.  ARGV: app id, record JSON, event.
 _PUT: Final = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('DEL', KEYS[3])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 1
 """
 
-# Re-seeding after Redis lost its data: never overwrite what another replica wrote first.
+# Re-seeding after Redis lost its data: never overwrite what another replica wrote first,
+# and never bring back an app another replica deleted since (its tombstone).
 _PUT_NX: Final = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('PUBLISH', KEYS[2], ARGV[3])
   return 1
@@ -245,9 +257,10 @@ end
 return 0
 """
 
-# KEYS: hash, channel.  ARGV: app id, event.
+# KEYS: hash, channel, tombstone of the app.  ARGV: app id, event, tombstone lifetime ms.
 _DELETE: Final = """
 redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
 """
@@ -550,12 +563,17 @@ class RedisState(MemoryState):
         self.key_epoch = prefix + "epoch"
         self.key_bans = prefix + "bans"
         self.key_fail = prefix + "fail:"
+        self.key_gone = prefix + "gone:"
         self.channel = prefix + "events"
         # Replication bookkeeping.
         self.origin = secrets.token_hex(8)
         self._seq = 0
         self._own_pending: dict[str, int] = {}  # app -> seq of our newest unechoed write
         self._dirty: set[str] = set()  # apps changed while a write could not reach Redis
+        # Local tombstones: app -> seq of the delete write in flight (-1: not sent yet).
+        # An app deleted here stays deleted in the mirror -- whatever a snapshot or another
+        # replica's re-seeding says -- until the delete has reached Redis (README hole 15).
+        self._tombstones: dict[str, int] = {}
         self._epoch: str | None = None
         self._buffer: list[Event] | None = None  # events seen while a sync is running
         self._syncing = False
@@ -574,17 +592,21 @@ class RedisState(MemoryState):
             self.target,
         )
         self._subscribed = False
+        self._remote_full_logged = False
 
     # --- State: bans
 
     def is_banned(self, addr: str) -> bool:
         if self.bans.is_banned(addr):
             return True
-        return self.remote_bans.get(normalize_ip(addr) or addr) is not None
+        return self.remote_bans.get(ban_key(addr)) is not None
 
     def record_failure(self, addr: str) -> bool:
-        """Count locally (the answer) and in Redis (the cluster-wide decision, async)."""
-        key = normalize_ip(addr) or addr
+        """Count locally (the answer) and in Redis (the cluster-wide decision, async).
+
+        Counted under :func:`~harp.bans.ban_key` (IPv6 per /64) locally and in Redis, so
+        every replica agrees on what a ban covers."""
+        key = ban_key(addr)
         banned = self.bans.record(key)
         command = self._command.protocol
         if command is not None:
@@ -608,19 +630,36 @@ class RedisState(MemoryState):
             return
         if new == 1:  # exactly one replica logs a ban: the one whose failure started it
             log.warn("banning {client}: {n} failures across replicas", client=key, n=failures)
-        self.remote_bans.set(key, True, ttl=left / 1000)
+        self._remote_ban(key, left)
+
+    def _remote_ban(self, key: str, left_ms: float) -> None:
+        """Keep a cluster-wide ban; a full table drops the newcomer, never a live ban."""
+        if not self.remote_bans.set_if_room(ban_key(key), True, ttl=left_ms / 1000):
+            if not self._remote_full_logged:
+                self._remote_full_logged = True
+                log.warn("Redis: table of cluster-wide bans full ({n}); a new ban is only "
+                         "enforced where it was counted", n=MAX_REMOTE_BANS)
+        else:
+            self._remote_full_logged = False
 
     # --- State: registry
 
     def put_exapp(self, app_id: str, record: ExAppRecord) -> None:
+        self._tombstones.pop(app_id, None)
         super().put_exapp(app_id, record)
         self._write(app_id)
 
     def delete_exapp(self, app_id: str) -> bool:
         if self.records.pop(app_id, None) is None:
             return False
+        self._tombstones[app_id] = -1
         self._write(app_id)
         return True
+
+    def _buried(self, app_id: str, seq: int) -> None:
+        """The delete write ``seq`` reached Redis: the local tombstone has done its job."""
+        if self._tombstones.get(app_id) == seq:
+            del self._tombstones[app_id]
 
     # is_missing/mark_missing and the user-lookup cache stay local (MemoryState's);
     # see the module docstring.
@@ -642,15 +681,18 @@ class RedisState(MemoryState):
         self._seq += 1
         seq = self._seq
         record = self.records.get(app_id)
+        keys = [self.key_exapps, self.channel, self.key_gone + app_id]
         if record is None:
+            if app_id in self._tombstones:
+                self._tombstones[app_id] = seq
             call = _call(
-                command, "eval", _DELETE, keys=[self.key_exapps, self.channel],
-                args=[app_id, encode_delete(self.origin, seq, app_id)],
+                command, "eval", _DELETE, keys=keys,
+                args=[app_id, encode_delete(self.origin, seq, app_id), str(TOMBSTONE_TTL_MS)],
             )
         else:
             source = json.dumps(dict(record.source), separators=(",", ":"))
             call = _call(
-                command, "eval", _PUT_NX if nx else _PUT, keys=[self.key_exapps, self.channel],
+                command, "eval", _PUT_NX if nx else _PUT, keys=keys,
                 args=[app_id, source, encode_put(self.origin, seq, app_id, record.source)],
             )
         self._own_pending[app_id] = seq
@@ -662,6 +704,8 @@ class RedisState(MemoryState):
         def written(result: object) -> object:
             if result == 0:  # HSETNX found a value: nothing published, no echo to wait for
                 forget()
+            if record is None:
+                self._buried(app_id, seq)
             return result
 
         def failed(failure: Failure) -> Failure:
@@ -697,8 +741,7 @@ class RedisState(MemoryState):
     def apply(self, event: Event) -> None:
         """Apply one published change to the local mirror (idempotent)."""
         if event.kind == "ban":
-            key = normalize_ip(event.addr) or event.addr
-            self.remote_bans.set(key, True, ttl=event.ttl / 1000)
+            self._remote_ban(event.addr, event.ttl)
             return
         app = event.app
         if event.origin == self.origin:
@@ -707,9 +750,13 @@ class RedisState(MemoryState):
                 return  # a newer write of ours is on its way: this one is already superseded
             if pending == event.seq:
                 del self._own_pending[app]
+            if event.kind == "del":
+                self._buried(app, event.seq)
         if event.kind == "del":
             self.records.pop(app, None)
             return
+        if app in self._tombstones:
+            return  # deleted here; that delete reaches Redis after this put and wins
         assert event.record is not None
         current = self.records.get(app)
         if current is not None and current.source == event.record:
@@ -805,8 +852,11 @@ class RedisState(MemoryState):
                      "the ExApp registry from this replica")
             # Our own changes made during the outage win; the rest only fills gaps, so
             # that N replicas re-seeding at once end with the union, not a free-for-all.
+            # Deletes made meanwhile are written too (with their tombstones), or a replica
+            # that still has the app would re-seed it.
             dirty, self._dirty = self._dirty, set()
-            writes = [self._write(app, nx=app not in dirty) for app in list(self.records)]
+            apps = sorted(set(self.records) | dirty)
+            writes = [self._write(app, nx=app not in dirty) for app in apps]
         else:
             writes = [self._write(app) for app in sorted(self._dirty)]
         await defer.gatherResults(writes)
@@ -819,7 +869,7 @@ class RedisState(MemoryState):
         if isinstance(bans, list):
             for addr, left in zip(bans[::2], bans[1::2], strict=False):
                 if float(left) > 0:
-                    self.remote_bans.set(str(addr), True, ttl=float(left) / 1000)
+                    self._remote_ban(str(addr), float(left))
         for event in self._buffer:
             self.apply(event)
         self._buffer = None
@@ -865,6 +915,8 @@ class RedisState(MemoryState):
                 records[app] = self.records[app]
             else:
                 records.pop(app, None)
+        for app in self._tombstones:
+            records.pop(app, None)
         self.records = records
 
     # --- lifecycle

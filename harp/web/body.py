@@ -111,9 +111,13 @@ class BodyPipe:
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._consumer = consumer
-        self._finished = Deferred()
+        # Keep our own reference: when the whole body arrived before the upstream
+        # connection was ready, _flush() fires and clears self._finished at once, and
+        # the Agent must still get the (already fired) Deferred back, never None.
+        finished: Deferred[None] = Deferred()
+        self._finished = finished
         self._flush()
-        return self._finished
+        return finished
 
     def pauseProducing(self) -> None:
         self._upstream_paused = True

@@ -21,8 +21,9 @@ from harp.bans import ClientAddressResolver
 from harp.exapps import PUBLIC, ExAppRecord, Route, synthesized
 from harp.logs import HarpLogger
 from harp.nextcloud import NextcloudClient, NextcloudError
-from harp.state import ANONYMOUS, State, UserInfo
+from harp.state import ANONYMOUS, State
 from harp.web.headers import KeyCheck, last_header
+from harp.web.target import endpoint_key, normalise_path, valid_target
 
 log = HarpLogger("harp.pipeline")
 
@@ -126,28 +127,45 @@ class Pipeline:
         self.resolver = resolver
 
     def client_address(self, request: Request) -> str:
+        """The address failures are charged to: every X-Forwarded-For line goes to the
+        resolver, which walks them from the right (deliberate difference 11)."""
         peer = request.getClientAddress()
         host = getattr(peer, "host", None) or "unix"
         headers = request.requestHeaders
         xff = headers.getRawHeaders(b"x-forwarded-for")
         xri = headers.getRawHeaders(b"x-real-ip")
-        return self.resolver.resolve(host, xff[0] if xff else None, xri[-1] if xri else None)
+        return self.resolver.resolve(host, xff, xri[-1] if xri else None)
 
     def fail(self, client: str, why: str) -> None:
         """Count a brute-force failure; log the ban when it starts."""
         if self.state.record_failure(client):
             log.warn("banning {client}: too many failures (last: {why})", client=client, why=why)
 
+    def malformed(self, request: Request) -> None:
+        """A request dropped by the HTTP parser counts as a failure of its client.
+
+        Never charged to a trusted proxy: its clients' garbage is not its own, and
+        banning it would lock out everyone behind it.
+        """
+        client = self.client_address(request)
+        if not self.resolver.is_trusted(client):
+            self.fail(client, "malformed request")
+
     async def decide(self, request: Request, client: str) -> Verdict:
         if self.state.is_banned(client):
             return Drop("banned")
-        path = request.path
+        if not valid_target(request.uri):
+            # Not origin-form, or bytes no client should send (controls, non-ASCII).
+            self.fail(client, "bad request-target")
+            return Drop("bad request-target")
+        raw_path = request.path
         key_valid = self.key_ok(last_header(request, b"harp-shared-key"))
 
-        if has_dotdot(path):
+        path = None if has_dotdot(raw_path) else normalise_path(raw_path)
+        if path is None:
             if not key_valid:
-                self.fail(client, "dot-dot path")
-            return Drop("dot-dot path")
+                self.fail(client, "dot-dot or malformed path")
+            return Drop("dot-dot or malformed path")
 
         split = split_app_path(path)
         if split is None:
@@ -180,7 +198,7 @@ class Pipeline:
                     self.fail(client, "unknown ExApp")
                 return Reply(404, "unknown ExApp")
 
-        if target in _APPAPI_ONLY:
+        if endpoint_key(target) in _APPAPI_ONLY:
             self.fail(client, "unsigned AppAPI-only endpoint")
             return Drop("unsigned AppAPI-only endpoint")
 
@@ -188,8 +206,16 @@ class Pipeline:
         cookie = request.received_cookies.get(b"oc_sessionPassphrase")
         authorization = last_header(request, b"authorization")
         if cookie or authorization is not None:
+            # Uncached lookups are rate-limited per client; over the limit the request is
+            # anonymous without asking Nextcloud (harp.nextcloud.NextcloudClient.may_look_up).
+            lookup_key = NextcloudClient.credential_key(app_id, cookie, authorization)
             try:
-                user = await self._user(request, app_id, cookie, authorization)
+                if self.nextcloud.may_look_up(lookup_key, client):
+                    user = await self.nextcloud.user_info(
+                        app_id, lookup_key, request.requestHeaders.getAllRawHeaders()
+                    )
+                else:
+                    log.debug("user lookup limit reached for {client}", client=client)
             except NextcloudError as exc:
                 log.warn("user-info for {app} failed: {error}", app=app_id, error=str(exc))
                 return Reply(401, "user lookup failed")
@@ -239,11 +265,3 @@ class Pipeline:
             record = synthesized(version, host, int(port_text))
         authorization = last_header(request, b"authorization-app-api") or b""
         return Forward(app_raw, record, target, authorization, True, client, frozenset())
-
-    async def _user(
-        self, request: Request, app_id: str, cookie: bytes | None, authorization: bytes | None
-    ) -> UserInfo:
-        key = NextcloudClient.credential_key(app_id, cookie, authorization)
-        return await self.nextcloud.user_info(
-            app_id, key, request.requestHeaders.getAllRawHeaders()
-        )

@@ -32,18 +32,26 @@ from twisted.web.server import Request
 from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.headers import HOP_BY_HOP, connection_listed
-from harp.web.site import HarpChannel
+from harp.web.site import HarpRequest
 from harp.web.tunnel import UpgradeTunnel
 from harp.web.upstream import UpstreamEndpoints, upstream_uri
 
 log = HarpLogger("harp.proxy")
 
 GATEWAY_TIMEOUT: Final = b"504 Gateway Timeout"
+#: Headers only HaRP may read: the daemon's key and AppAPI's routing hints never
+#: reach an ExApp (docs/security.md, "What an ExApp receives").
+HARP_ONLY: Final = frozenset(
+    {b"harp-shared-key", b"ex-app-host", b"ex-app-port", b"docker-engine-port"}
+)
 #: Request headers not copied upstream: hop-by-hop ones, the body framing (the Agent
-#: writes its own from the streamed body), and Expect (we answered 100 ourselves).
-_NOT_FORWARDED: Final = HOP_BY_HOP | {b"content-length", b"expect"}
+#: writes its own from the streamed body), Expect (we answered 100 ourselves) and
+#: HaRP's own headers.
+_NOT_FORWARDED: Final = HOP_BY_HOP | HARP_ONLY | {b"content-length", b"expect"}
 #: For an Upgrade the connection-level headers are the point and are kept.
-_NOT_FORWARDED_UPGRADE: Final = (HOP_BY_HOP - {b"connection", b"upgrade"}) | {b"expect"}
+_NOT_FORWARDED_UPGRADE: Final = (
+    (HOP_BY_HOP - {b"connection", b"upgrade"}) | HARP_ONLY | {b"expect"}
+)
 BAD_GATEWAY: Final = b"502 Bad Gateway"
 
 
@@ -202,14 +210,16 @@ class ExAppProxy(ReverseProxyResource):
 
     def upgrade(
         self,
-        request: Request,
+        request: HarpRequest,
         host: str,
         port: int,
         target: bytes,
         identity: list[tuple[bytes, bytes]],
+        protocol: bytes,
         idle: float | None,
+        on_status: Callable[[int], None] | None = None,
     ) -> None:
-        """Turn the client connection into a tunnel to the ExApp (WebSocket etc.)."""
+        """Ask the ExApp to switch to ``protocol``; tunnel only if it answers 101."""
         _, _, query = request.uri.partition(b"?")
         path = (target or b"/") + (b"?" + query if query else b"")
         replaced = {name for name, _ in identity}
@@ -221,18 +231,21 @@ class ExAppProxy(ReverseProxyResource):
             lines.extend(name + b": " + value for value in values)
         lines.extend(name + b": " + value for name, value in identity)
         head = b"\r\n".join(lines) + b"\r\n\r\n"
-        channel = request.channel
-        assert isinstance(channel, HarpChannel)
 
-        def failed(failure: Failure) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+        def failed(status: int) -> None:
+            if request.finished or request._disconnected:
                 return
-            log.info("upgrade to {host}:{port} failed: {error}", host=host, port=port,
-                     error=failure.getErrorMessage())
-            self._reply(request, 503, None)
+            if status == 504:
+                self._reply(request, 504, GATEWAY_TIMEOUT)
+            elif status == 502:
+                self._reply(request, 502, BAD_GATEWAY)
+            else:
+                self._reply(request, 503, None)
 
         endpoint = self.endpoints.endpointForURI(URI.fromBytes(upstream_uri(host, port, b"/", b"")))
-        UpgradeTunnel(channel, head, idle, self.reactor, failed).start(endpoint)
+        UpgradeTunnel(
+            request, head, protocol, idle, self.server_timeout, self.reactor, failed, on_status
+        ).start(endpoint)
 
     def _reply(self, request: Request, status: int, body: bytes | None) -> None:
         close_early = getattr(request, "close_early", None)

@@ -16,6 +16,7 @@ PLAIN: Final = b"text/plain"
 JSON: Final = b"application/json"
 
 _BODIES: Final = {
+    400: b"400 Bad Request",
     401: b"401 Unauthorized",
     403: b"403 Forbidden",
     404: b"404 Not Found",
@@ -35,7 +36,7 @@ def send(request: Request, status: int, body: bytes, content_type: bytes = PLAIN
 
 
 def error(request: Request, status: int) -> bytes:
-    """One of the reference's plain-text error responses (401/403/404/503)."""
+    """One of the plain-text error responses (400/401/403/404/503, as the reference)."""
     return send(request, status, _BODIES[status])
 
 

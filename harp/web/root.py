@@ -137,9 +137,16 @@ class Root(Resource):
             # take it for "init done" (audit notes).
             responses.finish(request, responses.error(request, 503 if verdict.signed else 404))
 
-        if _is_upgrade(request):
+        protocol = upgrade_protocol(request)
+        if protocol is not None:
+            if request.has_body:
+                # An upgrade never carries a body; one that does is a smuggling attempt.
+                request.close_early()
+                responses.finish(request, responses.error(request, 400))
+                return
             self.proxy.upgrade(
-                request, record.host, record.port, verdict.target, identity, self.tunnel_timeout
+                request, record.host, record.port, verdict.target, identity, protocol,
+                self.tunnel_timeout, on_status,
             )
             return
         body = request.body if request.has_body else None
@@ -157,12 +164,26 @@ class Root(Resource):
                 responses.finish(request, responses.error(request, 503))
 
 
-def _is_upgrade(request: Request) -> bool:
-    """``Upgrade`` present and ``Connection`` naming it (RFC 9110 §7.8)."""
+#: Protocols a client may upgrade to.  Anything else (``h2c``, made-up tokens) is
+#: proxied as a plain request with its ``Upgrade`` header dropped as hop-by-hop.
+UPGRADABLE: Final = frozenset({b"websocket"})
+
+
+def upgrade_protocol(request: Request) -> bytes | None:
+    """The protocol a ``GET`` asks to switch to, if we tunnel it (RFC 9110 §7.8).
+
+    ``Upgrade`` must name an allowed protocol and ``Connection`` must list ``upgrade``.
+    """
     headers = request.requestHeaders
-    if not headers.hasHeader(b"upgrade"):
-        return False
-    for value in headers.getRawHeaders(b"connection", []):
-        if any(token.strip().lower() == b"upgrade" for token in value.split(b",")):
-            return True
-    return False
+    upgrade = headers.getRawHeaders(b"upgrade")
+    if not upgrade or request.method != b"GET":
+        return None
+    if not any(
+        token.strip().lower() == b"upgrade"
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    ):
+        return None
+    asked = {token.strip().lower() for value in upgrade for token in value.split(b",")}
+    allowed = asked & UPGRADABLE
+    return next(iter(allowed)) if allowed else None

@@ -23,10 +23,12 @@ body, and these attributes have kept their names across Twisted releases.
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as BaseProtocol
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -37,6 +39,7 @@ from harp import logs
 from harp.logs import HarpLogger
 from harp.metrics import Metrics
 from harp.web.body import BodyPipe
+from harp.web.limits import ConnectionLimit
 
 log = HarpLogger("harp.access")
 
@@ -44,6 +47,11 @@ _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n"
     b"connection: close\r\n\r\n408 Request Timeout"
 )
+
+
+#: Bytes per second a request body must sustain while HaRP is reading it, measured
+#: over windows of ``HP_TIMEOUT_CLIENT`` (Apache's mod_reqtimeout uses the same idea).
+MIN_BODY_RATE: Final = 500
 
 
 class Tunnel(Protocol):
@@ -54,11 +62,27 @@ class Tunnel(Protocol):
     def client_lost(self) -> None: ...
 
 
+#: Largest chunk size accepted in a chunked request body (as nginx: a signed 64-bit
+#: offset).  A larger one is a framing attack, not an upload.
+MAX_CHUNK: Final = (1 << 63) - 1
+
+
+class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+    """Twisted's chunked decoder, refusing absurd chunk sizes."""
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        done: bool = super()._dataReceived_CHUNK_LENGTH()
+        if done and self.length > MAX_CHUNK:
+            raise http._MalformedChunkedDataError("chunk size too large")
+        return done
+
+
 class HarpChannel(http.HTTPChannel):
     head_timeout: float = 30.0
     clock: IReactorTime = _reactor  # type: ignore[assignment]
     tunnel: Tunnel | None = None
     discarding = False
+    limit: ConnectionLimit | None = None
     _head_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -92,17 +116,51 @@ class HarpChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_head_timer()
+        limit, self.limit = self.limit, None
+        if limit is not None:
+            limit.closed()
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             tunnel.client_lost()
         super().connectionLost(reason)
 
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # Twisted ignores ``Transfer-Encoding: identity`` (and would then read the body
+        # as the next request): the only coding a request may declare is exactly
+        # ``chunked`` (docs/security.md, request framing).
+        if header == b"Transfer-Encoding" and data.lower() != b"chunked":
+            self._respondToBadRequestAndDisconnect()
+            return False
+        ok: bool = super()._maybeChooseTransferDecoder(header, data)
+        decoder = self._transferDecoder
+        if ok and type(decoder) is http._ChunkedTransferDecoder:
+            self._transferDecoder = _BoundedChunkedDecoder(
+                decoder.dataCallback, decoder.finishCallback
+            )
+        return ok
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         # The reference answers a malformed request (bad request line, oversized or
-        # broken headers) with a silent drop, not a 400 (reference-behaviour §3.1).
+        # broken headers) with a silent drop, not a 400 (docs/security.md).  It
+        # counts as a failure of its client, like any other probe.
+        if not self.discarding and self.requests:
+            on_malformed = getattr(getattr(self, "site", None), "on_malformed", None)
+            if on_malformed is not None:
+                on_malformed(self.requests[-1])
         self.discarding = True
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def body_too_slow(self, answered: bool) -> None:
+        """Cut a request whose body trickles in (see :data:`MIN_BODY_RATE`)."""
+        self.discarding = True
+        if self.transport is None:
+            return
+        if not answered:
+            self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def become_tunnel(self, tunnel: Tunnel) -> None:
         """Stop speaking HTTP: every further byte belongs to ``tunnel``."""
@@ -153,15 +211,54 @@ class HarpRequest(Request):
     # A proxied response without Content-Type must stay without one.
     defaultContentType = None
 
+    _paused = False
+    _body_bytes = 0
+    _rate_mark = 0
+    _rate_timer: IDelayedCall | None = None
+
     def gotLength(self, length: int | None) -> None:
         # No super(): it would create the buffer (BytesIO or temp file) we avoid.
         self.content = None
         self.has_body = length is None or length > 0
         self.body = BodyPipe(self, length)
+        if self.has_body:
+            self._arm_rate_check()
 
     def handleContentChunk(self, data: bytes) -> None:
         assert self.body is not None
+        self._body_bytes += len(data)
         self.body.write(data)
+
+    # A minimum upload rate: the idle timer alone lets a client hold a connection
+    # (and an upstream request) forever by sending one body byte every few seconds.
+
+    def _arm_rate_check(self) -> None:
+        channel = self.channel
+        if isinstance(channel, HarpChannel) and channel.head_timeout:
+            self._rate_mark = self._body_bytes
+            self._rate_timer = channel.clock.callLater(channel.head_timeout, self._check_rate)
+
+    def _cancel_rate_check(self) -> None:
+        timer, self._rate_timer = self._rate_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _check_rate(self) -> None:
+        self._rate_timer = None
+        # Twisted drops the request's channel once the response is done.
+        channel = getattr(self, "channel", None)
+        if (
+            self.body_complete or self.finished or self._disconnected
+            or not isinstance(channel, HarpChannel)
+        ):
+            return
+        received = self._body_bytes - self._rate_mark
+        if not self._paused and received < MIN_BODY_RATE * channel.head_timeout:
+            log.info("request body slower than {rate} B/s: closing", rate=MIN_BODY_RATE)
+            self.note = "slow request body"
+            channel.body_too_slow(bool(self.startedWriting))
+            return
+        self._arm_rate_check()
 
     def begin(self) -> None:
         """Headers complete: set up what ``requestReceived`` would, then process."""
@@ -173,9 +270,16 @@ class HarpRequest(Request):
         self.args = {}
         self.process()
 
+    def _handleStar(self) -> None:
+        # ``*`` is not origin-form: the pipeline refuses it like any other bad target,
+        # instead of twisted.web answering it with a 405 of its own.
+        assert self.site is not None
+        self.render(self.site.getResourceFor(self))
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """Called by the channel when the body is complete (processing began earlier)."""
         self.body_complete = True
+        self._cancel_rate_check()
         if self.body is not None:
             self.body.finish()
         if self._finish_pending:
@@ -186,6 +290,7 @@ class HarpRequest(Request):
         if not self.body_complete and not self.closing_early and not self._disconnected:
             self._finish_pending = True
             return
+        self._cancel_rate_check()
         super().finish()
 
     def close_early(self) -> None:
@@ -209,11 +314,17 @@ class HarpRequest(Request):
 
     # FlowControl for the BodyPipe: pause reading from the client.
 
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_rate_check()
+        super().connectionLost(reason)
+
     def pause_client(self) -> None:
+        self._paused = True
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resume_client(self) -> None:
+        self._paused = False
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.resumeProducing()  # type: ignore[attr-defined]
 
@@ -223,21 +334,29 @@ class HarpSite(Site):
 
     requestFactory = HarpRequest
     protocol = HarpChannel  # type: ignore[assignment]
+    #: Told of each malformed request before it is dropped (counted for bans).
+    on_malformed: Callable[[Request], None] | None = None
     displayTracebacks = False
     noisy = False
 
     def __init__(
         self, resource: Resource, head_timeout: float, metrics: Metrics | None = None,
-        **kwargs: Any,
+        limit: ConnectionLimit | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
         self.head_timeout = head_timeout
         self.metrics = metrics or Metrics()
+        self.limit = limit
 
-    def buildProtocol(self, addr: Any) -> HarpChannel:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> HarpChannel | _Refuse:  # type: ignore[override]
+        limit = self.limit
+        if limit is not None and not limit.try_open():
+            return _Refuse()
         channel: HarpChannel = super().buildProtocol(addr)
         channel.head_timeout = self.head_timeout
+        channel.limit = limit
         return channel
+
 
     def log(self, request: http.Request) -> None:
         if not isinstance(request, HarpRequest):
@@ -260,3 +379,11 @@ class HarpSite(Site):
             ms=elapsed * 1000,
             note=f" ({request.note})" if request.note else "",
         )
+
+
+class _Refuse(BaseProtocol):
+    """A connection accepted past ``HP_MAX_CONNECTIONS``: closed at once, unread."""
+
+    def connectionMade(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]

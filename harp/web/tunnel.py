@@ -1,13 +1,21 @@
-"""Upgraded connections (WebSockets): after the route check, a raw byte tunnel.
+"""Upgraded connections (WebSockets): a raw byte tunnel, but only after ``101``.
 
 The request head is re-sent to the ExApp on a dedicated upstream connection (not the
-keep-alive pool: it will never come back) with the identity headers set; from then
-on bytes flow both ways untouched, the upstream's ``101 Switching Protocols`` (or its
-refusal) included.  Each direction is flow-controlled by registering the other
-side's transport as its producer, so a slow reader pauses the fast writer instead of
-growing a buffer.  Idle for ``HP_TIMEOUT_TUNNEL`` (default: the server timeout; 0 =
-never) → both ends are closed.  This is the reference bug #114 done right: an idle
-WebSocket is not cut at the client timeout.
+keep-alive pool: it will never come back) with the identity headers set.  The client
+connection stays HTTP until the ExApp's answer is known:
+
+- ``101 Switching Protocols`` whose ``Upgrade`` names the protocol asked for: the head
+  is relayed and from then on bytes flow both ways untouched.
+- anything else: relayed as an ordinary response (its body framed by its own
+  Content-Length / chunked / close), the upstream connection is closed, and the
+  client connection goes on speaking HTTP, so every further request it sends meets
+  the whole pipeline again.  Tunnelling before the answer let a client smuggle raw
+  requests past every check when an ExApp refused the upgrade (docs/security.md).
+
+States: ``connecting`` → ``head`` → ``tunnel`` | ``relay`` → ``closed``.  Each
+direction of a tunnel is flow-controlled by registering the other side's transport as
+its producer.  Idle for ``HP_TIMEOUT_TUNNEL`` (default: the server timeout; 0 =
+never) → both ends are closed; an idle WebSocket is not cut at the client timeout.
 """
 
 from __future__ import annotations
@@ -23,9 +31,13 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
 from harp.logs import HarpLogger
-from harp.web.site import HarpChannel
+from harp.web import responses
+from harp.web.headers import HOP_BY_HOP
+from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
+from harp.web.site import HarpChannel, HarpRequest
 
 log = HarpLogger("harp.tunnel")
 
@@ -47,30 +59,45 @@ class _Upstream(Protocol):
 class UpgradeTunnel:
     def __init__(
         self,
-        channel: HarpChannel,
+        request: HarpRequest,
         head: bytes,
+        protocol: bytes,
         idle: float | None,
+        server_timeout: float,
         clock: IReactorTime,
-        on_failure: Callable[[Failure], None],
+        on_failure: Callable[[int], None],
+        on_status: Callable[[int], None] | None = None,
     ) -> None:
+        channel = request.channel
+        assert isinstance(channel, HarpChannel)
+        self.request = request
         self.channel = channel
         self.head = head
+        self.protocol = protocol
         self.idle = idle
+        self.server_timeout = server_timeout
         self.clock = clock
         self.on_failure = on_failure
+        self.on_status = on_status
         self.upstream: _Upstream | None = None
-        self.pending: list[bytes] = []
-        self.closed = False
+        self.state = "connecting"
+        self.buffer = b""
         self.timer: IDelayedCall | None = None
+        # Relay of a refused upgrade's body.
+        self.remaining = 0
+        self.framing = "none"
+        self.chunks: _ChunkedTransferDecoder | None = None
 
     def start(self, endpoint: IStreamClientEndpoint) -> None:
         connecting = endpoint.connect(Factory.forProtocol(lambda: _Upstream(self)))
         connecting.addErrback(self._connect_failed)
+        self.request.notifyFinish().addErrback(lambda _: self._client_gone())
 
     def _connect_failed(self, failure: Failure) -> None:
-        if not self.closed:
-            self.closed = True
-            self.on_failure(failure)
+        if self.state == "connecting":
+            self.state = "closed"
+            log.info("upgrade: upstream unreachable: {error}", error=failure.getErrorMessage())
+            self.on_failure(503)
 
     @property
     def client(self) -> Any:
@@ -80,67 +107,212 @@ class UpgradeTunnel:
     # --- upstream side
 
     def upstream_connected(self, upstream: _Upstream) -> None:
-        if self.closed:
-            assert upstream.transport is not None
+        assert upstream.transport is not None
+        if self.state != "connecting":
             upstream.transport.loseConnection()
             return
         self.upstream = upstream
-        up: Any = upstream.transport
-        up.write(self.head)
+        self.state = "head"
+        upstream.transport.write(self.head)
+        self._arm(self.server_timeout)
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.state == "tunnel":
+            self._touch()
+            self.client.write(data)
+        elif self.state == "head":
+            self._head_data(data)
+        elif self.state == "relay":
+            self._relay_data(data)
+
+    def upstream_lost(self) -> None:
+        state, self.upstream = self.state, None
+        if state == "tunnel":
+            self._close_all()
+        elif state == "head":
+            self.state = "closed"
+            self._cancel_timer()
+            log.info("upgrade: upstream closed before answering")
+            self.on_failure(502)
+        elif state == "relay":
+            if self.framing == "close":
+                self._relay_done()
+            else:
+                # A truncated body must not look complete to the client.
+                self.state = "closed"
+                self._cancel_timer()
+                responses.abort(self.request)
+
+    # --- the upstream's answer
+
+    def _head_data(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            try:
+                parsed = parse_response_head(self.buffer)
+            except BadResponse as exc:
+                return self._bad_gateway(str(exc))
+            if parsed is None:
+                return None
+            head, rest = parsed
+            if head.status == 101 or not 100 <= head.status < 200:
+                break
+            self.buffer = rest  # an interim 1xx: wait for the final answer
+        self.buffer = b""
+        if self.on_status is not None:
+            self.on_status(head.status)
+        if head.status == 101:
+            if self.protocol not in head.tokens(b"upgrade"):
+                return self._bad_gateway("101 for another protocol")
+            return self._become_tunnel(head, rest)
+        return self._start_relay(head, rest)
+
+    def _become_tunnel(self, head: ResponseHead, rest: bytes) -> None:
+        assert self.upstream is not None
+        self.state = "tunnel"
+        self._cancel_timer()
+        up: Any = self.upstream.transport
+        client = self.client
         # From here on the client connection is ours, not HTTP's.
         self.channel.become_tunnel(self)
-        client = self.client
+        client.write(head.raw)
+        if rest:
+            client.write(rest)
         client.unregisterProducer()
         client.registerProducer(cast(IPushProducer, up), True)
         up.registerProducer(cast(IPushProducer, client), True)
         client.resumeProducing()  # the channel may have paused reading
-        for data in self.pending:
-            up.write(data)
-        self.pending.clear()
         self._touch()
 
-    def upstream_data(self, data: bytes) -> None:
-        self._touch()
-        self.client.write(data)
+    def _start_relay(self, head: ResponseHead, rest: bytes) -> None:
+        try:
+            self.framing, self.remaining = body_framing(head, self.request.method)
+        except BadResponse as exc:
+            return self._bad_gateway(str(exc))
+        self.state = "relay"
+        request = self.request
+        request.setResponseCode(head.status, head.reason)
+        listed = head.tokens(b"connection")
+        for name, value in head.headers:
+            if name not in HOP_BY_HOP and name not in listed:
+                request.responseHeaders.addRawHeader(name, value)
+        if self.framing == "chunked":
+            self.chunks = _ChunkedTransferDecoder(self._relay_write, self._chunks_done)
+        if self.framing == "none" or (self.framing == "length" and self.remaining == 0):
+            return self._relay_done()
+        assert self.upstream is not None and self.upstream.transport is not None
+        request.registerProducer(cast(IPushProducer, self.upstream.transport), True)
+        self._arm(self.server_timeout)
+        if rest:
+            self._relay_data(rest)
+        return None
 
-    def upstream_lost(self) -> None:
-        self._close()
+    def _relay_data(self, data: bytes) -> None:
+        self._arm(self.server_timeout)
+        if self.framing == "chunked":
+            assert self.chunks is not None
+            try:
+                self.chunks.dataReceived(data)
+            except _MalformedChunkedDataError:
+                self.state = "closed"
+                self._close_upstream()
+                responses.abort(self.request)
+        elif self.framing == "length":
+            piece = data[: self.remaining]
+            self.remaining -= len(piece)
+            self._relay_write(piece)
+            if self.remaining == 0:
+                self._relay_done()
+        else:
+            self._relay_write(data)
 
-    # --- client side (called by the channel)
+    def _relay_write(self, data: bytes) -> None:
+        if self.state == "relay" and data:
+            self.request.write(data)
+
+    def _chunks_done(self, extra: bytes) -> None:
+        self._relay_done()
+
+    def _relay_done(self) -> None:
+        if self.state != "relay":
+            return
+        self.state = "closed"
+        self._cancel_timer()
+        self._close_upstream()
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        if not request.finished and not request._disconnected:
+            request.finish()  # the client connection goes on with HTTP
+
+    def _bad_gateway(self, why: str) -> None:
+        log.info("upgrade: bad answer from upstream: {why}", why=why)
+        self.state = "closed"
+        self._cancel_timer()
+        self._close_upstream()
+        self.on_failure(502)
+
+    # --- client side
 
     def client_data(self, data: bytes) -> None:
+        """Bytes from the client once tunnelling (called by the channel)."""
         self._touch()
-        if self.upstream is None or self.upstream.transport is None:
-            self.pending.append(data)
-        else:
+        if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
 
     def client_lost(self) -> None:
-        self._close()
+        self._close_all()
 
-    # --- idle limit
+    def _client_gone(self) -> None:
+        if self.state in ("connecting", "head", "relay"):
+            self.state = "closed"
+            self._cancel_timer()
+            self._close_upstream()
+
+    # --- timers
+
+    def _arm(self, seconds: float) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(seconds)
+        else:
+            self.timer = self.clock.callLater(seconds, self._timed_out)
 
     def _touch(self) -> None:
-        if self.idle is None or self.closed:
-            return
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(self.idle)
-        else:
-            self.timer = self.clock.callLater(self.idle, self._idle_timeout)
+        if self.idle is not None and self.state == "tunnel":
+            self._arm(self.idle)
 
-    def _idle_timeout(self) -> None:
-        self.timer = None
-        log.info("tunnel idle for {idle}s: closing", idle=self.idle)
-        self._close()
+    def _cancel_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
-    def _close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+    def _timed_out(self) -> None:
         self.timer = None
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.loseConnection()
+        state = self.state
+        if state == "tunnel":
+            log.info("tunnel idle for {idle}s: closing", idle=self.idle)
+            self._close_all()
+        elif state == "head":
+            self.state = "closed"
+            self._close_upstream()
+            self.on_failure(504)
+        elif state == "relay":
+            self.state = "closed"
+            self._close_upstream()
+            responses.abort(self.request)
+
+    # --- closing
+
+    def _close_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.loseConnection()
+
+    def _close_all(self) -> None:
+        if self.state == "closed" and self.upstream is None:
+            return
+        self.state = "closed"
+        self._cancel_timer()
+        self._close_upstream()
         if self.channel.transport is not None:
             self.channel.transport.loseConnection()

@@ -84,6 +84,10 @@ def upstream_uri(host: str, port: int, target: bytes, query: bytes) -> bytes:
             authority = host.encode("ascii")
         except UnicodeEncodeError:
             authority = host.encode("idna")
+    if target[:1] not in (b"", b"/"):
+        # Never reached with a checked target; refuse rather than let bytes of the
+        # client's path run into the authority (a "0/..." target once changed the port).
+        raise ValueError("upstream target must be origin-form")
     path = target or b"/"
     if query:
         path += b"?" + query

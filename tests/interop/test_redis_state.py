@@ -276,3 +276,45 @@ def test_redis_outage_degrades_to_local_state_then_resyncs(
         assert ok(request(port, f"/exapps/{APP}/admin", source=src)).status == 403
     time.sleep(PROPAGATION)
     assert request(a.http_port, f"/exapps/{APP}/public", source=src) == DROPPED
+
+
+def test_delete_during_outage_is_not_undone_by_reseeding(
+    cluster: Cluster, exapp: ExAppProcess, redis: RedisServer, key: str,
+) -> None:
+    """Hole 15: A deletes an app while Redis is down; Redis comes back empty and B, which
+    still has the app in its mirror, re-seeds.  The app must stay deleted everywhere."""
+    app = "doomed-app"
+    a, b = cluster.replicas[:2]
+    with_key = {"harp-shared-key": key}  # unknown apps then cost no ban failures
+
+    def served(proc: HarpProcess) -> int:
+        return ok(request(proc.http_port, f"/exapps/{app}/public", with_key)).status
+
+    cluster.push(a, app, record_for(exapp))
+    wait_for(lambda: redis.command("HEXISTS", "harp:exapps", app) == 1, "the write-through")
+    time.sleep(PROPAGATION)
+    assert [served(p) for p in cluster.replicas] == [401] * len(cluster.replicas)  # forwarded
+
+    outages = [p.output().count("unavailable") for p in cluster.replicas]
+    reconnects = [p.output().count("reconnected") for p in cluster.replicas]
+    syncs = [p.output().count("Redis state synchronised") for p in cluster.replicas]
+    redis.stop()
+    for proc, n in zip(cluster.replicas, outages, strict=True):
+        wait_for(lambda proc=proc, n=n: proc.output().count("unavailable") > n,  # type: ignore[misc]
+                 "the replicas to notice the outage")
+    assert cluster.delete(a, app) == 204
+    assert served(a) == 404
+    assert served(b) == 401  # B cannot know yet
+
+    redis.start()  # empty: no persistence
+    for proc, n, m in zip(cluster.replicas, reconnects, syncs, strict=True):
+        wait_for(lambda proc=proc, n=n: proc.output().count("reconnected") > n,  # type: ignore[misc]
+                 f"{proc.http_port} to reconnect:\n{proc.output()}")
+        synced(proc, m + 1)
+    time.sleep(PROPAGATION)
+    assert redis.command("HEXISTS", "harp:exapps", app) == 0, "re-seeding resurrected the app"
+    assert [served(p) for p in cluster.replicas] == [404] * len(cluster.replicas)
+    # A later push of the same app id works again (the tombstone does not block it).
+    cluster.push(b, app, record_for(exapp))
+    time.sleep(PROPAGATION)
+    assert [served(p) for p in cluster.replicas] == [401] * len(cluster.replicas)

@@ -158,6 +158,10 @@ class FakeNextcloud:
         self.apps: dict[str, dict[str, Any]] = {}
         #: extra latency in seconds before each answer, e.g. to make concurrent misses overlap.
         self.delay: float = 0.0
+        #: True: user-info answers an unknown ``oc_sessionPassphrase`` with ``302`` to the same
+        #: URL, as a real Nextcloud does after dropping a session it cannot restore (a client
+        #: that follows it loops until it gives up).
+        self.redirect_unknown_sessions: bool = False
         self._host = host
         self._port = port
         self._sessions: dict[str, _Identity] = {}
@@ -343,6 +347,12 @@ class FakeNextcloud:
             req.send_body(200, b'{"user_id": "broken', "application/json; charset=utf-8")
             return
 
+        if split.path == USER_INFO_PATH and self._redirects(headers):
+            req.send_response(302)
+            req.send_header("Location", self.url + req.path)
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
         if split.path == EXAPP_META_PATH:
             status, body = self._exapp_meta(query, headers)
         else:
@@ -357,6 +367,12 @@ class FakeNextcloud:
             while self._mode == "hang" and not self._stopping:
                 self._cond.wait()
             return None if self._stopping else self._mode
+
+    def _redirects(self, headers: dict[str, str]) -> bool:
+        if not self.redirect_unknown_sessions:
+            return False
+        passphrase = _cookie(headers.get("cookie", ""), "oc_sessionPassphrase")
+        return bool(passphrase) and passphrase not in self._sessions
 
     def _key_and_app_ok(self, query: dict[str, str], headers: dict[str, str]) -> bool:
         key_ok = headers.get("harp-shared-key") == self.shared_key

@@ -118,3 +118,18 @@ def test_order_and_completeness(chunks: list[bytes], start_at: int, pause: bool)
     pipe.resumeProducing()
     assert bytes(consumer.data) == b"".join(chunks)
     assert done.called and not flow.paused
+
+
+def test_body_complete_before_upstream_ready_still_returns_a_deferred() -> None:
+    """Cold pool: the whole small body arrived before the upstream connection existed.
+
+    ``startProducing`` must hand the Agent a fired Deferred, not None (which made the
+    Agent fail with AttributeError and the client get a 502).
+    """
+    pipe = BodyPipe(Flow(), 5)
+    pipe.write(b"hello")
+    pipe.finish()
+    consumer = Consumer()
+    done = pipe.startProducing(consumer)  # type: ignore[arg-type]
+    assert done is not None and done.called
+    assert consumer.data == b"hello"

@@ -127,3 +127,36 @@ def test_redis_url() -> None:
     s = Settings.from_env({**BASE, "HP_REDIS_URL": "redis://:pw@127.0.0.1:6379/0"})
     assert s.redis_url == "redis://:pw@127.0.0.1:6379/0"
     assert "pw" not in dict(s.describe())["HP_REDIS_URL"]
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("NC_INSTANCE_URL", "http://[::1"),
+        ("NC_INSTANCE_URL", "http://[::1]x/"),
+        ("NC_INSTANCE_URL", "http://host:99999"),
+        ("NC_INSTANCE_URL", "http://host:port"),
+        ("NC_INSTANCE_URL", "http://bad host/"),
+        ("HP_REDIS_URL", "redis://[::1"),
+        ("HP_REDIS_URL", "redis://:s3cret@[::1:6379"),
+        ("HP_REDIS_URL", "redis://host:70000/0"),
+    ],
+)
+def test_malformed_urls_are_config_errors(var: str, value: str) -> None:
+    """Hardening hole 15: ``urlsplit`` raised ValueError, i.e. a traceback and exit 1."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, var: value})
+    line = str(info.value)
+    assert line.startswith(var) and "\n" not in line
+    assert "s3cret" not in line
+
+
+@pytest.mark.parametrize("raw", ["127.0.0.1:²", "127.0.0.1:٨٠"])
+def test_address_port_must_be_ascii_digits(raw: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_address("HP_EXAPPS_ADDRESS", raw)
+
+
+def test_huge_duration_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        parse_duration("HP_TIMEOUT_SERVER", "9" * 400 + "s")

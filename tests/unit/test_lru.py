@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harp.lru import TTLCache
+from harp.lru import TokenBuckets, TTLCache
 
 
 class FakeClock:
@@ -256,3 +256,73 @@ def test_matches_naive_model(maxsize: int, ttl: float, ops: list[tuple[str, int,
             assert cache.sweep() == len(model) - len(live)
             model = live
         assert len(cache) == len(model) <= maxsize
+
+
+# --- set_if_room (bans learnt from other replicas)
+
+
+def test_set_if_room_never_evicts_a_live_entry(clock: FakeClock) -> None:
+    cache: TTLCache[str, int] = TTLCache(2, 10.0, clock=clock)
+    assert cache.set_if_room("a", 1) and cache.set_if_room("b", 2, ttl=1)
+    assert not cache.set_if_room("c", 3)
+    assert cache.get("a") == 1 and cache.get("b") == 2 and cache.get("c") is None
+    assert cache.set_if_room("a", 9)  # an existing key is always updated
+    clock.advance(2)  # "b" expired; it is now the LRU entry
+    assert cache.set_if_room("c", 3)
+    assert cache.get("c") == 3 and cache.get("a") == 9 and len(cache) == 2
+
+
+def test_set_if_room_disabled_cache(clock: FakeClock) -> None:
+    cache: TTLCache[str, int] = TTLCache(2, 0, clock=clock)
+    assert not cache.set_if_room("a", 1)
+
+
+# --- TokenBuckets (Nextcloud user lookups per client)
+
+
+def test_token_bucket_burst_then_refill(clock: FakeClock) -> None:
+    buckets: TokenBuckets[str] = TokenBuckets(100, burst=20, rate=5.0, clock=clock)
+    assert all(buckets.take("c") for _ in range(20))
+    assert not buckets.take("c")
+    assert buckets.take("other")  # per key
+    clock.advance(0.2)  # one token back
+    assert buckets.take("c") and not buckets.take("c")
+    clock.advance(100)
+    assert buckets.tokens("c") == 20  # capped at the burst
+    assert buckets.sweep() == 2 and len(buckets) == 0
+
+
+def test_token_bucket_refusals_do_not_spend(clock: FakeClock) -> None:
+    buckets: TokenBuckets[str] = TokenBuckets(10, burst=1, rate=1.0, clock=clock)
+    assert buckets.take("c")
+    for _ in range(10):
+        clock.advance(0.05)
+        assert not buckets.take("c")
+    clock.advance(0.51)  # over 1 s since the token was spent, despite the refusals
+    assert buckets.take("c")
+
+
+def test_token_buckets_bounded(clock: FakeClock) -> None:
+    buckets: TokenBuckets[int] = TokenBuckets(50, burst=2, rate=1.0, clock=clock)
+    for i in range(10_000):
+        buckets.take(i)
+    assert len(buckets) == 50
+
+
+@pytest.mark.parametrize(("maxsize", "burst", "rate"), [(0, 1, 1), (1, 0.5, 1), (1, 1, 0),
+                                                        (1, float("nan"), 1)])
+def test_token_buckets_invalid(maxsize: int, burst: float, rate: float) -> None:
+    with pytest.raises(ValueError):
+        TokenBuckets(maxsize, burst, rate)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.floats(0, 1, allow_nan=False), max_size=200))
+def test_token_bucket_never_exceeds_rate(steps: list[float]) -> None:
+    clock = FakeClock(0.0)
+    buckets: TokenBuckets[str] = TokenBuckets(4, burst=3, rate=2.0, clock=clock)
+    granted = 0
+    for dt in steps:
+        clock.advance(dt)
+        granted += buckets.take("k")
+    assert granted <= 3 + 2.0 * clock.now + 1e-9

@@ -158,3 +158,59 @@ def test_snapshot_replaces_mirror_but_keeps_newer_own_writes(state: RedisState) 
     state._load({"same": text, "new": text, "bad": "{", "invalid": "{}"}, snapshot_seq=8)
     assert state.records.keys() == {"same", "new", "mine"}
     assert state.records["same"] is same
+
+
+# --- hole 12: bans by /64 across replicas
+
+
+def test_ipv6_failures_and_remote_bans_are_per_64(state: RedisState, clock: FakeClock) -> None:
+    assert [state.record_failure(f"2001:db8:5:6::{i}") for i in (1, 2, 3)] == [
+        False, False, True,
+    ]
+    assert state.is_banned("2001:db8:5:6:ffff::1")
+    # A ban published by a replica (old or new: an address or the /64) covers the /64.
+    for addr in ("2001:db8:7:8::1", "2001:db8:9:a::/64"):
+        state.on_message(json.dumps({"k": "ban", "o": "other", "addr": addr, "ttl": 2000}))
+    assert state.is_banned("2001:db8:7:8::dead")
+    assert state.is_banned("2001:db8:9:a::beef")
+    assert not state.is_banned("2001:db8:9:b::1")
+
+
+def test_full_remote_ban_table_keeps_live_bans(clock: FakeClock) -> None:
+    state = RedisState("redis://127.0.0.1:1/0", 3, 10, 60, clock=clock)
+    state.remote_bans = type(state.remote_bans)(2, 10, clock=clock)
+    for addr in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        state.on_message(json.dumps({"k": "ban", "o": "o", "addr": addr, "ttl": 5000}))
+    assert state.is_banned("192.0.2.1") and state.is_banned("192.0.2.2")
+    assert not state.is_banned("192.0.2.3")  # no room: the newcomer is not kept
+    clock.now += 6
+    state.on_message(json.dumps({"k": "ban", "o": "o", "addr": "192.0.2.4", "ttl": 5000}))
+    assert state.is_banned("192.0.2.4")
+
+
+# --- hole 15: a delete made while Redis was unreachable is not undone by re-seeding
+
+
+def test_local_tombstone_survives_snapshot_and_foreign_puts(state: RedisState) -> None:
+    state.put_exapp("app", parse_record("app", dict(RECORD)))
+    assert state.delete_exapp("app")  # Redis unreachable: not written yet
+    assert state._tombstones == {"app": -1} and "app" in state._dirty
+    # Another replica re-seeds the app from its stale mirror, and the snapshot has it.
+    state.apply(Event("put", "other", 1, "app", RECORD))
+    assert state.get_exapp("app") is None
+    state._load({"app": json.dumps(RECORD)}, snapshot_seq=0)
+    assert state.get_exapp("app") is None
+    # Our delete reaches Redis (its echo): the tombstone has done its job.
+    state._tombstones["app"] = 7
+    state.apply(Event("del", state.origin, 7, "app"))
+    assert state._tombstones == {}
+    state.apply(Event("put", "other", 2, "app", RECORD))  # a later put wins as usual
+    assert state.get_exapp("app") is not None
+
+
+def test_local_put_clears_the_tombstone(state: RedisState) -> None:
+    state.put_exapp("app", parse_record("app", dict(RECORD)))
+    state.delete_exapp("app")
+    state.put_exapp("app", parse_record("app", dict(RECORD)))
+    assert state._tombstones == {}
+    assert state.get_exapp("app") is not None

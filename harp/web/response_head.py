@@ -1,0 +1,91 @@
+"""Parsing an upstream's HTTP/1.1 response head from raw bytes (pure, no I/O).
+
+Used where HaRP speaks to an ExApp on a raw connection — the WebSocket upgrade — and
+must know what the ExApp answered before it decides whether the client connection
+becomes a tunnel (only on ``101``) or stays HTTP (docs/security.md, upgrades).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+#: A response head larger than this is a broken upstream, not a slow one.
+MAX_HEAD: Final = 64 * 1024
+
+
+class BadResponse(Exception):
+    """The upstream's response head is not HTTP/1.x."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    #: The head exactly as received, terminating blank line included.
+    raw: bytes
+
+    def values(self, name: bytes) -> list[bytes]:
+        """All values of header ``name`` (lower-case), in order."""
+        return [value for key, value in self.headers if key == name]
+
+    def tokens(self, name: bytes) -> set[bytes]:
+        """The comma-separated, lower-cased tokens of every ``name`` header."""
+        return {
+            token.strip().lower()
+            for value in self.values(name)
+            for token in value.split(b",")
+            if token.strip()
+        }
+
+
+def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:
+    """``(head, bytes after it)``, or None if the head is not complete yet.
+
+    Raises :class:`BadResponse` for a malformed status line or header, or a head over
+    :data:`MAX_HEAD`.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD:
+            raise BadResponse("response head too large")
+        return None
+    if end > MAX_HEAD:
+        raise BadResponse("response head too large")
+    raw = buffer[: end + 4]
+    lines = buffer[:end].split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise BadResponse("bad status line")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b" " in name:
+            raise BadResponse("bad header line")
+        headers.append((name.lower(), value.strip(b" \t")))
+    return ResponseHead(int(code), reason, tuple(headers), raw), buffer[end + 4 :]
+
+
+def body_framing(head: ResponseHead, method: bytes) -> tuple[str, int]:
+    """How the response body ends: ``("none", 0)``, ``("length", n)``, ``("chunked", 0)``
+    or ``("close", 0)`` (RFC 9112 §6.3).  Raises :class:`BadResponse` for an ambiguous
+    framing (several or bad Content-Length, a coding other than chunked).
+    """
+    if method == b"HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
+        return "none", 0
+    codings = head.tokens(b"transfer-encoding")
+    if codings:
+        if codings != {b"chunked"}:
+            raise BadResponse("unsupported transfer-coding")
+        return "chunked", 0
+    lengths = {value.strip() for value in head.values(b"content-length")}
+    if not lengths:
+        return "close", 0
+    if len(lengths) != 1:
+        raise BadResponse("conflicting content-length")
+    (length,) = lengths
+    if not length.isdigit():
+        raise BadResponse("bad content-length")
+    return "length", int(length)

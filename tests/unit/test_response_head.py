@@ -1,0 +1,72 @@
+"""The upstream response-head parser used by the upgrade path."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harp.web.response_head import BadResponse, body_framing, parse_response_head
+
+
+def test_101_with_rest() -> None:
+    raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    parsed = parse_response_head(raw + b"\x81\x00")
+    assert parsed is not None
+    head, rest = parsed
+    assert head.status == 101 and head.raw == raw and rest == b"\x81\x00"
+    assert head.tokens(b"upgrade") == {b"websocket"}
+
+
+def test_incomplete() -> None:
+    assert parse_response_head(b"HTTP/1.1 200 OK\r\nA: b\r\n") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"HTTP/2 200 OK\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nbad\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\n a: b\r\n\r\n", b"x" * 70000],
+)
+def test_bad(raw: bytes) -> None:
+    with pytest.raises(BadResponse):
+        parse_response_head(raw)
+
+
+@pytest.mark.parametrize(
+    ("head", "method", "framing"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"GET", ("length", 5)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"GET", ("chunked", 0)),
+        (b"HTTP/1.1 200 OK\r\n\r\n", b"GET", ("close", 0)),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"GET", ("none", 0)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HEAD", ("none", 0)),
+    ],
+)
+def test_framing(head: bytes, method: bytes, framing: tuple[str, int]) -> None:
+    parsed = parse_response_head(head)
+    assert parsed is not None
+    assert body_framing(parsed[0], method) == framing
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"],
+)
+def test_ambiguous_framing(head: bytes) -> None:
+    parsed = parse_response_head(head)
+    assert parsed is not None
+    with pytest.raises(BadResponse):
+        body_framing(parsed[0], b"GET")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_only_bad_response(data: bytes) -> None:
+    try:
+        parsed = parse_response_head(b"HTTP/1.1 200 OK\r\n" + data)
+        if parsed is not None:
+            body_framing(parsed[0], b"GET")
+    except BadResponse:
+        pass

@@ -1,0 +1,81 @@
+"""HarpChannel/HarpRequest limits, in memory: minimum body rate, early answers."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from harp.web.site import MIN_BODY_RATE, HarpChannel, HarpRequest, HarpSite
+
+
+class _Hold(Resource):
+    """Answers nothing until told: the body keeps streaming meanwhile."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> int:  # type: ignore[override]
+        return NOT_DONE_YET
+
+
+class _EarlyAnswer(Resource):
+    """Answers at once, before the body, as the pipeline does with a 4xx."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> int:  # type: ignore[override]
+        assert isinstance(request, HarpRequest)
+        request.close_early()
+        request.setResponseCode(400)
+        request.write(b"no")
+        request.finish()
+        return NOT_DONE_YET
+
+
+def _connect(
+    resource: Resource, timeout: float = 3.0
+) -> tuple[HarpChannel, StringTransport, Clock]:
+    site = HarpSite(resource, head_timeout=timeout)
+    channel = site.buildProtocol(None)
+    assert isinstance(channel, HarpChannel)
+    clock = Clock()
+    channel.clock = clock
+    channel.callLater = clock.callLater  # type: ignore[method-assign]
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+HEAD = b"POST /exapps/app/x HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n"
+
+
+def test_trickling_body_is_cut_with_408() -> None:
+    channel, transport, clock = _connect(_Hold())
+    channel.dataReceived(HEAD + b"x")
+    for _ in range(3):
+        clock.advance(1.0)
+        channel.dataReceived(b"x")
+    assert transport.value().startswith(b"HTTP/1.1 408")
+    assert transport.disconnecting
+
+
+def test_body_at_a_fair_rate_is_not_cut() -> None:
+    channel, transport, clock = _connect(_Hold())
+    channel.dataReceived(HEAD)
+    for _ in range(6):
+        clock.advance(1.0)
+        channel.dataReceived(b"x" * (2 * MIN_BODY_RATE))
+    assert transport.value() == b"" and not transport.disconnecting
+
+
+def test_rate_check_after_an_early_answer_is_harmless() -> None:
+    channel, transport, clock = _connect(_EarlyAnswer())
+    channel.dataReceived(HEAD + b"abc")
+    assert transport.value().startswith(b"HTTP/1.1 400")
+    # The rate timer must be gone, not fire on a finished request (it once raised
+    # AttributeError there, logged as a traceback by the reactor).
+    assert not any(
+        call.func.__name__ == "_check_rate" for call in clock.getDelayedCalls()
+    )
+    clock.advance(10.0)
