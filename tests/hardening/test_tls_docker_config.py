@@ -142,6 +142,38 @@ def test_modern_tls_accepted(
     assert "HTTP/1.1 200" in output and '{"status":"ok"}' in output
 
 
+def _frp_client_cert(harp: HarpProcess) -> list[str]:
+    frp = Path(harp.env["HP_CERTS_DIR"]) / "frp"
+    return ["-cert", str(frp / "client.crt"), "-key", str(frp / "client.key")]
+
+
+@pytest.mark.parametrize(
+    ("case", "args"),
+    [
+        ("static RSA + CBC (AES128-SHA)", ["-tls1_2", "-cipher", "AES128-SHA"]),
+        ("ECDHE + CBC (ECDHE-RSA-AES128-SHA)", ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA"]),
+        ("TLS 1.1", ["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"]),
+    ],
+)
+def test_frp_port_weak_tls_refused(
+    https_harp: HarpProcess, record_case: RecordCase, case: str, args: list[str]
+) -> None:
+    """The FRP server applies the same policy, even to a client holding a valid cert."""
+    established, output = s_client(https_harp.frp_port, *_frp_client_cert(https_harp), *args)
+    record_case(case=f"hole10/FRP port {case}", input="openssl s_client " + " ".join(args),
+                expected="handshake refused", observed=_negotiated(output))
+    assert not established, output
+
+
+def test_frp_port_modern_tls_accepted(https_harp: HarpProcess, record_case: RecordCase) -> None:
+    args = ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"]
+    established, output = s_client(https_harp.frp_port, *_frp_client_cert(https_harp), *args)
+    record_case(case="hole10/FRP port TLS 1.2 ECDHE-RSA-AES128-GCM-SHA256",
+                input="openssl s_client " + " ".join(args),
+                expected="TLSv1.2 with the client certificate", observed=_negotiated(output))
+    assert established and "New, TLSv1.2" in output, output
+
+
 def test_renegotiation_refused(https_harp: HarpProcess, record_case: RecordCase) -> None:
     # s_client reads "R" on a line of its own as "renegotiate now", then sends the request.
     _, output = s_client(

@@ -8,8 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harp.bans import ClientAddressResolver, parse_trusted_proxies
 from harp.exapps import RecordError, parse_record
-from harp.web.pipeline import has_dotdot, identity_token, match_route, split_app_path
+from harp.state.memory import MemoryState
+from harp.web.headers import KeyCheck
+from harp.web.pipeline import Pipeline, has_dotdot, identity_token, match_route, split_app_path
 
 
 @pytest.mark.parametrize(
@@ -99,3 +102,53 @@ def test_record_defaults() -> None:
 def test_identity_token() -> None:
     assert base64.b64decode(identity_token("", "s3")) == b":s3"
     assert base64.b64decode(identity_token("ünï", "s")) == "ünï:s".encode()
+
+
+# --- malformed requests count for bans, never against a trusted proxy
+
+
+class _Peer:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+class _Malformed:
+    """What the HTTP parser leaves of a request it drops: peer and headers so far."""
+
+    def __init__(self, peer: str, headers: dict[bytes, list[bytes]]) -> None:
+        from twisted.web.http_headers import Headers
+
+        self._peer = _Peer(peer)
+        self.requestHeaders = Headers(headers)
+
+    def getClientAddress(self) -> _Peer:
+        return self._peer
+
+
+def _pipeline(count: int = 2) -> tuple[Pipeline, MemoryState]:
+    state = MemoryState(count, 60, 3)
+    trusted, _ = parse_trusted_proxies("10.0.0.1")
+    return Pipeline(state, None, KeyCheck("k"), ClientAddressResolver(trusted)), state  # type: ignore[arg-type]
+
+
+def test_malformed_requests_ban_their_client() -> None:
+    pipeline, state = _pipeline()
+    for _ in range(2):
+        pipeline.malformed(_Malformed("192.0.2.7", {}))  # type: ignore[arg-type]
+    assert state.is_banned("192.0.2.7")
+
+
+def test_malformed_requests_behind_a_trusted_proxy_charge_the_client() -> None:
+    pipeline, state = _pipeline()
+    for _ in range(2):
+        pipeline.malformed(
+            _Malformed("10.0.0.1", {b"X-Forwarded-For": [b"198.51.100.9"]})  # type: ignore[arg-type]
+        )
+    assert state.is_banned("198.51.100.9") and not state.is_banned("10.0.0.1")
+
+
+def test_malformed_request_line_from_a_trusted_proxy_is_not_charged_to_it() -> None:
+    pipeline, state = _pipeline()
+    for _ in range(5):
+        pipeline.malformed(_Malformed("10.0.0.1", {}))  # type: ignore[arg-type]
+    assert not state.is_banned("10.0.0.1")
