@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
 
-from harp.bans import parse_trusted_proxies
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from harp.client_address import IPNetwork, parse_trusted_proxies
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReact
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from harp import docker, logs
-from harp.bans import ClientAddressResolver
+from harp.client_address import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.frp.server import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
 from harp.frp.tunnels import TunnelRegistry

@@ -17,7 +17,7 @@ from typing import Final
 
 from twisted.web.server import Request
 
-from harp.bans import ClientAddressResolver
+from harp.client_address import ClientAddressResolver
 from harp.exapps import PUBLIC, ExAppRecord, Route, synthesized
 from harp.logs import HarpLogger
 from harp.nextcloud import NextcloudClient, NextcloudError

@@ -1,4 +1,5 @@
-"""Unit tests for harp.bans: normalisation, HP_TRUSTED_PROXY_IPS, client IP, failure table."""
+"""Unit tests for harp.client_address (normalisation, HP_TRUSTED_PROXY_IPS, client IP) and
+harp.bans (ban keys, the failure table)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harp.bans import (
+from harp.bans import FailureTable, ban_key
+from harp.client_address import (
     MAX_FORWARDED_HOPS,
     ClientAddressResolver,
-    FailureTable,
-    ban_key,
     normalize_ip,
     parse_trusted_proxies,
 )

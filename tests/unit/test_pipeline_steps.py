@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harp.bans import ClientAddressResolver, parse_trusted_proxies
+from harp.client_address import ClientAddressResolver, parse_trusted_proxies
 from harp.exapps import RecordError, parse_record
 from harp.state.memory import MemoryState
 from harp.web.headers import KeyCheck
