@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harp.config import (
-    Address,
-    ConfigError,
-    Settings,
-    parse_address,
-    parse_duration,
-    strip_quotes,
-)
+from harp.config import Address, ConfigError, Settings
+from harp.config.values import parse_address, parse_duration, strip_quotes
 
 BASE = {"HP_SHARED_KEY": "k3y", "NC_INSTANCE_URL": "https://cloud.example.com"}
 
@@ -125,8 +119,10 @@ def test_log_level_case_insensitive() -> None:
 
 def test_redis_url() -> None:
     s = Settings.from_env({**BASE, "HP_REDIS_URL": "redis://:pw@127.0.0.1:6379/0"})
-    assert s.redis_url == "redis://:pw@127.0.0.1:6379/0"
-    assert "pw" not in dict(s.describe())["HP_REDIS_URL"]
+    assert s.redis_url is not None
+    assert (s.redis_url.host, s.redis_url.port, s.redis_url.db) == ("127.0.0.1", 6379, 0)
+    assert s.redis_url.password == "pw"
+    assert dict(s.describe())["HP_REDIS_URL"] == "redis://:<redacted>@127.0.0.1:6379/0"
 
 
 @pytest.mark.parametrize(

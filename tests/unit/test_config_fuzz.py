@@ -2,7 +2,7 @@
 :class:`ConfigError` — never another exception, which would end start-up with a
 traceback and exit code 1 instead of one line and exit code 2 (hardening hole 15).
 
-``HP_TRUSTED_PROXY_IPS`` is parsed in :mod:`harp.bans` and tested there.
+``HP_TRUSTED_PROXY_IPS`` is parsed in :mod:`harp.client_address` and tested in test_bans.py.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harp.config import (
-    ConfigError,
-    Settings,
-    _parse_bool,
-    _parse_float,
-    _parse_int,
-    _parse_nc_url,
-    _parse_redis_url,
+from harp.config import ConfigError, Settings
+from harp.config.redis_url import parse_redis_url
+from harp.config.values import (
     parse_address,
+    parse_bool,
     parse_duration,
+    parse_float,
+    parse_int,
+    parse_nc_url,
 )
 
 BASE = {"HP_SHARED_KEY": "k3y", "NC_INSTANCE_URL": "https://cloud.example.com"}
@@ -43,11 +42,11 @@ PARSERS: dict[str, Callable[[str], object]] = {
     "address": lambda raw: parse_address("HP_EXAPPS_ADDRESS", raw),
     "duration": lambda raw: parse_duration("HP_TIMEOUT_SERVER", raw),
     "duration_zero": lambda raw: parse_duration("HP_TIMEOUT_TUNNEL", raw, allow_zero=True),
-    "bool": lambda raw: _parse_bool("HP_FRP_DISABLE_TLS", raw),
-    "int": lambda raw: _parse_int("HP_BLACKLIST_COUNT", raw, 1, 1_000_000),
-    "float": lambda raw: _parse_float("HP_SESSION_LIFETIME", raw, 0, 10),
-    "nc_url": _parse_nc_url,
-    "redis_url": _parse_redis_url,
+    "bool": lambda raw: parse_bool("HP_FRP_DISABLE_TLS", raw),
+    "int": lambda raw: parse_int("HP_BLACKLIST_COUNT", raw, 1, 1_000_000),
+    "float": lambda raw: parse_float("HP_SESSION_LIFETIME", raw, 0, 10),
+    "nc_url": parse_nc_url,
+    "redis_url": parse_redis_url,
 }
 
 #: Variables fuzzed through the whole of ``Settings.from_env``.

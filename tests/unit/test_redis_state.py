@@ -1,5 +1,6 @@
-"""Unit tests for the pure parts of harp.state.redis: URL parsing, the event codec, the
-backoff, and how a replica's mirror applies events (no Redis, no reactor running)."""
+"""Unit tests for the pure parts of the Redis state: HP_REDIS_URL parsing (harp.config),
+the event codec, the backoff, and how a replica's mirror applies events (no Redis, no
+reactor running)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,13 @@ from typing import Any
 
 import pytest
 
-from harp.config import ConfigError
+from harp.config import ConfigError, RedisURL
+from harp.config.redis_url import parse_redis_url
+from harp.config.values import redact_url
 from harp.exapps import parse_record
-from harp.state.redis import (
-    RECONNECT_MAX,
-    Event,
-    RedisState,
-    backoff_delay,
-    decode_event,
-    encode_delete,
-    encode_put,
-    parse_redis_url,
-    target_without_password,
-)
+from harp.state.redis import RedisState
+from harp.state.redis.events import Event, decode_event, encode_delete, encode_put
+from harp.state.redis.links import RECONNECT_MAX, backoff_delay
 
 RECORD: dict[str, Any] = {
     "exapp_token": "t", "exapp_version": "1.0", "host": "127.0.0.1", "port": 23000,
@@ -40,7 +35,7 @@ class FakeClock:
 
 
 def test_parse_tcp_url_with_password_and_db() -> None:
-    target = parse_redis_url("redis://:s3cr%40t@redis.internal:6380/2")
+    target = url("redis://:s3cr%40t@redis.internal:6380/2")
     assert (target.host, target.port, target.db, target.tls) == ("redis.internal", 6380, 2, False)
     assert target.password == "s3cr@t" and target.username is None
     assert target.describe() == "redis://redis.internal:6380/2"
@@ -48,10 +43,10 @@ def test_parse_tcp_url_with_password_and_db() -> None:
 
 
 def test_parse_defaults_tls_acl_user_ipv6_and_unix() -> None:
-    target = parse_redis_url("rediss://harp:pw@[::1]")
+    target = url("rediss://harp:pw@[::1]")
     assert (target.port, target.db, target.tls, target.username) == (6379, None, True, "harp")
     assert target.describe() == "rediss://[::1]:6379"
-    unix = parse_redis_url("unix:///run/redis/redis.sock?db=3")
+    unix = url("unix:///run/redis/redis.sock?db=3")
     assert (unix.path, unix.db, unix.host) == ("/run/redis/redis.sock", 3, None)
     assert unix.describe() == "unix:///run/redis/redis.sock/3"
 
@@ -64,9 +59,27 @@ def test_bad_url_is_a_config_error_without_the_password(url: str) -> None:
     assert ":pw@" not in caught.value.line() and "<redacted>" in caught.value.line()
 
 
-def test_target_without_password() -> None:
-    assert target_without_password("redis://u:p@h:1/0") == "redis://u:<redacted>@h:1/0"
-    assert target_without_password("redis://h:1") == "redis://h:1"
+def test_redact_url() -> None:
+    assert redact_url("redis://u:p@h:1/0") == "redis://u:<redacted>@h:1/0"
+    assert redact_url("redis://h:1") == "redis://h:1"
+
+
+def test_parsed_url_keeps_only_the_redacted_text() -> None:
+    target = url("redis://u:s3cret@h:1/0")
+    assert target.redacted == "redis://u:<redacted>@h:1/0"
+    assert "s3cret" not in repr(target)
+
+
+@pytest.mark.parametrize("raw", ["redis://h/²", "unix:///s.sock?db=٣", "redis://h/" + "9" * 30])
+def test_database_must_be_ascii_digits(raw: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_redis_url(raw)
+
+
+def url(text: str) -> RedisURL:
+    parsed = parse_redis_url(text)
+    assert parsed is not None
+    return parsed
 
 
 # --- events
@@ -107,7 +120,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def state(clock: FakeClock) -> RedisState:
-    return RedisState("redis://127.0.0.1:1/0", 3, 10, 60, clock=clock)  # never started
+    return RedisState(url("redis://127.0.0.1:1/0"), 3, 10, 60, clock=clock)  # never started
 
 
 def test_without_redis_it_behaves_like_memory_state(state: RedisState) -> None:
@@ -118,6 +131,7 @@ def test_without_redis_it_behaves_like_memory_state(state: RedisState) -> None:
     assert state.delete_exapp("app") and not state.delete_exapp("app")
     state.put_exapp("kept", parse_record("kept", dict(RECORD)))
     assert state._dirty == {"app", "kept"}  # written when Redis is reachable
+
 
 
 def test_events_from_other_replicas_update_the_mirror(
@@ -177,7 +191,7 @@ def test_ipv6_failures_and_remote_bans_are_per_64(state: RedisState, clock: Fake
 
 
 def test_full_remote_ban_table_keeps_live_bans(clock: FakeClock) -> None:
-    state = RedisState("redis://127.0.0.1:1/0", 3, 10, 60, clock=clock)
+    state = RedisState(url("redis://127.0.0.1:1/0"), 3, 10, 60, clock=clock)
     state.remote_bans = type(state.remote_bans)(2, 10, clock=clock)
     for addr in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
         state.on_message(json.dumps({"k": "ban", "o": "o", "addr": addr, "ttl": 5000}))
