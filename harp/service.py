@@ -202,9 +202,8 @@ def make_service(settings: Settings) -> MultiService:
     metrics.gauge("harp_tunnel_ports", "Tunnel ports with a live FRP proxy.",
                   lambda: len(tunnels.ports()))
     metrics.gauge("harp_failure_addresses", "Client addresses with recent failures.",
-                  lambda: len(getattr(state, "bans", ())))
-    metrics.gauge("harp_exapps_known", "ExApp records held.",
-                  lambda: len(getattr(state, "records", ())))
+                  state.count_ban_keys)
+    metrics.gauge("harp_exapps_known", "ExApp records held.", state.count_exapps)
     control.add(b"GET", b"/metrics", lambda request, rest: responses.send(
         request, 200, metrics.render(), METRICS_CONTENT_TYPE))
     limit = ConnectionLimit(settings.max_connections)

@@ -54,3 +54,12 @@ class State(Protocol):
     def sweep(self) -> None:
         """Drop expired entries (called periodically)."""
         ...
+
+    def count_ban_keys(self) -> int:
+        """Ban keys (IPv4 addresses, IPv6 /64s) with failures tracked by this process,
+        banned or not; expired ones count until the next :meth:`sweep`.  For metrics."""
+        ...
+
+    def count_exapps(self) -> int:
+        """ExApp records this process holds.  For metrics."""
+        ...

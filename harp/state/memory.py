@@ -79,3 +79,9 @@ class MemoryState:
         self.bans.sweep()
         self.missing.sweep()
         self.users.sweep()
+
+    def count_ban_keys(self) -> int:
+        return len(self.bans)
+
+    def count_exapps(self) -> int:
+        return len(self.records)

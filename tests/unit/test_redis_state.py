@@ -133,6 +133,18 @@ def test_without_redis_it_behaves_like_memory_state(state: RedisState) -> None:
     assert state._dirty == {"app", "kept"}  # written when Redis is reachable
 
 
+def test_counts_for_metrics(state: RedisState, clock: FakeClock) -> None:
+    """The /metrics gauges read these through the State protocol."""
+    assert (state.count_ban_keys(), state.count_exapps()) == (0, 0)
+    state.record_failure("192.0.2.1")
+    state.record_failure("2001:db8::1")
+    state.record_failure("2001:db8::2")  # same /64
+    state.put_exapp("app", parse_record("app", dict(RECORD)))
+    assert (state.count_ban_keys(), state.count_exapps()) == (2, 1)
+    clock.now += 11
+    state.sweep()
+    assert state.count_ban_keys() == 0
+
 
 def test_events_from_other_replicas_update_the_mirror(
     state: RedisState, clock: FakeClock
