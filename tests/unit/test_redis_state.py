@@ -240,3 +240,30 @@ def test_local_put_clears_the_tombstone(state: RedisState) -> None:
     state.put_exapp("app", parse_record("app", dict(RECORD)))
     assert state._tombstones == {}
     assert state.get_exapp("app") is not None
+
+
+def test_an_outage_is_logged_once_and_never_shows_the_password() -> None:
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+    from twisted.python.failure import Failure
+
+    from harp.state.redis.outage import OutageLog
+
+    seen: list[LogEvent] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        outage = OutageLog(url("redis://:s3cret@h:1/0"))
+        for _ in range(3):
+            outage.unavailable("commands", "refused")
+            outage.call_failed("ping", Failure(ConnectionError("down")))
+        outage.login_refused("WRONGPASS")
+        outage.login_refused("WRONGPASS")
+        outage.synced()
+        outage.synced()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [formatEvent(e) for e in seen if e.get("log_namespace") == "harp.redis"]
+    assert sum("unavailable" in line for line in lines) == 1
+    assert sum("could not ping" in line for line in lines) == 1
+    assert sum("WRONGPASS" in line for line in lines) == 1
+    assert sum("reconnected" in line for line in lines) == 1
+    assert not any("s3cret" in line for line in lines)

@@ -41,6 +41,7 @@ Modules, one concern each, data flowing downwards:
 * :mod:`~harp.state.redis.replica` -- :class:`RedisState`, the mirror and its replication;
 * :mod:`~harp.state.redis.links` -- one reconnecting Redis connection each (commands,
   pub/sub) and the backoff;
+* :mod:`~harp.state.redis.outage` -- what is logged while Redis is away (once per outage);
 * :mod:`~harp.state.redis.scripts` -- the Lua scripts, each one atomic step;
 * :mod:`~harp.state.redis.events` -- the codec of what is published on ``harp:events``.
 

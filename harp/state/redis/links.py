@@ -135,14 +135,13 @@ class Link:
         owner: LinkOwner,
         name: str,
         reactor: IReactorTime,
-        endpoint: IStreamClientEndpoint,
-        protocol_class: type[Any],
         url: RedisURL,
+        protocol_class: type[Any],
     ) -> None:
         self.owner = owner
         self.name = name
         self.reactor = reactor
-        self.endpoint = endpoint
+        self.endpoint = endpoint_for(reactor, url)
         self.protocol_class = protocol_class
         self.url = url
         self.protocol: Any = None  # ready (logged in, database selected) or None

@@ -26,9 +26,9 @@ from harp.state.redis.links import (
     CommandProtocol,
     Link,
     SubscriberProtocol,
-    endpoint_for,
     redis_call,
 )
+from harp.state.redis.outage import OutageLog
 from harp.state.redis.scripts import (
     BANS_LUA,
     DELETE_LUA,
@@ -108,18 +108,10 @@ class RedisState(MemoryState):
         self._syncing = False
         self._sync_again = False
         self.synced = False
-        self._outage_logged = False
-        self._error_logged = False
-        self._login_errors: set[str] = set()
+        self.outage = OutageLog(url)
         self.syncs = 0
-        self._command = Link(
-            self, "commands", reactor, endpoint_for(reactor, url), CommandProtocol,
-            url,
-        )
-        self._subscriber = Link(
-            self, "pub/sub", reactor, endpoint_for(reactor, url), SubscriberProtocol,
-            url,
-        )
+        self._command = Link(self, "commands", reactor, url, CommandProtocol)
+        self._subscriber = Link(self, "pub/sub", reactor, url, SubscriberProtocol)
         self._subscribed = False
         self._remote_full_logged = False
 
@@ -248,11 +240,7 @@ class RedisState(MemoryState):
         """Attach the error handling every Redis call needs: log once, never raise."""
 
         def failed(failure: Failure) -> None:
-            if not self._error_logged:
-                self._error_logged = True
-                log.warn("Redis: could not {what}: {error}", what=what,
-                         error=failure.getErrorMessage())
-            return None
+            self.outage.call_failed(what, failure)
 
         result: defer.Deferred[object] = call.addErrback(failed)
         return result
@@ -301,22 +289,10 @@ class RedisState(MemoryState):
     # --- connection events
 
     def connection_problem(self, link: str, why: str) -> None:
-        if not self._outage_logged:
-            self._outage_logged = True
-            log.warn(
-                "Redis {target} unavailable ({link}: {why}); bans and the ExApp registry are "
-                "per-replica until it is back", target=self.url.describe(), link=link, why=why,
-            )
+        self.outage.unavailable(link, why)
 
     def login_failed(self, why: str) -> None:
-        """AUTH or SELECT refused: an operator error worth its own line even in an outage
-        already logged (``why`` is the server's answer; the password is not in it)."""
-        self.connection_problem("login", why)
-        if why not in self._login_errors:
-            if len(self._login_errors) < 8:
-                self._login_errors.add(why)
-            log.error("Redis {target}: {why}; check HP_REDIS_URL",
-                      target=self.url.describe(), why=why)
+        self.outage.login_refused(why)
 
     def link_ready(self, link: Link) -> None:
         if link is self._subscriber:
@@ -337,7 +313,7 @@ class RedisState(MemoryState):
         if link is self._subscriber:
             self._subscribed = False
         self.synced = False
-        self.connection_problem(link.name, "connection lost")
+        self.outage.unavailable(link.name, "connection lost")
 
     def _maybe_sync(self) -> None:
         if self._command.protocol is None or not self._subscribed:
@@ -403,12 +379,8 @@ class RedisState(MemoryState):
             self.apply(event)
         self._buffer = None
         self.synced = True
-        self._error_logged = False
         self.syncs += 1
-        if self._outage_logged:
-            self._outage_logged = False
-            log.warn("Redis {target} reconnected: bans and the ExApp registry are shared "
-                     "again", target=self.url.describe())
+        self.outage.synced()
         log.info("Redis state synchronised: {n} ExApps, {b} bans from {target}",
                  n=len(self.records), b=len(bans) // 2 if isinstance(bans, list) else 0,
                  target=self.url.describe())
