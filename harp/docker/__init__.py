@@ -1,8 +1,16 @@
 """Docker engines behind HaRP: engine selection, the raw Engine API passthrough and the
 ``/docker/exapp/*`` lifecycle (reference-behaviour §3.3, §3.4, §6; spec README difference 3).
 
-:func:`build` wires the three parts over one :class:`~harp.docker.engines.EngineEndpoints`,
-so the passthrough and HaRP's own lifecycle calls always reach the same engine for a port.
+One concern per module: :mod:`~harp.docker.engines` (which engine a port means),
+:mod:`~harp.docker.client` (HaRP's own Engine calls), :mod:`~harp.docker.allowlist` and
+:mod:`~harp.docker.query` (what the passthrough admits, pure), :mod:`~harp.docker.passthrough`
+(its HTTP adapter), :mod:`~harp.docker.names` (AppAPI's payloads, pure),
+:mod:`~harp.docker.wire`, :mod:`~harp.docker.certificates` (Engine bodies and certificate
+files, pure), :mod:`~harp.docker.archive` (the archive API), :mod:`~harp.docker.lifecycle`
+(the operations) and :mod:`~harp.docker.routes` (their HTTP adapter).
+
+:func:`build` wires them over one :class:`~harp.docker.engines.EngineEndpoints`, so the
+passthrough and HaRP's own lifecycle calls always reach the same engine for a port.
 """
 
 from __future__ import annotations
@@ -13,11 +21,12 @@ from typing import Any, cast
 from harp.docker.engines import EngineEndpoints, TunnelLookup
 from harp.docker.lifecycle import DockerLifecycle
 from harp.docker.passthrough import DockerPassthrough
+from harp.docker.routes import LifecycleRoutes
 from harp.web.control import ControlPlane
 from harp.web.proxy import ExAppProxy
 from harp.web.upstream import UpstreamEndpoints
 
-__all__ = ["DockerLifecycle", "DockerPassthrough", "EngineEndpoints", "build"]
+__all__ = ["DockerLifecycle", "DockerPassthrough", "EngineEndpoints", "LifecycleRoutes", "build"]
 
 
 def build(
@@ -32,7 +41,7 @@ def build(
 ) -> DockerPassthrough:
     """Register ``/docker/exapp/*`` on ``control``; return the passthrough for ``Root``."""
     endpoints = EngineEndpoints(reactor, socket_path, tunnels, connect_timeout)
-    DockerLifecycle(reactor, endpoints, frp_certs_dir).register(control)
+    LifecycleRoutes(reactor, endpoints, DockerLifecycle(reactor, frp_certs_dir)).register(control)
     # ExAppProxy only needs an IAgentEndpointFactory; it is annotated with the ExApp one.
     proxy = ExAppProxy(
         reactor, connect_timeout, server_timeout,

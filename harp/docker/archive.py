@@ -1,4 +1,4 @@
-"""Reading files out of a container through the Engine archive API, stopped or not.
+"""Files in and out of a container through the Engine archive API, stopped or not.
 
 ``install_certificates`` must put every file in place *before* a stopped ExApp container
 runs for the first time (hardening hole 14): its entrypoint decides once, at start,
@@ -8,7 +8,7 @@ whether frpc uses TLS, by looking for ``/certs/frp``.  ``GET /containers/{id}/ar
 
 The engine archives a symlink as the link itself (like ``docker cp`` without ``-L``), and
 ``/etc/os-release`` is a link to ``../usr/lib/os-release`` on Debian and others, so a few
-link hops are followed here.
+link hops are followed here.  Files go in as one uncompressed tar (:func:`tar_of`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
+import time
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote
 
-from harp.docker.engines import Deadline, EngineClient
+from harp.docker.client import Deadline, EngineClient, unexpected_status
+from harp.logs import HarpLogger
+
+log = HarpLogger("harp.docker")
 
 MAX_LINK_HOPS: Final = 4
 #: Largest archive read back (os-release is a few hundred bytes).
@@ -58,6 +62,24 @@ def resolve_link(path: str, link: str) -> str:
     return posixpath.normpath(target)
 
 
+def tar_of(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of ``files`` (paths relative to ``/``), mode 0644, owner root.
+
+    0644 as in the reference: ExApps that run as a non-root user must read the FRP
+    client key to connect back to HaRP.  The engine creates missing parent folders.
+    """
+    out = io.BytesIO()
+    now = int(time.time())
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = now
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 async def read_file(
     engine: EngineClient, container: str, path: str, deadline: Deadline
 ) -> bytes | None:
@@ -76,3 +98,17 @@ async def read_file(
             return entry.data
         path = resolve_link(path, entry.link)
     return None
+
+
+async def write_files(
+    engine: EngineClient, container: str, files: dict[str, bytes], deadline: Deadline
+) -> None:
+    """Put ``files`` (paths relative to ``/``) into ``container``, running or not."""
+    reply = await engine.call(
+        b"PUT", f"/containers/{container}/archive", deadline, query=b"path=%2F",
+        data=tar_of(files), content_type=b"application/x-tar",
+    )
+    if reply.status != 200:
+        log.warn("{name}: archive upload failed: {status} {error}", name=container,
+                 status=reply.status, error=reply.text())
+        raise unexpected_status("Failed to upload archive", reply.status)

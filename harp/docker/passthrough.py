@@ -1,109 +1,41 @@
-"""The raw Docker Engine API passthrough and its allow-list (reference §3.3, audit notes).
+"""The raw Docker Engine API passthrough: the HTTP adapter (reference §3.3, audit notes).
 
-AppAPI makes exactly five kinds of raw Engine calls through HaRP (appapi-client §2.3):
-``_ping``, ``images/create`` (pull, streamed NDJSON progress), ``images/<ref>/json``, and
-``containers/nc_app_<id>/{json,logs}`` (logs as Docker's multiplexed stream).  Everything
-else an engine can do (create, exec, archive, delete …) stays behind HaRP's own
-``/docker/exapp/*`` endpoints, so the passthrough admits only those five, with any
-``/v<digits.dots>`` version prefix, and answers 403 to the rest.  ``HEAD`` is admitted
-wherever ``GET`` is (HAProxy's ``METH_GET`` does the same).
-
-The reference matches its regexes on the URL-decoded path.  We decode once, exactly as the
-engine will, and additionally refuse what could make the engine see a different path than
-the one checked: empty segments (``//``), ``.``/``..`` segments in any spelling, backslashes,
-control characters, and a ``%`` surviving the decode (double encoding).  The decoded path —
-which then consists of URL-safe characters only — is what is forwarded, so the engine routes
-exactly the path that was checked.
-
-The query is allow-listed too (hardening hole 11): ``images/create?fromSrc=<url>`` makes
-the engine download an arbitrary URL (and ``fromSrc=-`` imports the request body as an
-image), ``logs?follow=true`` holds a connection open forever.  Each endpoint admits only
-the parameters AppAPI sends (appapi-client §1.2, §2.3) — ``fromImage``, ``tag`` and
-``platform`` for a pull, ``stdout``, ``stderr`` and ``tail`` for logs, none elsewhere —
-judged on the strictly parsed, decoded names (:mod:`harp.docker.query`), and the
-canonical re-encoding is what the engine receives.  A refused query is a 403 like a
-refused path.
+AppAPI's raw Engine calls arrive on ``/exapps/app_api/<rest>`` with ``docker-engine-port``.
+Whether one may pass is decided by the pure allow-list (:mod:`harp.docker.allowlist`,
+path and query); which engine serves it, by :mod:`harp.docker.engines`.  This module only
+applies those verdicts to a request, in the order that keeps the answers unchanged: a bad
+port is 400, a refused path or query 403 (even with no engine connected), and only an
+allowed call to a port with no engine 503.  What passes is streamed by the ExApp proxy
+with the checked path and the canonical query, without HaRP's secrets.
 """
 
 from __future__ import annotations
 
-import re
 from io import BytesIO
 from typing import Final
-from urllib.parse import unquote_to_bytes
 
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 
-from harp.docker.engines import ENGINE_HOST, EngineEndpoints, EngineSelectionError, parse_port
-from harp.docker.names import valid_image_ref
-from harp.docker.query import filter_query
+from harp.docker.allowlist import allowed_request
+from harp.docker.engines import (
+    ENGINE_HOST,
+    PORT_HEADER,
+    EngineEndpoints,
+    EngineSelectionError,
+    refuse_selection,
+    requested_port,
+)
 from harp.logs import HarpLogger
 from harp.web import responses
-from harp.web.headers import last_header
 from harp.web.proxy import ExAppProxy
 
 log = HarpLogger("harp.docker")
 
-_VERSION: Final = rb"(?:/v[0-9.]+)?"
-_READ: Final = frozenset({b"GET", b"HEAD"})
-_PING: Final = re.compile(_VERSION + rb"/_ping", re.IGNORECASE)
-_IMAGE_JSON: Final = re.compile(_VERSION + rb"/images/(?P<ref>.+)/json", re.IGNORECASE)
-_CONTAINER: Final = re.compile(
-    _VERSION + rb"/containers/nc_app_[a-z0-9_.-]+/(?:json|logs)", re.IGNORECASE
-)
-_PULL: Final = re.compile(_VERSION + rb"/images/create", re.IGNORECASE)
-#: What a checked, decoded path may contain (all of it URL-safe as is).
-_SAFE_PATH: Final = re.compile(rb"[A-Za-z0-9._/:@+-]+")
-
-#: Query parameters per endpoint: what AppAPI sends, nothing more.
-NO_PARAMS: Final[frozenset[str]] = frozenset()
-PULL_PARAMS: Final = frozenset({"fromImage", "tag", "platform"})
-LOGS_PARAMS: Final = frozenset({"stdout", "stderr", "tail"})
-_LOGS: Final = re.compile(rb".*/logs", re.IGNORECASE)
-
 #: Never sent to an engine: HaRP's shared key (also inside AppAPI's Basic auth) is no
 #: business of a remote engine's frpc host.
-_SECRET_HEADERS: Final = (b"harp-shared-key", b"authorization", b"docker-engine-port", b"cookie")
-
-
-def allowed_target(method: bytes, rest: bytes) -> bytes | None:
-    """The path to forward for an allowed ``method`` + raw ``rest``, else None (→ 403)."""
-    matched = _match(method, rest)
-    return None if matched is None else matched[0]
-
-
-def allowed_request(method: bytes, rest: bytes, query: bytes) -> tuple[bytes, bytes] | None:
-    """(path, canonical query) to forward for an allowed request, else None (→ 403)."""
-    matched = _match(method, rest)
-    if matched is None:
-        return None
-    path, params = matched
-    canonical = filter_query(query, params)
-    return None if canonical is None else (path, canonical)
-
-
-def _match(method: bytes, rest: bytes) -> tuple[bytes, frozenset[str]] | None:
-    """The decoded path and the query parameters its endpoint admits."""
-    path = unquote_to_bytes(rest)
-    if not path.startswith(b"/") or not _SAFE_PATH.fullmatch(path):
-        return None  # control chars, "%" after decoding, "\\", "?", "#", spaces ...
-    segments = path[1:].split(b"/")
-    if any(segment in (b"", b".", b"..") for segment in segments):
-        return None
-    if method in _READ:
-        if _PING.fullmatch(path):
-            return path, NO_PARAMS
-        if _CONTAINER.fullmatch(path):
-            return path, LOGS_PARAMS if _LOGS.fullmatch(path) else NO_PARAMS
-        image = _IMAGE_JSON.fullmatch(path)
-        if image is not None and valid_image_ref(image.group("ref").decode("ascii")):
-            return path, NO_PARAMS
-        return None
-    if method == b"POST" and _PULL.fullmatch(path):
-        return path, PULL_PARAMS
-    return None
+_SECRET_HEADERS: Final = (b"harp-shared-key", b"authorization", PORT_HEADER, b"cookie")
 
 
 class DockerPassthrough:
@@ -114,25 +46,21 @@ class DockerPassthrough:
         self.proxy = proxy
 
     def passthrough(self, request: Request, rest: bytes) -> None:
-        try:
-            port = parse_port(last_header(request, b"docker-engine-port"))
-        except EngineSelectionError as exc:
-            responses.finish(request, responses.send_json(request, exc.status, exc.payload()))
-            return
         _, _, query = request.uri.partition(b"?")
-        allowed = allowed_request(request.method, rest, query)
-        if allowed is None:
-            log.info("docker passthrough denied: {method} {path}",
-                     method=request.method.decode("latin-1"),
-                     path=_printable(rest + (b"?" + query if query else b"")))
-            responses.finish(request, responses.error(request, 403))
-            return
-        target, canonical = allowed
         try:
+            port = requested_port(request)
+            allowed = allowed_request(request.method, rest, query)
+            if allowed is None:
+                log.info("docker passthrough denied: {method} {path}",
+                         method=request.method.decode("latin-1"),
+                         path=_printable(rest + (b"?" + query if query else b"")))
+                responses.finish(request, responses.error(request, 403))
+                return
             self.endpoints.require(port)
         except EngineSelectionError as exc:
-            responses.finish(request, responses.send_json(request, exc.status, exc.payload()))
+            responses.finish(request, refuse_selection(request, exc))
             return
+        target, canonical = allowed
         for name in _SECRET_HEADERS:
             request.requestHeaders.removeHeader(name)
         # ExAppProxy.forward takes the query from request.uri: hand it the checked one.

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harp.docker.passthrough import LOGS_PARAMS, PULL_PARAMS, allowed_request
+from harp.docker.allowlist import LOGS_PARAMS, PULL_PARAMS, allowed_request
 from harp.docker.query import encode_query, filter_query, parse_query
 
 PULL = b"/v1.44/images/create"

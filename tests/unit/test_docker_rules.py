@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from harp.docker.allowlist import allowed_target
+from harp.docker.archive import tar_of
+from harp.docker.certificates import ca_target
 from harp.docker.engines import EngineEndpoints, EngineSelectionError, parse_port
-from harp.docker.lifecycle import ca_target, container_config, demux, tar_of
 from harp.docker.names import (
     CertificatesPayload,
     CreatePayload,
@@ -21,7 +23,7 @@ from harp.docker.names import (
     parse_json_object,
     valid_image_ref,
 )
-from harp.docker.passthrough import allowed_target
+from harp.docker.wire import container_config, demux
 
 # --------------------------------------------------------------------------- allow-list
 

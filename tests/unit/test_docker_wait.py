@@ -8,14 +8,13 @@ the rule here: an empty health status is "no health check", answered at once.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from harp.docker.engines import Deadline, EngineEndpoints, EngineReply, EngineTimeout
+from harp.docker.client import Deadline, EngineReply, EngineTimeout
 from harp.docker.lifecycle import TIMEOUT_WAIT, DockerLifecycle, Outcome
 from harp.docker.names import ExAppName
 
@@ -39,8 +38,7 @@ class FakeEngine:
 
 def run(states: list[tuple[int, dict[str, Any] | None]], advance: float = 0.0) -> Outcome:
     clock = Clock()
-    lifecycle = DockerLifecycle(clock, EngineEndpoints(clock, Path("/nonexistent"), None, 5),
-                                None)
+    lifecycle = DockerLifecycle(clock, None)
     engine = FakeEngine(clock, states)
     result: list[Outcome] = []
     Deferred.fromCoroutine(
