@@ -1,4 +1,4 @@
-"""The FRP server stack in memory: a scripted yamux client against FrpServerFactory.
+"""The FRP server stack in memory: a scripted yamux client against the FRP listener.
 
 No sockets and no real time: the server runs on a ``StringTransport`` and a
 ``MemoryReactorClock`` (whose ``listenTCP`` only records the call), and the client is
@@ -19,10 +19,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from harp.frp import msg, yamux
-from harp.frp.control import LOGIN_BAD_TOKEN, LOGIN_BANNED, WORK_CONN_TIMEOUT
 from harp.frp.crypto import StreamDecryptor, StreamEncryptor, auth_key, derive_key
+from harp.frp.listener import FrpServerFactory
 from harp.frp.mux import STREAM_WINDOW
-from harp.frp.server import FrpServerFactory
+from harp.frp.service import LOGIN_BAD_TOKEN, LOGIN_BANNED, WORK_CONN_TIMEOUT, FrpServer
 from harp.frp.tunnels import TunnelRegistry
 from harp.state.memory import MemoryState
 
@@ -35,7 +35,8 @@ class Env:
         self.reactor = MemoryReactorClock()
         self.state = MemoryState(blacklist_count, 300, 60)
         self.registry = TunnelRegistry(self.reactor, idle_timeout=None)
-        self.factory = FrpServerFactory(self.reactor, KEY, self.state, self.registry, None)
+        self.server = FrpServer(self.reactor, KEY, self.state, self.registry)
+        self.factory = FrpServerFactory(self.reactor, self.server, None)
 
 
 class FakeFrpc:
@@ -156,7 +157,7 @@ def test_login_returns_run_id_then_encrypted_req_work_conn() -> None:
     resp = frpc.login(pool=2)
     assert resp.error == "" and len(resp.run_id) == 16
     assert len(frpc.of_type(msg.ReqWorkConn)) == 2
-    assert env.factory.server.controls[resp.run_id] is not None
+    assert env.server.controls[resp.run_id] is not None
 
 
 @pytest.mark.parametrize("token", ["wrong", None, ""])
@@ -170,7 +171,7 @@ def test_bad_token_is_rejected_and_counted(token: str | None) -> None:
     assert env.state.is_banned("2001:db8::1")
     frpc = FakeFrpc(env, IPv6Address("TCP", "2001:db8::1", 40001))
     assert frpc.login().error == LOGIN_BANNED
-    assert not env.factory.server.controls
+    assert not env.server.controls
 
 
 def test_wrong_privilege_key_rejected() -> None:
@@ -351,7 +352,7 @@ def test_control_loss_releases_ports_and_resets_streams() -> None:
     (protocol,) = results
     frpc.proto.connectionLost(Failure(ConnectionError("gone")))
     assert env.registry.ports() == [] and env.registry.endpoint_for(24001) is None
-    assert not env.factory.server.controls
+    assert not env.server.controls
     assert protocol.lost is not None
 
 
@@ -364,7 +365,7 @@ def test_same_run_id_replaces_the_old_session() -> None:
     assert new.login(run_id=run_id).run_id == run_id
     assert old.transport.disconnecting
     assert new.new_proxy("app", 24001).error == ""
-    assert env.factory.server.controls[run_id] is not None
+    assert env.server.controls[run_id] is not None
 
 
 def test_silent_session_is_dropped() -> None:
@@ -469,4 +470,4 @@ def test_direct_control_connection_and_heartbeat_timeout() -> None:
     assert not transport.disconnecting
     env.reactor.advance(31)
     assert transport.disconnecting
-    assert not env.factory.server.controls
+    assert not env.server.controls

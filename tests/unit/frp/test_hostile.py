@@ -29,7 +29,7 @@ from harp.frp.backlog import (
     tcp_backlog,
 )
 from harp.frp.crypto import StreamEncryptor, auth_key
-from harp.frp.server import FrpServerFactory
+from harp.frp.listener import FrpServerFactory
 from tests.unit.frp.test_control import CIPHER, KEY, Env, FakeFrpc
 
 READ_SIZE = 64 * 1024
@@ -196,7 +196,7 @@ def test_frp_ping_flood_after_direct_login_stops_reading_then_drops() -> None:
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
     proto.dataReceived(msg.encode_message(login))
-    assert env.factory.server.controls
+    assert env.server.controls
     enc = StreamEncryptor(CIPHER)
     ping = msg.encode_message(msg.Ping())
     proto.dataReceived(enc.encrypt(ping))  # the IV goes out with the first one
@@ -205,7 +205,7 @@ def test_frp_ping_flood_after_direct_login_stops_reading_then_drops() -> None:
     while transport.producerState == "producing" and reads < 400:
         proto.dataReceived(enc.encrypt(plain))  # CFB: every chunk continues the stream
         reads += 1
-    assert env.factory.server.controls, "the flood itself must be valid FRP"
+    assert env.server.controls, "the flood itself must be valid FRP"
 
     assert transport.producerState == "paused"
     assert len(transport.value()) <= HIGH_WATER + READ_SIZE + 64
@@ -214,20 +214,20 @@ def test_frp_ping_flood_after_direct_login_stops_reading_then_drops() -> None:
 
 
 def test_direct_consumer_pause_survives_the_backlog_resume() -> None:
-    """A direct channel's own pause (its consumer is full) outlives a drained backlog."""
+    """A direct stream's own pause (its consumer is full) outlives a drained backlog."""
     env = Env()
     transport, proto = _connect(env)
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
     proto.dataReceived(msg.encode_message(login))
-    control = next(iter(env.factory.server.controls.values()))
-    control.channel.pauseProducing()
+    control = next(iter(env.server.controls.values()))
+    control.stream.pauseProducing()
     assert transport.producerState == "paused"
     proto.guard.check()
     transport.clear()
     env.reactor.advance(POLL_INTERVAL)
     assert transport.producerState == "paused"
-    control.channel.resumeProducing()
+    control.stream.resumeProducing()
     assert transport.producerState == "producing"
 
 
@@ -246,7 +246,7 @@ def test_work_conn_on_a_foreign_yamux_session_is_rejected_and_counted() -> None:
     owner = FakeFrpc(env)
     owner.auto_work = False
     run_id = owner.login(pool=0).run_id
-    control = env.factory.server.controls[run_id]
+    control = env.server.controls[run_id]
     for port in (41000, 41001):
         intruder = FakeFrpc(env, IPv4Address("TCP", "203.0.113.9", port))
         sid = _work_stream(intruder, run_id)
@@ -265,7 +265,7 @@ def test_direct_work_conn_must_come_from_the_control_address() -> None:
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=0)
     proto.dataReceived(msg.encode_message(login))
-    (run_id, control), = env.factory.server.controls.items()
+    (run_id, control), = env.server.controls.items()
     work = msg.encode_message(msg.NewWorkConn(run_id=run_id))
 
     other, other_proto = _connect(env, IPv4Address("TCP", "192.0.2.99", 40001))
@@ -282,7 +282,7 @@ def test_work_conn_with_a_wrong_privilege_key_is_rejected() -> None:
     frpc = FakeFrpc(env)
     frpc.auto_work = False
     run_id = frpc.login(pool=0).run_id
-    control = env.factory.server.controls[run_id]
+    control = env.server.controls[run_id]
     bad = _work_stream(frpc, run_id, timestamp=9, privilege_key=auth_key("nope", 9))
     assert bad in frpc.reset and not control._pool
     _work_stream(frpc, run_id, timestamp=9, privilege_key=auth_key("", 9))
@@ -312,8 +312,7 @@ def test_plaintext_frp_warns_at_start_whatever_the_level() -> None:
         env.factory.doStart()
         env.factory.doStop()
         tls_env = Env()
-        tls_factory = FrpServerFactory(tls_env.reactor, KEY, tls_env.state, tls_env.registry,
-                                       _NoTLS())
+        tls_factory = FrpServerFactory(tls_env.reactor, tls_env.server, _NoTLS())
         tls_factory.doStart()
         tls_factory.doStop()
     finally:
