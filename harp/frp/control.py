@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from harp.frp import msg
+from harp.frp import codec, msg
 from harp.frp.crypto import StreamDecryptor, StreamEncryptor
 from harp.frp.stream import Stream
 from harp.frp.tunnels import ProxyError, TunnelHandle, TunnelRegistry
@@ -109,7 +109,7 @@ class Control(TwistedProtocol):
         stream: Stream,
         login: msg.Login,
         run_id: str,
-        decoder: msg.MessageDecoder,
+        decoder: codec.MessageDecoder,
         addr: str,
     ) -> None:
         self.server = server
@@ -139,7 +139,7 @@ class Control(TwistedProtocol):
             return
         self.started = True
         stream = self.stream
-        stream.write(msg.encode_message(msg.LoginResp(version=SERVER_VERSION,
+        stream.write(codec.encode_message(msg.LoginResp(version=SERVER_VERSION,
                                                        run_id=self.run_id)))
         key = self.server.cipher_key
         self._encryptor = StreamEncryptor(key)
@@ -206,7 +206,7 @@ class Control(TwistedProtocol):
     def _send(self, message: msg.Message) -> None:
         if self.closed or self._encryptor is None:
             return
-        self.stream.write(self._encryptor.encrypt(msg.encode_message(message)))
+        self.stream.write(self._encryptor.encrypt(codec.encode_message(message)))
 
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
@@ -219,7 +219,7 @@ class Control(TwistedProtocol):
         while not self.closed:
             try:
                 message = self.decoder.next_message()
-            except msg.ProtocolError as exc:
+            except codec.ProtocolError as exc:
                 log.info("FRP client {run_id}: bad control message, closing: {error}",
                          run_id=self.run_id, error=str(exc))
                 self.shutdown("protocol error")
@@ -369,7 +369,7 @@ class Control(TwistedProtocol):
             if self.closed or not stream.alive:
                 stream.abortConnection()
                 raise ConnectError(string=f"FRP client {self.run_id} disconnected")
-            stream.write(msg.encode_message(msg.StartWorkConn(
+            stream.write(codec.encode_message(msg.StartWorkConn(
                 proxy_name=proxy_name, src_addr=src[0], src_port=src[1] & 0xFFFF,
                 dst_addr=dst[0], dst_port=dst[1] & 0xFFFF)))
             if encrypted:

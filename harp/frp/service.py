@@ -39,7 +39,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from harp.bans import normalize_ip
-from harp.frp import msg
+from harp.frp import codec, msg
 from harp.frp.control import SERVER_VERSION, Control, describe
 from harp.frp.crypto import derive_key, verify_auth_key
 from harp.frp.stream import Stream
@@ -127,7 +127,7 @@ class FrpServer:
 
     # ------------------------------------------------------------ login
 
-    def login(self, stream: Stream, login: msg.Login, decoder: msg.MessageDecoder) -> bool:
+    def login(self, stream: Stream, login: msg.Login, decoder: codec.MessageDecoder) -> bool:
         """Authenticate *login*; on success a :class:`Control` takes over *stream*."""
         peer = stream.getPeer()
         ip = client_ip(peer)
@@ -166,7 +166,7 @@ class FrpServer:
         return True
 
     def _refuse(self, stream: Stream, error: str) -> None:
-        stream.write(msg.encode_message(msg.LoginResp(version=SERVER_VERSION, error=error)))
+        stream.write(codec.encode_message(msg.LoginResp(version=SERVER_VERSION, error=error)))
         stream.loseConnection()
 
     # ------------------------------------------------------------ work connections
@@ -238,7 +238,7 @@ class FirstMessage(TwistedProtocol):
         self, server: FrpServer, on_identified: Callable[[], object] | None = None
     ) -> None:
         self.server = server
-        self.decoder = msg.MessageDecoder()
+        self.decoder = codec.MessageDecoder()
         self._timer: IDelayedCall | None = None
         self._done = False
         self._on_identified = on_identified
@@ -276,7 +276,7 @@ class FirstMessage(TwistedProtocol):
         self.decoder.feed(data)
         try:
             message = self.decoder.next_message()
-        except msg.ProtocolError as exc:
+        except codec.ProtocolError as exc:
             self._finish()
             log.info("FRP connection from {peer}: bad first message, closing: {error}",
                      peer=self._peer(), error=str(exc))
@@ -295,7 +295,7 @@ class FirstMessage(TwistedProtocol):
         elif isinstance(message, msg.NewVisitorConn):
             log.info("FRP visitor connection from {peer} refused (not supported)",
                      peer=self._peer())
-            stream.write(msg.encode_message(msg.NewVisitorConnResp(
+            stream.write(codec.encode_message(msg.NewVisitorConnResp(
                 proxy_name=message.proxy_name, error="visitors are not supported")))
             stream.loseConnection()
         else:

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from harp.frp import msg, yamux
+from harp.frp import codec, msg, yamux
 from harp.frp.crypto import StreamDecryptor, StreamEncryptor, auth_key, derive_key
 from harp.frp.listener import FrpServerFactory
 from harp.frp.mux import STREAM_WINDOW
@@ -54,7 +54,7 @@ class FakeFrpc:
         self.ended: set[int] = set()
         self.reset: set[int] = set()
         self.control = 0
-        self.decoder = msg.MessageDecoder()
+        self.decoder = codec.MessageDecoder()
         self.encryptor = StreamEncryptor(CIPHER)
         self.run_id = ""
         self.control_msgs: list[msg.Message] = []
@@ -99,19 +99,19 @@ class FakeFrpc:
                           privilege_key=auth_key("", 1795586873), run_id=run_id,
                           metas=metas, pool_count=pool)
         self.control = self.session.open_stream()
-        self.session.send(self.control, msg.encode_message(login))
+        self.session.send(self.control, codec.encode_message(login))
         self.pump()
         resp = self.control_msgs[0]
         assert isinstance(resp, msg.LoginResp)
         return resp
 
     def send_control(self, message: msg.Message) -> None:
-        self.session.send(self.control, self.encryptor.encrypt(msg.encode_message(message)))
+        self.session.send(self.control, self.encryptor.encrypt(codec.encode_message(message)))
         self.pump()
 
     def open_work(self) -> int:
         sid = self.session.open_stream()
-        self.session.send(sid, msg.encode_message(msg.NewWorkConn(run_id=self.run_id)))
+        self.session.send(sid, codec.encode_message(msg.NewWorkConn(run_id=self.run_id)))
         self.work_streams.append(sid)
         return sid
 
@@ -180,7 +180,7 @@ def test_wrong_privilege_key_rejected() -> None:
     login = msg.Login(version="0.65.0", timestamp=5, privilege_key=auth_key("tok", 5),
                       metas={"token": KEY})
     frpc.control = frpc.session.open_stream()
-    frpc.session.send(frpc.control, msg.encode_message(login))
+    frpc.session.send(frpc.control, codec.encode_message(login))
     frpc.pump()
     assert "doesn't match" in frpc.control_msgs[0].error  # type: ignore[union-attr]
 
@@ -275,7 +275,7 @@ def test_endpoint_runs_protocol_over_a_pooled_work_stream() -> None:
     frpc.pump()
     (protocol,) = results
     assert isinstance(protocol, Collect)
-    start = msg.decode_message(bytes(frpc.received[sid]))
+    start = codec.decode_message(bytes(frpc.received[sid]))
     assert isinstance(start, msg.StartWorkConn)
     assert (start.proxy_name, start.dst_port) == ("app", 24001)
     # Taking the pooled stream asked for a replacement.
@@ -456,8 +456,8 @@ def test_direct_control_connection_and_heartbeat_timeout() -> None:
     proto.makeConnection(transport)
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
-    proto.dataReceived(msg.encode_message(login))
-    decoder = msg.MessageDecoder()
+    proto.dataReceived(codec.encode_message(login))
+    decoder = codec.MessageDecoder()
     decoder.feed(transport.value())
     resp = decoder.next_message()
     assert isinstance(resp, msg.LoginResp) and resp.run_id
@@ -465,7 +465,7 @@ def test_direct_control_connection_and_heartbeat_timeout() -> None:
     assert isinstance(decoder.next_message(), msg.ReqWorkConn)
     enc = StreamEncryptor(CIPHER)
     env.reactor.advance(60)
-    proto.dataReceived(enc.encrypt(msg.encode_message(msg.Ping())))
+    proto.dataReceived(enc.encrypt(codec.encode_message(msg.Ping())))
     env.reactor.advance(60)  # 120 s after login, 60 s after the Ping: still alive
     assert not transport.disconnecting
     env.reactor.advance(31)

@@ -4,7 +4,7 @@ Complements the per-module properties in ``test_msg.py`` / ``test_yamux.py`` wit
 hostile peer can aim at:
 
 * **mutated valid traffic** (bit flips, cuts, insertions in real message streams) only
-  ever raises the codec's own :class:`~harp.frp.msg.ProtocolError`;
+  ever raises the codec's own :class:`~harp.frp.codec.ProtocolError`;
 * whatever decodes is **stable**: decode → encode → decode gives the same message, so
   a normalisation never turns one client's input into something else on the way out;
 * yamux headers **round-trip** and random 12-byte headers fail only with
@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from harp.frp import msg, yamux
-from harp.frp.msg import MessageDecoder, ProtocolError, encode_message
+from harp.frp import codec, msg, yamux
+from harp.frp.codec import MessageDecoder, ProtocolError, encode_message
 from tests.unit.frp.test_control import Env
 from tests.unit.frp.test_msg import _fits, messages
 
@@ -78,7 +78,7 @@ def test_whatever_decodes_is_stable(wire: bytes) -> None:
             return
         if not _fits(message):
             continue  # a body that grew past 10 240 bytes on re-encode is refused, not sent
-        again = msg.decode_message(encode_message(message))
+        again = codec.decode_message(encode_message(message))
         assert again == message
 
 

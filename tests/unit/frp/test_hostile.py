@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from harp.frp import msg, yamux
+from harp.frp import codec, msg, yamux
 from harp.frp.backlog import (
     HARD_CAP,
     HIGH_WATER,
@@ -195,10 +195,10 @@ def test_frp_ping_flood_after_direct_login_stops_reading_then_drops() -> None:
     transport, proto = _connect(env)
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
-    proto.dataReceived(msg.encode_message(login))
+    proto.dataReceived(codec.encode_message(login))
     assert env.server.controls
     enc = StreamEncryptor(CIPHER)
-    ping = msg.encode_message(msg.Ping())
+    ping = codec.encode_message(msg.Ping())
     proto.dataReceived(enc.encrypt(ping))  # the IV goes out with the first one
     plain = ping * (READ_SIZE // len(ping))
     reads = 0
@@ -219,7 +219,7 @@ def test_direct_consumer_pause_survives_the_backlog_resume() -> None:
     transport, proto = _connect(env)
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
-    proto.dataReceived(msg.encode_message(login))
+    proto.dataReceived(codec.encode_message(login))
     control = next(iter(env.server.controls.values()))
     control.stream.pauseProducing()
     assert transport.producerState == "paused"
@@ -236,7 +236,7 @@ def test_direct_consumer_pause_survives_the_backlog_resume() -> None:
 
 def _work_stream(frpc: FakeFrpc, run_id: str, **fields: Any) -> int:
     sid = frpc.session.open_stream()
-    frpc.session.send(sid, msg.encode_message(msg.NewWorkConn(run_id=run_id, **fields)))
+    frpc.session.send(sid, codec.encode_message(msg.NewWorkConn(run_id=run_id, **fields)))
     frpc.pump()
     return sid
 
@@ -264,9 +264,9 @@ def test_direct_work_conn_must_come_from_the_control_address() -> None:
     _, proto = _connect(env, IPv4Address("TCP", "192.0.2.1", 40000))
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=0)
-    proto.dataReceived(msg.encode_message(login))
+    proto.dataReceived(codec.encode_message(login))
     (run_id, control), = env.server.controls.items()
-    work = msg.encode_message(msg.NewWorkConn(run_id=run_id))
+    work = codec.encode_message(msg.NewWorkConn(run_id=run_id))
 
     other, other_proto = _connect(env, IPv4Address("TCP", "192.0.2.99", 40001))
     other_proto.dataReceived(work)
