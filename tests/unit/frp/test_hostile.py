@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from harp.frp import codec, msg, yamux
+from harp.frp import codec, msg, yamux_frame
 from harp.frp.backlog import (
     HARD_CAP,
     HIGH_WATER,
@@ -164,7 +164,7 @@ def test_tcp_backlog_reads_twisted_buffers() -> None:
 def test_yamux_ping_flood_before_login_stops_reading() -> None:
     env = Env()
     transport, proto = _connect(env)
-    reads = _flood(proto, transport, yamux.ping_frame(7, yamux.Flag.SYN), reads=400)
+    reads = _flood(proto, transport, yamux_frame.ping_frame(7, yamux_frame.Flag.SYN), reads=400)
     assert transport.producerState == "paused", "HaRP kept reading a peer that reads nothing"
     assert reads < 400
     assert len(transport.value()) <= HIGH_WATER + READ_SIZE
@@ -178,7 +178,7 @@ def test_yamux_syn_flood_refusals_are_bounded_too() -> None:
     """SYNs beyond the pre-login limit are refused with RST: also output per input."""
     env = Env()
     transport, proto = _connect(env)
-    syns = b"".join(yamux.window_update_frame(sid, 0, yamux.Flag.SYN)
+    syns = b"".join(yamux_frame.window_update_frame(sid, 0, yamux_frame.Flag.SYN)
                     for sid in range(1, 2 * 120_000, 2))  # 1.4 MB of RSTs owed
     step = READ_SIZE - READ_SIZE % 12
     pos = 0
