@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from harp.pki import SERVER_NAME, write_atomic
+from harp.pki import CA_CRT, CLIENT_CRT, CLIENT_FILES, CLIENT_KEY, SERVER_NAME, write_atomic
 
 Kind = Literal["engine", "exapp"]
 
@@ -35,9 +35,9 @@ PORT_RANGES: Final[Mapping[Kind, tuple[int, int]]] = {
     "exapp": (23000, 23999),
 }
 
-#: The three files a client needs for mutual TLS, with the modes they are written with.
+#: The modes the client's TLS files (:data:`harp.pki.CLIENT_FILES`) are written with.
 #: Only the private key is secret; the certificates are public.
-CLIENT_FILES: Final = (("ca.crt", 0o644), ("client.crt", 0o644), ("client.key", 0o600))
+CLIENT_FILE_MODES: Final[Mapping[str, int]] = {CA_CRT: 0o644, CLIENT_CRT: 0o644, CLIENT_KEY: 0o600}
 CONFIG_NAME: Final = "frpc.toml"
 
 #: Where an ExApp container finds its certificates (``install_certificates`` puts them
@@ -77,9 +77,9 @@ class TlsFiles:
         _check_path("certificate directory", directory)
         base = directory.rstrip("/") or "/"
         return cls(
-            ca=os.path.join(base, "ca.crt"),
-            cert=os.path.join(base, "client.crt"),
-            key=os.path.join(base, "client.key"),
+            ca=os.path.join(base, CA_CRT),
+            cert=os.path.join(base, CLIENT_CRT),
+            key=os.path.join(base, CLIENT_KEY),
         )
 
 
@@ -310,7 +310,7 @@ def read_client_files(certs_dir: Path) -> dict[str, bytes]:
     them itself, because a new CA made here would not be the one HaRP trusts.
     """
     files: dict[str, bytes] = {}
-    for name, _mode in CLIENT_FILES:
+    for name in CLIENT_FILES:
         path = certs_dir / name
         try:
             files[name] = path.read_bytes()
@@ -332,8 +332,7 @@ def write_bundle(out_dir: Path, config_text: str, client_files: Mapping[str, byt
     never readable by others.  ``frpc.toml`` comes last: if it exists, the files it
     names exist too.  A directory that does not exist yet is created private (0700).
     """
-    modes = dict(CLIENT_FILES)
-    unknown = set(client_files) - set(modes)
+    unknown = set(client_files) - set(CLIENT_FILES)
     if unknown:
         raise FrpcConfigError(f"unexpected client files: {', '.join(sorted(unknown))}")
     if out_dir.exists() and not out_dir.is_dir():
@@ -341,10 +340,10 @@ def write_bundle(out_dir: Path, config_text: str, client_files: Mapping[str, byt
     written: list[Path] = []
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for name, _mode in CLIENT_FILES:
+        for name in CLIENT_FILES:
             if name in client_files:
                 path = out_dir / name
-                write_atomic(path, client_files[name], modes[name])
+                write_atomic(path, client_files[name], CLIENT_FILE_MODES[name])
                 written.append(path)
         path = out_dir / CONFIG_NAME
         write_atomic(path, config_text.encode(), 0o600)

@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -46,7 +45,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_NAME: Final = "harp.nc"
 SERVER_NAME: Final = "harp.nc"
 CLIENT_NAME: Final = "harp.client.nc"
-FILES: Final = ("ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key")
+
+# The file names of the set: part of the compatibility surface (see above), so every
+# module that reads or copies one uses these constants instead of spelling it.
+CA_CRT: Final = "ca.crt"
+CA_KEY: Final = "ca.key"
+SERVER_CRT: Final = "server.crt"
+SERVER_KEY: Final = "server.key"
+CLIENT_CRT: Final = "client.crt"
+CLIENT_KEY: Final = "client.key"
+FILES: Final = (CA_CRT, CA_KEY, SERVER_CRT, SERVER_KEY, CLIENT_CRT, CLIENT_KEY)
+#: What an frpc client needs for mutual TLS (copied to ExApps and remote engines).
+CLIENT_FILES: Final = (CA_CRT, CLIENT_CRT, CLIENT_KEY)
 #: Our own bookkeeping in the directory; ignored when deciding whether it is empty.
 LOCK_NAME: Final = ".harp-pki.lock"
 STAGING_PREFIX: Final = ".harp-pki-new."
@@ -56,28 +66,6 @@ LOCK_TIMEOUT: Final = 120.0
 
 class CertificateError(Exception):
     """The certificate directory cannot be used; the message says why and how to fix it."""
-
-
-@dataclass(frozen=True, slots=True)
-class FrpPaths:
-    """Where the FRP PKI lives; the server needs ``server.*`` and ``ca.crt``."""
-
-    directory: Path
-
-    def __getitem__(self, name: str) -> Path:
-        return self.directory / name
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / "ca.crt"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.directory / "server.crt"
-
-    @property
-    def server_key(self) -> Path:
-        return self.directory / "server.key"
 
 
 def ensure_frp_certificates(directory: Path, validity_days: int) -> bool:
@@ -218,12 +206,12 @@ def _generate(directory: Path, days: int) -> None:
     server_crt, server_key = leaf(SERVER_NAME, ExtendedKeyUsageOID.SERVER_AUTH)
     client_crt, client_key = leaf(CLIENT_NAME, ExtendedKeyUsageOID.CLIENT_AUTH)
     _publish(directory, [
-        ("ca.key", _key_pem(ca_key), 0o600),
-        ("server.key", server_key, 0o600),
-        ("client.key", client_key, 0o600),
-        ("server.crt", server_crt, 0o644),
-        ("client.crt", client_crt, 0o644),
-        ("ca.crt", _cert_pem(ca_cert), 0o644),
+        (CA_KEY, _key_pem(ca_key), 0o600),
+        (SERVER_KEY, server_key, 0o600),
+        (CLIENT_KEY, client_key, 0o600),
+        (SERVER_CRT, server_crt, 0o644),
+        (CLIENT_CRT, client_crt, 0o644),
+        (CA_CRT, _cert_pem(ca_cert), 0o644),
     ])
 
 

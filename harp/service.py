@@ -23,7 +23,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from harp import docker, logs
 from harp.client_address import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
-from harp.frp.server import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
+from harp.frp.listener import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
+from harp.frp.service import FrpServer, FrpService
 from harp.frp.tunnels import TunnelRegistry
 from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from harp.metrics import Metrics
@@ -183,7 +184,7 @@ def make_service(settings: Settings) -> MultiService:
         except FrpTLSConfigError as exc:
             raise ConfigError("HP_CERTS_DIR", str(settings.certs_dir), str(exc)) from None
     tunnels = TunnelRegistry(reactor, idle_timeout=settings.timeout_server)
-    frp_factory = FrpServerFactory(reactor, settings.shared_key, state, tunnels, frp_tls)
+    frp_server = FrpServer(reactor, settings.shared_key, state, tunnels)
     # Docker engines: 24000 = HP_DOCKER_SOCKET, 24001-24099 = FRP engine tunnels.
     docker_passthrough = docker.build(
         reactor, control,
@@ -235,9 +236,11 @@ def make_service(settings: Settings) -> MultiService:
         log.warn(
             "HTTPS frontend disabled: {path} does not exist", path=str(settings.https_cert_path)
         )
-    ListenerService(
-        "HP_FRP_ADDRESS", settings.frp_address, frp_factory  # type: ignore[arg-type]
-    ).setServiceParent(top)
+    frp_listener = ListenerService(
+        "HP_FRP_ADDRESS", settings.frp_address,
+        FrpServerFactory(reactor, frp_server, frp_tls),  # type: ignore[arg-type]
+    )
+    FrpService(frp_server, frp_listener, tunnels).setServiceParent(top)
     return top
 
 

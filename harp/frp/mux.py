@@ -2,8 +2,8 @@
 
 :class:`harp.frp.yamux.Session` is pure protocol; this module gives it I/O and time:
 
-* every stream frpc opens becomes a :class:`StreamChannel` (a transport, see
-  :mod:`harp.frp.channel`) handed to ``on_stream``, which starts the first-message
+* every stream frpc opens becomes a :class:`YamuxStream` (a transport, see
+  :mod:`harp.frp.stream`) handed to ``on_stream``, which starts the first-message
   dispatcher on it;
 * **keepalive / dead-peer detection**: we ping every ``keepalive`` seconds (frps does
   too) and drop the session when nothing at all arrived for ``dead_after`` seconds.  frpc
@@ -32,10 +32,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from harp.frp import yamux
-from harp.frp.channel import WRITE_HIGH_WATER, WRITE_LOW_WATER, Channel
+from harp.frp.stream import WRITE_HIGH_WATER, WRITE_LOW_WATER, Stream
 from harp.logs import HarpLogger
 
-__all__ = ["MAX_STREAMS_BEFORE_LOGIN", "STREAM_WINDOW", "StreamChannel", "YamuxConnection"]
+__all__ = ["MAX_STREAMS_BEFORE_LOGIN", "STREAM_WINDOW", "YamuxConnection", "YamuxStream"]
 
 log = HarpLogger("harp.frp")
 
@@ -47,7 +47,7 @@ MAX_STREAMS_BEFORE_LOGIN: Final = 4
 """Streams a session may hold open before a Login succeeded (each may buffer 10 KiB)."""
 
 
-class StreamChannel(Channel):
+class YamuxStream(Stream):
     """One yamux stream of a :class:`YamuxConnection`, as a transport."""
 
     multiplexed = True
@@ -70,8 +70,11 @@ class StreamChannel(Channel):
     def close_carrier(self) -> None:
         self.conn.abort("its control connection ended")
 
+    def mark_logged_in(self) -> None:
+        self.conn.mark_logged_in()
+
     def __repr__(self) -> str:
-        return f"<StreamChannel {self.stream_id} of {self.conn.peer}>"
+        return f"<YamuxStream {self.stream_id} of {self.conn.peer}>"
 
     # ---------------------------------------------------------------- hooks
 
@@ -103,7 +106,7 @@ class StreamChannel(Channel):
     def _raw_abort(self) -> None:
         self.conn.session.reset_stream(self.stream_id)
         self.conn.flush()
-        self._lost(self.aborted("FRP stream reset by HaRP"))
+        self.connection_lost(self.aborted("FRP stream reset by HaRP"))
 
     def _raw_consumed(self, amount: int) -> None:
         self.conn.session.consume(self.stream_id, amount)
@@ -116,10 +119,10 @@ class StreamChannel(Channel):
         self.conn.session.close_stream(self.stream_id)
         self.conn.flush()
         self.conn.linger(self)
-        self._lost(Failure(ConnectionDone("FRP stream closed by the client")))
+        self.connection_lost(Failure(ConnectionDone("FRP stream closed by the client")))
 
     def remote_reset(self) -> None:
-        self._lost(Failure(ConnectionLost("FRP stream reset by the client")))
+        self.connection_lost(Failure(ConnectionLost("FRP stream reset by the client")))
 
 
 @implementer(IPushProducer)
@@ -130,7 +133,7 @@ class YamuxConnection:
         self,
         transport: Any,
         reactor: IReactorTime,
-        on_stream: Callable[[StreamChannel], None],
+        on_stream: Callable[[YamuxStream], None],
         *,
         keepalive: float = 30.0,
         dead_after: float = 75.0,
@@ -144,7 +147,7 @@ class YamuxConnection:
         self.peer: IAddress = transport.getPeer()
         self.host: IAddress = transport.getHost()
         self.session = yamux.Session(max_stream_window=window)
-        self.channels: dict[int, StreamChannel] = {}
+        self.streams: dict[int, YamuxStream] = {}
         self.write_paused = False
         self.closed = False
         self.logged_in = False
@@ -175,33 +178,33 @@ class YamuxConnection:
 
     def _dispatch(self, event: yamux.Event) -> None:
         if isinstance(event, yamux.DataReceived):
-            channel = self.channels.get(event.stream_id)
-            if channel is None:
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
                 self.session.consume(event.stream_id, len(event.data))
             else:
-                channel._incoming(event.data)
+                stream.data_received(event.data)
         elif isinstance(event, yamux.StreamOpened):
-            if not self.logged_in and len(self.channels) >= MAX_STREAMS_BEFORE_LOGIN:
+            if not self.logged_in and len(self.streams) >= MAX_STREAMS_BEFORE_LOGIN:
                 # frpc opens one stream (Login) and waits; more is a flood, not frpc.
                 self.session.reset_stream(event.stream_id)
                 return
-            channel = StreamChannel(self, event.stream_id)
-            self.channels[event.stream_id] = channel
-            channel.notify_lost(self._forget)
-            self._on_stream(channel)
+            stream = YamuxStream(self, event.stream_id)
+            self.streams[event.stream_id] = stream
+            stream.notify_lost(self._forget)
+            self._on_stream(stream)
         elif isinstance(event, yamux.SendWindowUpdated):
-            channel = self.channels.get(event.stream_id)
-            if channel is not None:
-                channel.check_write()
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.check_write()
         elif isinstance(event, yamux.StreamEnded):
-            channel = self.channels.get(event.stream_id)
-            if channel is not None:
-                channel.remote_fin()
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.remote_fin()
             self._unlinger(event.stream_id)
         elif isinstance(event, yamux.StreamReset):
-            channel = self.channels.get(event.stream_id)
-            if channel is not None:
-                channel.remote_reset()
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.remote_reset()
             self._unlinger(event.stream_id)
         elif isinstance(event, yamux.StreamRejected):
             log.debug("FRP session {peer}: refused stream {sid}: {reason}",
@@ -216,10 +219,10 @@ class YamuxConnection:
             self.transport.loseConnection()
         # PingReceived / PingAcknowledged: liveness is tracked by _last_rx.
 
-    def _forget(self, channel: Channel) -> None:
-        assert isinstance(channel, StreamChannel)
-        if self.channels.get(channel.stream_id) is channel:
-            del self.channels[channel.stream_id]
+    def _forget(self, stream: Stream) -> None:
+        assert isinstance(stream, YamuxStream)
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
 
     # ---------------------------------------------------------------- output
 
@@ -230,9 +233,9 @@ class YamuxConnection:
             if self._on_write is not None:
                 self._on_write()  # the output guard (harp.frp.backlog) measures the queue
 
-    def linger(self, channel: StreamChannel) -> None:
-        """Reset *channel*'s stream if frpc does not finish closing it in time."""
-        sid = channel.stream_id
+    def linger(self, stream: YamuxStream) -> None:
+        """Reset *stream* if frpc does not finish closing it in time."""
+        sid = stream.stream_id
         if self.closed or sid in self._lingering or sid not in self.session.stream_ids:
             return
         self._lingering[sid] = self.reactor.callLater(self._linger_time, self._linger_expired, sid)
@@ -248,9 +251,9 @@ class YamuxConnection:
             return
         self.session.reset_stream(sid)
         self.flush()
-        channel = self.channels.get(sid)
-        if channel is not None:
-            channel._lost(Channel.aborted("FRP stream did not close in time"))
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.connection_lost(Stream.aborted("FRP stream did not close in time"))
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -300,22 +303,22 @@ class YamuxConnection:
                 call.cancel()
         self._tick_call = self._login_call = None
         self._lingering.clear()
-        for channel in list(self.channels.values()):
-            channel._lost(reason)
-        self.channels.clear()
+        for stream in list(self.streams.values()):
+            stream.connection_lost(reason)
+        self.streams.clear()
 
     # ---------------------------------------------------------------- IPushProducer
 
     def pauseProducing(self) -> None:
         """The transport below is full: hold every stream's producer."""
         self.write_paused = True
-        for channel in list(self.channels.values()):
-            channel.check_write()
+        for stream in list(self.streams.values()):
+            stream.check_write()
 
     def resumeProducing(self) -> None:
         self.write_paused = False
-        for channel in list(self.channels.values()):
-            channel.check_write()
+        for stream in list(self.streams.values()):
+            stream.check_write()
 
     def stopProducing(self) -> None:
         self.abort("transport stopped")

@@ -1,4 +1,4 @@
-"""yamux, sans I/O: the frame codec and a session state machine with flow control.
+"""yamux, sans I/O: the session state machine with per-stream flow control.
 
 frpc multiplexes its control and work connections over one TCP(+TLS)
 connection with hashicorp/yamux (the fatedier fork is identical on the wire).
@@ -16,10 +16,7 @@ protocol::
     # whenever the application calls send()/consume()/close_stream()/
     # reset_stream()/ping()/go_away(), write session.data_to_send() afterwards.
 
-Protocol summary (spec section 3): a 12-byte big-endian header ``version(0) |
-type | flags | stream id | length``; type 0 Data (length = payload bytes),
-1 WindowUpdate (length = window delta), 2 Ping (length = opaque, echoed),
-3 GoAway (length = error code); flags SYN/ACK/FIN/RST.
+The frames it reads and writes (spec section 3) are :mod:`harp.frp.yamux_frame`.
 
 What the session does on its own, and why:
 
@@ -61,24 +58,27 @@ reports the echo.
 
 from __future__ import annotations
 
-import enum
-import struct
 from dataclasses import dataclass, field
-from typing import Final
+
+from harp.frp.yamux_frame import (
+    HEADER_LEN,
+    INITIAL_WINDOW,
+    MAX_DATA_FRAME,
+    MAX_U32,
+    Flag,
+    FrameHeader,
+    FrameType,
+    GoAwayCode,
+    YamuxProtocolError,
+    encode_header,
+    go_away_frame,
+    ping_frame,
+    window_update_frame,
+)
 
 __all__ = [
-    "HEADER_LEN",
-    "INITIAL_WINDOW",
-    "MAX_DATA_FRAME",
-    "VERSION",
     "DataReceived",
     "Event",
-    "Flag",
-    "Frame",
-    "FrameDecoder",
-    "FrameHeader",
-    "FrameType",
-    "GoAwayCode",
     "GoAwayReceived",
     "PingAcknowledged",
     "PingReceived",
@@ -90,145 +90,11 @@ __all__ = [
     "StreamOpened",
     "StreamRejected",
     "StreamReset",
-    "YamuxProtocolError",
-    "data_frame",
-    "go_away_frame",
-    "ping_frame",
-    "window_update_frame",
 ]
-
-VERSION: Final = 0
-HEADER_LEN: Final = 12
-INITIAL_WINDOW: Final = 256 * 1024
-"""Window every stream starts with, in each direction (not negotiable)."""
-MAX_DATA_FRAME: Final = 64 * 1024
-"""Largest Data payload we emit; keeps streams interleaved fairly."""
-_MAX_U32: Final = 0xFFFFFFFF
-
-_HEADER = struct.Struct(">BBHII")
-
-
-class FrameType(enum.IntEnum):
-    DATA = 0
-    WINDOW_UPDATE = 1
-    PING = 2
-    GO_AWAY = 3
-
-
-class Flag(enum.IntFlag):
-    NONE = 0
-    SYN = 0x1
-    ACK = 0x2
-    FIN = 0x4
-    RST = 0x8
-
-
-class GoAwayCode(enum.IntEnum):
-    NORMAL = 0
-    PROTOCOL_ERROR = 1
-    INTERNAL_ERROR = 2
-
-
-class YamuxProtocolError(Exception):
-    """A frame that no yamux peer may send (bad version/type, oversize payload)."""
 
 
 class StreamClosedError(Exception):
     """The application used a stream that is unknown, reset, or already closed by us."""
-
-
-# --------------------------------------------------------------------------
-# Frame codec
-
-
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
-    """A decoded 12-byte frame header."""
-
-    type: FrameType
-    flags: Flag
-    stream_id: int
-    length: int
-
-    def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, self.type, self.flags, self.stream_id, self.length)
-
-    @classmethod
-    def decode(cls, data: bytes | bytearray | memoryview) -> FrameHeader:
-        """Parse the first 12 bytes of *data*.
-
-        Unknown versions and types are fatal for a yamux session, so they raise
-        :class:`YamuxProtocolError`.  Unknown flag bits are kept as-is (yamux
-        ignores them).
-        """
-        if len(data) < HEADER_LEN:
-            raise ValueError("need 12 bytes for a yamux header")
-        version, type_, flags, stream_id, length = _HEADER.unpack_from(data)
-        if version != VERSION:
-            raise YamuxProtocolError(f"invalid protocol version {version}")
-        if type_ > FrameType.GO_AWAY:
-            raise YamuxProtocolError(f"invalid message type {type_}")
-        return cls(FrameType(type_), Flag(flags), stream_id, length)
-
-
-def _header(type_: FrameType, flags: Flag, stream_id: int, length: int) -> bytes:
-    return _HEADER.pack(VERSION, type_, flags, stream_id, length)
-
-
-def data_frame(stream_id: int, payload: bytes, flags: Flag = Flag.NONE) -> bytes:
-    """A Data frame carrying *payload* (header + payload bytes)."""
-    return _header(FrameType.DATA, flags, stream_id, len(payload)) + payload
-
-
-def window_update_frame(stream_id: int, delta: int, flags: Flag = Flag.NONE) -> bytes:
-    """A WindowUpdate; also how SYN/ACK/FIN/RST travel without data."""
-    return _header(FrameType.WINDOW_UPDATE, flags, stream_id, delta)
-
-
-def ping_frame(opaque: int, flags: Flag) -> bytes:
-    """A Ping on stream 0: ``Flag.SYN`` to ask, ``Flag.ACK`` to answer."""
-    return _header(FrameType.PING, flags, 0, opaque)
-
-
-def go_away_frame(code: GoAwayCode) -> bytes:
-    """A GoAway on stream 0."""
-    return _header(FrameType.GO_AWAY, Flag.NONE, 0, code)
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """A whole frame: header plus the payload of a Data frame (else ``b""``)."""
-
-    header: FrameHeader
-    payload: bytes = b""
-
-
-class FrameDecoder:
-    """Buffering frame decoder, for tests and tools that want whole frames.
-
-    :class:`Session` does not use it: the session streams payloads instead of
-    buffering them.  *max_payload* bounds what a Data frame may declare.
-    """
-
-    def __init__(self, *, max_payload: int = _MAX_U32) -> None:
-        self._buffer = bytearray()
-        self._max_payload = max_payload
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add bytes; return every frame now complete.  Raises YamuxProtocolError."""
-        self._buffer += data
-        frames: list[Frame] = []
-        while len(self._buffer) >= HEADER_LEN:
-            header = FrameHeader.decode(self._buffer)
-            size = header.length if header.type is FrameType.DATA else 0
-            if size > self._max_payload:
-                raise YamuxProtocolError(f"data frame of {size} bytes exceeds limit")
-            if len(self._buffer) < HEADER_LEN + size:
-                break
-            payload = bytes(self._buffer[HEADER_LEN : HEADER_LEN + size])
-            del self._buffer[: HEADER_LEN + size]
-            frames.append(Frame(header, payload))
-        return frames
 
 
 # --------------------------------------------------------------------------
@@ -332,7 +198,7 @@ Event = (
 
 
 @dataclass(slots=True, eq=False)
-class _Stream:
+class _StreamState:
     id: int
     inbound: bool
     recv_window: int
@@ -371,12 +237,12 @@ class Session:
         max_stream_window: int = INITIAL_WINDOW,
         max_inbound_streams: int = 1024,
     ) -> None:
-        if not INITIAL_WINDOW <= max_stream_window <= _MAX_U32:
+        if not INITIAL_WINDOW <= max_stream_window <= MAX_U32:
             raise ValueError(f"max_stream_window must be >= {INITIAL_WINDOW}")
         self._client = client
         self._max_window = max_stream_window
         self._max_inbound = max_inbound_streams
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, _StreamState] = {}
         self._inbound_count = 0
         self._next_stream_id = 1 if client else 2
         self._out: list[bytes] = []
@@ -389,7 +255,7 @@ class Session:
         # receive parser state
         self._header_buf = bytearray()
         self._payload_left = 0
-        self._payload_stream: _Stream | None = None
+        self._payload_stream: _StreamState | None = None
         self._payload_fin = False
 
     # ---------------------------------------------------------------- status
@@ -439,10 +305,12 @@ class Session:
         if self._terminated or self._local_go_away or self._remote_go_away:
             raise StreamClosedError("session is going away")
         stream_id = self._next_stream_id
-        if stream_id > _MAX_U32:
+        if stream_id > MAX_U32:
             raise StreamClosedError("stream ids exhausted")
         self._next_stream_id += 2
-        self._streams[stream_id] = _Stream(stream_id, inbound=False, recv_window=self._max_window)
+        self._streams[stream_id] = _StreamState(
+            stream_id, inbound=False, recv_window=self._max_window
+        )
         delta = self._max_window - INITIAL_WINDOW
         self._out.append(window_update_frame(stream_id, delta, Flag.SYN))
         return stream_id
@@ -492,7 +360,7 @@ class Session:
     def ping(self) -> int:
         """Send a Ping SYN; returns the opaque value a :class:`PingAcknowledged` will echo."""
         opaque = self._next_ping
-        self._next_ping = (self._next_ping + 1) & _MAX_U32
+        self._next_ping = (self._next_ping + 1) & MAX_U32
         if not self._terminated:  # nothing may follow our GoAway
             self._pings_outstanding.add(opaque)
             self._out.append(ping_frame(opaque, Flag.SYN))
@@ -602,7 +470,7 @@ class Session:
         if not header.length:
             self._end_payload()
 
-    def _accept(self, stream_id: int, existing: _Stream | None) -> _Stream | None:
+    def _accept(self, stream_id: int, existing: _StreamState | None) -> _StreamState | None:
         """Handle a SYN: validate, then ACK or refuse.  Returns the new stream or None."""
         if existing is not None:
             raise _Terminated(f"duplicate SYN for stream {stream_id}")
@@ -617,7 +485,7 @@ class Session:
             self._out.append(window_update_frame(stream_id, 0, Flag.RST))
             self._events.append(StreamRejected(stream_id, reason))
             return None
-        stream = _Stream(stream_id, inbound=True, recv_window=self._max_window)
+        stream = _StreamState(stream_id, inbound=True, recv_window=self._max_window)
         self._streams[stream_id] = stream
         self._inbound_count += 1
         delta = self._max_window - INITIAL_WINDOW
@@ -637,7 +505,7 @@ class Session:
         if fin and stream is not None and self._streams.get(stream.id) is stream:
             self._remote_fin(stream)
 
-    def _remote_fin(self, stream: _Stream) -> None:
+    def _remote_fin(self, stream: _StreamState) -> None:
         if stream.remote_closed:
             return
         stream.remote_closed = True
@@ -647,17 +515,17 @@ class Session:
 
     # ------------------------------------------------------------ internals
 
-    def _get(self, stream_id: int) -> _Stream:
+    def _get(self, stream_id: int) -> _StreamState:
         stream = self._streams.get(stream_id)
         if stream is None:
             raise StreamClosedError(f"no such stream {stream_id}")
         return stream
 
-    def _flush(self, stream: _Stream) -> None:
+    def _flush(self, stream: _StreamState) -> None:
         buf = stream.send_buffer
         while buf and stream.send_window > 0:
             size = min(len(buf), stream.send_window, MAX_DATA_FRAME)
-            self._out.append(_header(FrameType.DATA, Flag.NONE, stream.id, size))
+            self._out.append(encode_header(FrameType.DATA, Flag.NONE, stream.id, size))
             self._out.append(bytes(buf[:size]))
             del buf[:size]
             stream.send_window -= size
@@ -668,7 +536,7 @@ class Session:
             if stream.remote_closed:
                 self._remove(stream)
 
-    def _maybe_update_window(self, stream: _Stream) -> None:
+    def _maybe_update_window(self, stream: _StreamState) -> None:
         if stream.remote_closed:
             return  # the peer sends nothing more; window is moot
         delta = self._max_window - stream.unconsumed - stream.recv_window
@@ -677,11 +545,11 @@ class Session:
         stream.recv_window += delta
         self._out.append(window_update_frame(stream.id, delta))
 
-    def _remove(self, stream: _Stream) -> None:
+    def _remove(self, stream: _StreamState) -> None:
         del self._streams[stream.id]
         self._forget(stream)
 
-    def _forget(self, stream: _Stream) -> None:
+    def _forget(self, stream: _StreamState) -> None:
         stream.send_buffer.clear()
         if stream.inbound:
             self._inbound_count -= 1

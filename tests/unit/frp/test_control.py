@@ -1,4 +1,4 @@
-"""The FRP server stack in memory: a scripted yamux client against FrpServerFactory.
+"""The FRP server stack in memory: a scripted yamux client against the FRP listener.
 
 No sockets and no real time: the server runs on a ``StringTransport`` and a
 ``MemoryReactorClock`` (whose ``listenTCP`` only records the call), and the client is
@@ -18,11 +18,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from harp.frp import msg, yamux
-from harp.frp.control import LOGIN_BAD_TOKEN, LOGIN_BANNED, WORK_CONN_TIMEOUT
+from harp.frp import codec, msg, yamux
 from harp.frp.crypto import StreamDecryptor, StreamEncryptor, auth_key, derive_key
+from harp.frp.listener import FrpServerFactory
 from harp.frp.mux import STREAM_WINDOW
-from harp.frp.server import FrpServerFactory
+from harp.frp.service import LOGIN_BAD_TOKEN, LOGIN_BANNED, WORK_CONN_TIMEOUT, FrpServer
 from harp.frp.tunnels import TunnelRegistry
 from harp.state.memory import MemoryState
 
@@ -35,7 +35,8 @@ class Env:
         self.reactor = MemoryReactorClock()
         self.state = MemoryState(blacklist_count, 300, 60)
         self.registry = TunnelRegistry(self.reactor, idle_timeout=None)
-        self.factory = FrpServerFactory(self.reactor, KEY, self.state, self.registry, None)
+        self.server = FrpServer(self.reactor, KEY, self.state, self.registry)
+        self.factory = FrpServerFactory(self.reactor, self.server, None)
 
 
 class FakeFrpc:
@@ -53,7 +54,7 @@ class FakeFrpc:
         self.ended: set[int] = set()
         self.reset: set[int] = set()
         self.control = 0
-        self.decoder = msg.MessageDecoder()
+        self.decoder = codec.MessageDecoder()
         self.encryptor = StreamEncryptor(CIPHER)
         self.run_id = ""
         self.control_msgs: list[msg.Message] = []
@@ -98,19 +99,19 @@ class FakeFrpc:
                           privilege_key=auth_key("", 1795586873), run_id=run_id,
                           metas=metas, pool_count=pool)
         self.control = self.session.open_stream()
-        self.session.send(self.control, msg.encode_message(login))
+        self.session.send(self.control, codec.encode_message(login))
         self.pump()
         resp = self.control_msgs[0]
         assert isinstance(resp, msg.LoginResp)
         return resp
 
     def send_control(self, message: msg.Message) -> None:
-        self.session.send(self.control, self.encryptor.encrypt(msg.encode_message(message)))
+        self.session.send(self.control, self.encryptor.encrypt(codec.encode_message(message)))
         self.pump()
 
     def open_work(self) -> int:
         sid = self.session.open_stream()
-        self.session.send(sid, msg.encode_message(msg.NewWorkConn(run_id=self.run_id)))
+        self.session.send(sid, codec.encode_message(msg.NewWorkConn(run_id=self.run_id)))
         self.work_streams.append(sid)
         return sid
 
@@ -156,7 +157,7 @@ def test_login_returns_run_id_then_encrypted_req_work_conn() -> None:
     resp = frpc.login(pool=2)
     assert resp.error == "" and len(resp.run_id) == 16
     assert len(frpc.of_type(msg.ReqWorkConn)) == 2
-    assert env.factory.server.controls[resp.run_id] is not None
+    assert env.server.controls[resp.run_id] is not None
 
 
 @pytest.mark.parametrize("token", ["wrong", None, ""])
@@ -170,7 +171,7 @@ def test_bad_token_is_rejected_and_counted(token: str | None) -> None:
     assert env.state.is_banned("2001:db8::1")
     frpc = FakeFrpc(env, IPv6Address("TCP", "2001:db8::1", 40001))
     assert frpc.login().error == LOGIN_BANNED
-    assert not env.factory.server.controls
+    assert not env.server.controls
 
 
 def test_wrong_privilege_key_rejected() -> None:
@@ -179,7 +180,7 @@ def test_wrong_privilege_key_rejected() -> None:
     login = msg.Login(version="0.65.0", timestamp=5, privilege_key=auth_key("tok", 5),
                       metas={"token": KEY})
     frpc.control = frpc.session.open_stream()
-    frpc.session.send(frpc.control, msg.encode_message(login))
+    frpc.session.send(frpc.control, codec.encode_message(login))
     frpc.pump()
     assert "doesn't match" in frpc.control_msgs[0].error  # type: ignore[union-attr]
 
@@ -274,7 +275,7 @@ def test_endpoint_runs_protocol_over_a_pooled_work_stream() -> None:
     frpc.pump()
     (protocol,) = results
     assert isinstance(protocol, Collect)
-    start = msg.decode_message(bytes(frpc.received[sid]))
+    start = codec.decode_message(bytes(frpc.received[sid]))
     assert isinstance(start, msg.StartWorkConn)
     assert (start.proxy_name, start.dst_port) == ("app", 24001)
     # Taking the pooled stream asked for a replacement.
@@ -351,7 +352,7 @@ def test_control_loss_releases_ports_and_resets_streams() -> None:
     (protocol,) = results
     frpc.proto.connectionLost(Failure(ConnectionError("gone")))
     assert env.registry.ports() == [] and env.registry.endpoint_for(24001) is None
-    assert not env.factory.server.controls
+    assert not env.server.controls
     assert protocol.lost is not None
 
 
@@ -364,7 +365,7 @@ def test_same_run_id_replaces_the_old_session() -> None:
     assert new.login(run_id=run_id).run_id == run_id
     assert old.transport.disconnecting
     assert new.new_proxy("app", 24001).error == ""
-    assert env.factory.server.controls[run_id] is not None
+    assert env.server.controls[run_id] is not None
 
 
 def test_silent_session_is_dropped() -> None:
@@ -455,8 +456,8 @@ def test_direct_control_connection_and_heartbeat_timeout() -> None:
     proto.makeConnection(transport)
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
-    proto.dataReceived(msg.encode_message(login))
-    decoder = msg.MessageDecoder()
+    proto.dataReceived(codec.encode_message(login))
+    decoder = codec.MessageDecoder()
     decoder.feed(transport.value())
     resp = decoder.next_message()
     assert isinstance(resp, msg.LoginResp) and resp.run_id
@@ -464,9 +465,9 @@ def test_direct_control_connection_and_heartbeat_timeout() -> None:
     assert isinstance(decoder.next_message(), msg.ReqWorkConn)
     enc = StreamEncryptor(CIPHER)
     env.reactor.advance(60)
-    proto.dataReceived(enc.encrypt(msg.encode_message(msg.Ping())))
+    proto.dataReceived(enc.encrypt(codec.encode_message(msg.Ping())))
     env.reactor.advance(60)  # 120 s after login, 60 s after the Ping: still alive
     assert not transport.disconnecting
     env.reactor.advance(31)
     assert transport.disconnecting
-    assert not env.factory.server.controls
+    assert not env.server.controls

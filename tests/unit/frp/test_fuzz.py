@@ -4,11 +4,11 @@ Complements the per-module properties in ``test_msg.py`` / ``test_yamux.py`` wit
 hostile peer can aim at:
 
 * **mutated valid traffic** (bit flips, cuts, insertions in real message streams) only
-  ever raises the codec's own :class:`~harp.frp.msg.ProtocolError`;
+  ever raises the codec's own :class:`~harp.frp.codec.ProtocolError`;
 * whatever decodes is **stable**: decode → encode → decode gives the same message, so
   a normalisation never turns one client's input into something else on the way out;
 * yamux headers **round-trip** and random 12-byte headers fail only with
-  :class:`~harp.frp.yamux.YamuxProtocolError`;
+  :class:`~harp.frp.yamux_frame.YamuxProtocolError`;
 * a yamux session **never answers more than it was sent** (plus one GoAway): the bound
   that makes the output guard of :mod:`harp.frp.backlog` sufficient (spec §3);
 * random bytes after a valid first byte never raise out of the Twisted protocol.
@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from harp.frp import msg, yamux
-from harp.frp.msg import MessageDecoder, ProtocolError, encode_message
+from harp.frp import codec, msg, yamux, yamux_frame
+from harp.frp.codec import MessageDecoder, ProtocolError, encode_message
 from tests.unit.frp.test_control import Env
 from tests.unit.frp.test_msg import _fits, messages
 
@@ -78,37 +78,39 @@ def test_whatever_decodes_is_stable(wire: bytes) -> None:
             return
         if not _fits(message):
             continue  # a body that grew past 10 240 bytes on re-encode is refused, not sent
-        again = msg.decode_message(encode_message(message))
+        again = codec.decode_message(encode_message(message))
         assert again == message
 
 
 @FUZZ
 @given(
-    st.sampled_from(yamux.FrameType),
+    st.sampled_from(yamux_frame.FrameType),
     st.integers(0, 0xFFFF),
     st.integers(0, 2**32 - 1),
     st.integers(0, 2**32 - 1),
 )
-def test_yamux_header_round_trip(kind: yamux.FrameType, flags: int, sid: int, length: int) -> None:
-    header = yamux.FrameHeader(kind, yamux.Flag(flags), sid, length)
-    assert yamux.FrameHeader.decode(header.encode()) == header
+def test_yamux_header_round_trip(
+    kind: yamux_frame.FrameType, flags: int, sid: int, length: int
+) -> None:
+    header = yamux_frame.FrameHeader(kind, yamux_frame.Flag(flags), sid, length)
+    assert yamux_frame.FrameHeader.decode(header.encode()) == header
 
 
 @FUZZ
-@given(st.binary(min_size=yamux.HEADER_LEN, max_size=yamux.HEADER_LEN))
+@given(st.binary(min_size=yamux_frame.HEADER_LEN, max_size=yamux_frame.HEADER_LEN))
 def test_random_yamux_headers_decode_or_raise_protocol_error(raw: bytes) -> None:
     try:
-        header = yamux.FrameHeader.decode(raw)
-    except yamux.YamuxProtocolError:
-        assert raw[0] != yamux.VERSION or raw[1] > yamux.FrameType.GO_AWAY
+        header = yamux_frame.FrameHeader.decode(raw)
+    except yamux_frame.YamuxProtocolError:
+        assert raw[0] != yamux_frame.VERSION or raw[1] > yamux_frame.FrameType.GO_AWAY
         return
     assert header.encode() == raw
 
 
 _frames = st.builds(
-    lambda kind, flags, sid, length, payload: yamux.FrameHeader(
-        yamux.FrameType(kind), yamux.Flag(flags), sid, length if kind else len(payload)
-    ).encode() + (payload if kind == yamux.FrameType.DATA else b""),
+    lambda kind, flags, sid, length, payload: yamux_frame.FrameHeader(
+        yamux_frame.FrameType(kind), yamux_frame.Flag(flags), sid, length if kind else len(payload)
+    ).encode() + (payload if kind == yamux_frame.FrameType.DATA else b""),
     st.integers(0, 3),
     st.integers(0, 15),
     st.integers(0, 12),
@@ -126,7 +128,7 @@ def test_session_never_answers_more_than_it_was_sent(pieces: list[bytes], chunk:
     for pos in range(0, len(wire), chunk):
         session.receive_data(wire[pos : pos + chunk])
         out += len(session.data_to_send())
-    assert out <= len(wire) + yamux.HEADER_LEN  # + the GoAway of a protocol error
+    assert out <= len(wire) + yamux_frame.HEADER_LEN  # + the GoAway of a protocol error
     assert len(session.stream_ids) <= 4
 
 

@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from harp.frp import msg, yamux
+from harp.frp import codec, msg, yamux_frame
 from harp.frp.backlog import (
     HARD_CAP,
     HIGH_WATER,
@@ -29,7 +29,7 @@ from harp.frp.backlog import (
     tcp_backlog,
 )
 from harp.frp.crypto import StreamEncryptor, auth_key
-from harp.frp.server import FrpServerFactory
+from harp.frp.listener import FrpServerFactory
 from tests.unit.frp.test_control import CIPHER, KEY, Env, FakeFrpc
 
 READ_SIZE = 64 * 1024
@@ -164,7 +164,7 @@ def test_tcp_backlog_reads_twisted_buffers() -> None:
 def test_yamux_ping_flood_before_login_stops_reading() -> None:
     env = Env()
     transport, proto = _connect(env)
-    reads = _flood(proto, transport, yamux.ping_frame(7, yamux.Flag.SYN), reads=400)
+    reads = _flood(proto, transport, yamux_frame.ping_frame(7, yamux_frame.Flag.SYN), reads=400)
     assert transport.producerState == "paused", "HaRP kept reading a peer that reads nothing"
     assert reads < 400
     assert len(transport.value()) <= HIGH_WATER + READ_SIZE
@@ -178,7 +178,7 @@ def test_yamux_syn_flood_refusals_are_bounded_too() -> None:
     """SYNs beyond the pre-login limit are refused with RST: also output per input."""
     env = Env()
     transport, proto = _connect(env)
-    syns = b"".join(yamux.window_update_frame(sid, 0, yamux.Flag.SYN)
+    syns = b"".join(yamux_frame.window_update_frame(sid, 0, yamux_frame.Flag.SYN)
                     for sid in range(1, 2 * 120_000, 2))  # 1.4 MB of RSTs owed
     step = READ_SIZE - READ_SIZE % 12
     pos = 0
@@ -195,17 +195,17 @@ def test_frp_ping_flood_after_direct_login_stops_reading_then_drops() -> None:
     transport, proto = _connect(env)
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
-    proto.dataReceived(msg.encode_message(login))
-    assert env.factory.server.controls
+    proto.dataReceived(codec.encode_message(login))
+    assert env.server.controls
     enc = StreamEncryptor(CIPHER)
-    ping = msg.encode_message(msg.Ping())
+    ping = codec.encode_message(msg.Ping())
     proto.dataReceived(enc.encrypt(ping))  # the IV goes out with the first one
     plain = ping * (READ_SIZE // len(ping))
     reads = 0
     while transport.producerState == "producing" and reads < 400:
         proto.dataReceived(enc.encrypt(plain))  # CFB: every chunk continues the stream
         reads += 1
-    assert env.factory.server.controls, "the flood itself must be valid FRP"
+    assert env.server.controls, "the flood itself must be valid FRP"
 
     assert transport.producerState == "paused"
     assert len(transport.value()) <= HIGH_WATER + READ_SIZE + 64
@@ -214,20 +214,20 @@ def test_frp_ping_flood_after_direct_login_stops_reading_then_drops() -> None:
 
 
 def test_direct_consumer_pause_survives_the_backlog_resume() -> None:
-    """A direct channel's own pause (its consumer is full) outlives a drained backlog."""
+    """A direct stream's own pause (its consumer is full) outlives a drained backlog."""
     env = Env()
     transport, proto = _connect(env)
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=1)
-    proto.dataReceived(msg.encode_message(login))
-    control = next(iter(env.factory.server.controls.values()))
-    control.channel.pauseProducing()
+    proto.dataReceived(codec.encode_message(login))
+    control = next(iter(env.server.controls.values()))
+    control.stream.pauseProducing()
     assert transport.producerState == "paused"
     proto.guard.check()
     transport.clear()
     env.reactor.advance(POLL_INTERVAL)
     assert transport.producerState == "paused"
-    control.channel.resumeProducing()
+    control.stream.resumeProducing()
     assert transport.producerState == "producing"
 
 
@@ -236,7 +236,7 @@ def test_direct_consumer_pause_survives_the_backlog_resume() -> None:
 
 def _work_stream(frpc: FakeFrpc, run_id: str, **fields: Any) -> int:
     sid = frpc.session.open_stream()
-    frpc.session.send(sid, msg.encode_message(msg.NewWorkConn(run_id=run_id, **fields)))
+    frpc.session.send(sid, codec.encode_message(msg.NewWorkConn(run_id=run_id, **fields)))
     frpc.pump()
     return sid
 
@@ -246,7 +246,7 @@ def test_work_conn_on_a_foreign_yamux_session_is_rejected_and_counted() -> None:
     owner = FakeFrpc(env)
     owner.auto_work = False
     run_id = owner.login(pool=0).run_id
-    control = env.factory.server.controls[run_id]
+    control = env.server.controls[run_id]
     for port in (41000, 41001):
         intruder = FakeFrpc(env, IPv4Address("TCP", "203.0.113.9", port))
         sid = _work_stream(intruder, run_id)
@@ -264,9 +264,9 @@ def test_direct_work_conn_must_come_from_the_control_address() -> None:
     _, proto = _connect(env, IPv4Address("TCP", "192.0.2.1", 40000))
     login = msg.Login(version="0.65.0", timestamp=7, privilege_key=auth_key("", 7),
                       metas={"token": KEY}, pool_count=0)
-    proto.dataReceived(msg.encode_message(login))
-    (run_id, control), = env.factory.server.controls.items()
-    work = msg.encode_message(msg.NewWorkConn(run_id=run_id))
+    proto.dataReceived(codec.encode_message(login))
+    (run_id, control), = env.server.controls.items()
+    work = codec.encode_message(msg.NewWorkConn(run_id=run_id))
 
     other, other_proto = _connect(env, IPv4Address("TCP", "192.0.2.99", 40001))
     other_proto.dataReceived(work)
@@ -282,7 +282,7 @@ def test_work_conn_with_a_wrong_privilege_key_is_rejected() -> None:
     frpc = FakeFrpc(env)
     frpc.auto_work = False
     run_id = frpc.login(pool=0).run_id
-    control = env.factory.server.controls[run_id]
+    control = env.server.controls[run_id]
     bad = _work_stream(frpc, run_id, timestamp=9, privilege_key=auth_key("nope", 9))
     assert bad in frpc.reset and not control._pool
     _work_stream(frpc, run_id, timestamp=9, privilege_key=auth_key("", 9))
@@ -312,8 +312,7 @@ def test_plaintext_frp_warns_at_start_whatever_the_level() -> None:
         env.factory.doStart()
         env.factory.doStop()
         tls_env = Env()
-        tls_factory = FrpServerFactory(tls_env.reactor, KEY, tls_env.state, tls_env.registry,
-                                       _NoTLS())
+        tls_factory = FrpServerFactory(tls_env.reactor, tls_env.server, _NoTLS())
         tls_factory.doStart()
         tls_factory.doStop()
     finally:

@@ -1,4 +1,4 @@
-"""FRP message framing and JSON bodies (spec section 4)."""
+"""FRP messages: framing (codec), structs (msg) and their Go JSON bodies (spec section 4)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,25 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from harp.frp import msg
+from harp.frp import gojson
+from harp.frp.codec import (
+    MAX_MSG_LENGTH,
+    MalformedMessage,
+    MessageDecoder,
+    MessageTooLarge,
+    ProtocolError,
+    UnknownMessageType,
+    decode_body,
+    decode_message,
+    encode_message,
+)
 from harp.frp.crypto import StreamDecryptor, StreamEncryptor, derive_key
 from harp.frp.msg import (
-    MAX_MSG_LENGTH,
     ClientSpec,
     CloseProxy,
     Login,
     LoginResp,
-    MalformedMessage,
     Message,
-    MessageDecoder,
-    MessageTooLarge,
     MsgType,
     NewProxy,
     NewProxyResp,
@@ -31,14 +38,9 @@ from harp.frp.msg import (
     NewWorkConn,
     Ping,
     Pong,
-    ProtocolError,
     RawMessage,
     ReqWorkConn,
     StartWorkConn,
-    UnknownMessageType,
-    decode_body,
-    decode_message,
-    encode_message,
 )
 
 LOGIN_JSON = (
@@ -317,7 +319,7 @@ _STRATEGIES: dict[object, st.SearchStrategy[typing.Any]] = {
     str: _text,
     bool: st.booleans(),
     int: st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    msg.Uint16: st.integers(min_value=0, max_value=0xFFFF),
+    gojson.Uint16: st.integers(min_value=0, max_value=0xFFFF),
     dict[str, str]: st.dictionaries(_text, _text, max_size=3),
     list[str]: st.lists(_text, max_size=3),
 }

@@ -10,16 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harp.frp.yamux import (
-    HEADER_LEN,
-    INITIAL_WINDOW,
     DataReceived,
     Event,
-    Flag,
-    Frame,
-    FrameDecoder,
-    FrameHeader,
-    FrameType,
-    GoAwayCode,
     GoAwayReceived,
     PingAcknowledged,
     PingReceived,
@@ -31,6 +23,16 @@ from harp.frp.yamux import (
     StreamOpened,
     StreamRejected,
     StreamReset,
+)
+from harp.frp.yamux_frame import (
+    HEADER_LEN,
+    INITIAL_WINDOW,
+    Flag,
+    Frame,
+    FrameDecoder,
+    FrameHeader,
+    FrameType,
+    GoAwayCode,
     YamuxProtocolError,
     data_frame,
     go_away_frame,

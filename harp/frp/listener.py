@@ -1,4 +1,4 @@
-"""The FRP frontend: Factory and Protocols that put the FRP layers onto a TCP connection.
+"""The FRP listener: the Factory and Protocols that put the FRP layers onto a TCP connection.
 
 Layering per accepted connection (spec §1, §2, §10)::
 
@@ -6,10 +6,10 @@ Layering per accepted connection (spec §1, §2, §10)::
               └──(plain, only with HP_FRP_DISABLE_TLS=true)─────────────────┤
                                                                             ▼
                                                          _Payload (sniff again)
-                        0x00 ─► YamuxConnection ─► StreamChannel per stream ─┐
-                 'o' / 'w' / 'v' ─► DirectChannel (the connection itself) ───┤
-                                                                             ▼
-                                            FirstMessage ─► Control | parked work conn
+                         0x00 ─► YamuxConnection ─► YamuxStream per stream ─┐
+                 'o' / 'w' / 'v' ─► DirectStream (the connection itself) ───┤
+                                                                            ▼
+                                           FirstMessage ─► Control | parked work conn
 
 Why sniff instead of trusting configuration: frps reads the first byte to find TLS and
 relies on its own ``tcpMux`` matching the client's; sniffing both is what the spec found
@@ -42,11 +42,11 @@ from zope.interface import implementer
 
 from harp.frp import sniff
 from harp.frp.backlog import OutputGuard, tcp_backlog, tls_backlog
-from harp.frp.channel import DirectChannel
-from harp.frp.control import FIRST_MESSAGE_TIMEOUT, BanTable, FrpServer
-from harp.frp.mux import StreamChannel, YamuxConnection
-from harp.frp.tunnels import TunnelRegistry
+from harp.frp.mux import YamuxConnection, YamuxStream
+from harp.frp.service import FIRST_MESSAGE_TIMEOUT, FrpServer
+from harp.frp.stream import DirectStream
 from harp.logs import HarpLogger
+from harp.pki import CA_CRT, SERVER_CRT, SERVER_KEY
 from harp.tlsctx import apply_server_policy
 
 __all__ = ["PLAINTEXT_WARNING", "FrpServerFactory", "FrpTLSConfigError", "FrpTLSContext"]
@@ -76,7 +76,7 @@ class FrpTLSContext:
 
     def __init__(self, certs_dir: Path) -> None:
         server_crt, server_key, ca_crt = (
-            certs_dir / "server.crt", certs_dir / "server.key", certs_dir / "ca.crt"
+            certs_dir / SERVER_CRT, certs_dir / SERVER_KEY, certs_dir / CA_CRT
         )
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         # The same modern policy as the HTTPS frontend (docs/security.md, TLS).
@@ -110,12 +110,12 @@ def _verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) ->
 
 
 class FrpServerFactory(Factory):
-    """Accepts frpc connections on ``HP_FRP_ADDRESS``.
+    """Accepts frpc connections on ``HP_FRP_ADDRESS`` for *server*.
 
-    *tls* is the :class:`FrpTLSContext` (``None`` = ``HP_FRP_DISABLE_TLS=true``: plain
-    only).  *bans* is the process-wide ban table, *registry* the tunnel registry shared
-    with the HTTP side.  ``self.server`` is the :class:`~harp.frp.control.FrpServer`
-    holding the logged-in clients.
+    *server* is the :class:`~harp.frp.service.FrpServer` that logs the clients in (it
+    alone knows the key, the bans and the tunnel registry); this factory only brings
+    each connection to its first FRP message.  *tls* is the :class:`FrpTLSContext`
+    (``None`` = ``HP_FRP_DISABLE_TLS=true``: plain only).
     """
 
     noisy = False
@@ -123,17 +123,13 @@ class FrpServerFactory(Factory):
     def __init__(
         self,
         reactor: Any,
-        shared_key: str,
-        bans: BanTable,
-        registry: TunnelRegistry,
+        server: FrpServer,
         tls: IOpenSSLServerConnectionCreator | None,
         *,
-        server: FrpServer | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.reactor = reactor
-        self.registry = registry
-        self.server = server or FrpServer(reactor, shared_key, bans, registry)
+        self.server = server
         self.handshake_timeout = handshake_timeout
         self.tls_factory: TLSMemoryBIOFactory | None = None
         if tls is not None:
@@ -157,19 +153,19 @@ class _Sniff(Protocol):
         self._buffer = b""
         self._next: Protocol | None = None
         self._timer: IDelayedCall | None = None
-        self._peer = ""
+        self.peer = ""
         self._tls: TLSMemoryBIOProtocol | None = None
         self.guard: OutputGuard | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         peer = self.transport.getPeer()
-        self._peer = str(getattr(peer, "host", peer))
+        self.peer = str(getattr(peer, "host", peer))
         self._timer = self.factory.reactor.callLater(self.factory.handshake_timeout,
                                                      self._expired)
         # Bounds what this peer can make us queue, TLS or not, logged in or not.
         self.guard = OutputGuard(self.factory.reactor, self.transport, self._backlog,
-                                 self._peer)
+                                 self.peer)
 
     def _backlog(self) -> int:
         pending = tcp_backlog(self.transport)
@@ -186,7 +182,7 @@ class _Sniff(Protocol):
     def _expired(self) -> None:
         self._timer = None
         log.info("FRP connection from {peer}: no FRP message within {secs:.0f}s, closing",
-                 peer=self._peer, secs=self.factory.handshake_timeout)
+                 peer=self.peer, secs=self.factory.handshake_timeout)
         assert self.transport is not None
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -210,7 +206,7 @@ class _Sniff(Protocol):
             if self.factory.tls_factory is not None:
                 log.info("FRP connection from {peer} refused: plain TCP, but TLS is required "
                          "(set transport.tls.enable = true in frpc, or HP_FRP_DISABLE_TLS=true)",
-                         peer=self._peer)
+                         peer=self.peer)
                 self.identified()
                 transport.abortConnection()
                 return
@@ -220,7 +216,7 @@ class _Sniff(Protocol):
             return
         if self.factory.tls_factory is None:
             log.info("FRP connection from {peer} refused: TLS, but HP_FRP_DISABLE_TLS=true "
-                     "(set transport.tls.enable = false in frpc)", peer=self._peer)
+                     "(set transport.tls.enable = false in frpc)", peer=self.peer)
             self.identified()
             transport.abortConnection()
             return
@@ -240,14 +236,14 @@ class _Sniff(Protocol):
 
 
 class _Payload(Protocol):
-    """Plaintext (after TLS, or plain): yamux session or a direct message channel."""
+    """Plaintext (after TLS, or plain): yamux session or a direct message stream."""
 
     def __init__(self, factory: FrpServerFactory, sniffer: _Sniff) -> None:
         self.factory = factory
         self.sniffer = sniffer
         self._buffer = b""
         self._mux: YamuxConnection | None = None
-        self._direct: DirectChannel | None = None
+        self._direct: DirectStream | None = None
         self._decided = False
 
     def dataReceived(self, data: bytes) -> None:
@@ -255,7 +251,7 @@ class _Payload(Protocol):
             self._mux.data_received(data)
             return
         if self._direct is not None:
-            self._direct._incoming(data)
+            self._direct.data_received(data)
             return
         if self._decided:
             return
@@ -273,17 +269,17 @@ class _Payload(Protocol):
                                         on_write=None if guard is None else guard.check)
             self._mux.data_received(buffered)
         elif kind.is_direct_messages:
-            self._direct = DirectChannel(transport, guard)
-            server.new_channel(self._direct, self.sniffer.identified)
-            self._direct._incoming(buffered)
+            self._direct = DirectStream(transport, guard)
+            server.new_stream(self._direct, self.sniffer.identified)
+            self._direct.data_received(buffered)
         else:
             log.info("FRP connection from {peer}: not an frpc connection (first byte 0x{b:02x}), "
-                     "closing", peer=self.sniffer._peer, b=buffered[0])
+                     "closing", peer=self.sniffer.peer, b=buffered[0])
             self.sniffer.identified()
             transport.abortConnection()
 
-    def _new_stream(self, channel: StreamChannel) -> None:
-        self.factory.server.new_channel(channel, self.sniffer.identified)
+    def _new_stream(self, stream: YamuxStream) -> None:
+        self.factory.server.new_stream(stream, self.sniffer.identified)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._mux is not None:
@@ -292,7 +288,7 @@ class _Payload(Protocol):
             self._direct.connection_lost(reason)
         elif reason.check(SSL.Error):
             log.info("FRP connection from {peer}: TLS handshake failed: {error}",
-                     peer=self.sniffer._peer, error=_ssl_reason(reason.value or Exception()))
+                     peer=self.sniffer.peer, error=_ssl_reason(reason.value or Exception()))
 
 
 def _ssl_reason(exc: BaseException) -> str:
