@@ -28,11 +28,7 @@ from functools import lru_cache
 
 from harp.client_address import MAX_ADDR_LEN, parse_ip
 
-# Transitional re-export: harp/frp/control.py still imports normalize_ip from here.  Remove
-# once it imports from harp.client_address.
-from harp.client_address import normalize_ip as normalize_ip
-
-__all__ = ["IPV6_BAN_PREFIX", "FailureTable", "ban_key", "normalize_ip"]
+__all__ = ["IPV6_BAN_PREFIX", "FailureTable", "ban_key"]
 
 _BAN_KEY_CACHE_SIZE = 4096
 

@@ -14,10 +14,11 @@ import re
 from pathlib import Path
 from typing import Final
 
+from harp.pki import CLIENT_FILES
+
 #: HaRP's FRP client certificate files, under ``$HP_CERTS_DIR/frp`` on HaRP and
-#: ``/certs/frp`` in the ExApp.  The only place harp.docker spells these names: switch
-#: it to the PKI's own constant (harp.pki) in this one line.
-FRP_CLIENT_FILES: Final = ("ca.crt", "client.crt", "client.key")
+#: ``/certs/frp`` in the ExApp (their names are spelled once, in harp.pki).
+FRP_CLIENT_FILES: Final = CLIENT_FILES
 #: Where the ExApp's frpc expects them, relative to the container's ``/``.
 FRP_CERTS_TARGET: Final = "certs/frp"
 

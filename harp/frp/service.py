@@ -38,7 +38,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from harp.bans import normalize_ip
+from harp.client_address import normalize_ip
 from harp.frp import codec, msg
 from harp.frp.control import SERVER_VERSION, Control, describe
 from harp.frp.crypto import derive_key, verify_auth_key
