@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Sequence
 from http.cookiejar import Cookie
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import quote
 
 from treq.client import HTTPClient
@@ -73,6 +73,42 @@ class NextcloudError(Exception):
     """Nextcloud could not answer usefully (network error, 5xx, malformed body)."""
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class SingleFlight(Generic[K, V]):
+    """Concurrent requests for one key share one call and its outcome.
+
+    A page that opens many connections at once (or a load balancer's burst after a
+    cache expired) costs Nextcloud one round trip per key, not one per connection.
+    Every caller gets its own Deferred, so one caller's callbacks cannot change what
+    the others receive; a failure reaches them all.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[K, list[Deferred[V]]] = {}
+
+    def __contains__(self, key: K) -> bool:
+        """Is a call for *key* in flight?"""
+        return key in self._waiters
+
+    def run(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> Deferred[V]:
+        """The outcome of ``call()``, or of the call for *key* already in flight."""
+        waiter: Deferred[V] = Deferred()
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._waiters[key] = [waiter]
+        Deferred.fromCoroutine(call()).addBoth(self._done, key)
+        return waiter
+
+    def _done(self, result: V | Failure, key: K) -> None:
+        for waiter in self._waiters.pop(key, []):
+            waiter.callback(result)  # a Failure errbacks the waiter
+
+
 class _NoCookies(IndexableCookieJar):  # type: ignore[misc]
     """A cookie jar that never stores or sends anything: lookups stay per request."""
 
@@ -100,8 +136,8 @@ class NextcloudClient:
         self._user_url = f"{base_url}/index.php/apps/app_api/harp/user-info?appId="
         self._key = shared_key.encode("ascii")
         self._state = state
-        self._meta_waiters: dict[str, list[Deferred[ExAppRecord | None]]] = {}
-        self._user_waiters: dict[bytes, list[Deferred[UserInfo]]] = {}
+        self._meta_flights: SingleFlight[str, ExAppRecord | None] = SingleFlight()
+        self._user_flights: SingleFlight[bytes, UserInfo] = SingleFlight()
         self._lookups: TokenBuckets[str] = TokenBuckets(
             MAX_LOOKUP_CLIENTS, LOOKUP_BURST, LOOKUP_RATE
         )
@@ -134,18 +170,7 @@ class NextcloudClient:
         Fails with :class:`NextcloudError` when Nextcloud cannot answer; then nothing is
         cached.  Callers waiting for the same app share one request.
         """
-        waiter: Deferred[ExAppRecord | None] = Deferred()
-        waiters = self._meta_waiters.get(app_id)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._meta_waiters[app_id] = [waiter]
-        Deferred.fromCoroutine(self._fetch_meta(app_id)).addBoth(self._meta_done, app_id)
-        return waiter
-
-    def _meta_done(self, result: ExAppRecord | Failure | None, app_id: str) -> None:
-        for waiter in self._meta_waiters.pop(app_id, []):
-            waiter.callback(result)  # a Failure errbacks the waiter
+        return self._meta_flights.run(app_id, lambda: self._fetch_meta(app_id))
 
     async def _fetch_meta(self, app_id: str) -> ExAppRecord | None:
         headers = Headers({b"harp-shared-key": [self._key], b"accept": [b"application/json"]})
@@ -189,7 +214,7 @@ class NextcloudClient:
         caller then treats the request as anonymous, which PUBLIC routes accept and the
         others refuse (counting a failure as usual).
         """
-        if self._state.get_user(key) is not None or key in self._user_waiters:
+        if self._state.get_user(key) is not None or key in self._user_flights:
             return True
         return self._lookups.take(ban_key(client))
 
@@ -198,29 +223,15 @@ class NextcloudClient:
     ) -> UserInfo:
         """Resolve the user behind the client's credentials; cached under ``key``.
 
-        Concurrent lookups for one key share a single Nextcloud request: a page that
-        opens many connections at once (or a load balancer's burst after the cache
-        expired) costs one round trip, not one per connection.
+        Concurrent lookups for one key share a single Nextcloud request
+        (:class:`SingleFlight`).
         """
         cached = self._state.get_user(key)
         if cached is not None:
             return cached
-        waiters = self._user_waiters.get(key)
-        if waiters is not None:
-            waiter: Deferred[UserInfo] = Deferred()
-            waiters.append(waiter)
-            return await waiter
-        self._user_waiters[key] = []
-        try:
-            user = await self._lookup_user(app_id, key, headers)
-        except Exception:
-            failure = Failure()
-            for waiter in self._user_waiters.pop(key, []):
-                waiter.errback(failure)
-            raise
-        for waiter in self._user_waiters.pop(key, []):
-            waiter.callback(user)
-        return user
+        return await self._user_flights.run(
+            key, lambda: self._lookup_user(app_id, key, headers)
+        )
 
     async def _lookup_user(
         self, app_id: str, key: bytes, headers: Iterable[tuple[bytes, Sequence[bytes]]]

@@ -5,9 +5,8 @@ For every ``tcp`` proxy an frpc client registers, the registry
 * reserves the proxy's **name** (unique across all clients) and **port** (23000-23999 and
   24000-24099, as the reference's ``allowPorts``);
 * binds ``127.0.0.1:port`` -- never another interface -- and relays each accepted TCP
-  connection to a fresh work connection of that client, with back-pressure both ways
-  (each side's producer is paused while the other side cannot take more, so a slow
-  reader never makes us buffer without bound);
+  connection to a fresh work connection of that client (:class:`harp.relay.Relay`:
+  back-pressure both ways, an idle limit);
 * offers :meth:`TunnelRegistry.endpoint_for`, an ``IStreamClientEndpoint`` that the
   HTTP proxy's connection pool uses to reach ``127.0.0.1:port`` *through the tunnel
   directly*, without a loopback hop (spec README, deliberate difference 2).
@@ -34,7 +33,6 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import CannotListenError, ConnectError
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IListeningPort,
     IProtocol,
     IProtocolFactory,
@@ -48,6 +46,7 @@ from zope.interface import implementer
 
 from harp.frp.channel import Channel
 from harp.logs import HarpLogger
+from harp.relay import Relay
 
 __all__ = [
     "ALLOWED_PORT_RANGES",
@@ -303,20 +302,21 @@ class _UserConnFactory(ServerFactory):
 
 
 class _UserConn(TwistedProtocol):
-    """A local TCP client of a tunnel port, relayed to one work connection."""
+    """A local TCP client of a tunnel port, relayed to one work connection.
+
+    The :class:`~harp.relay.Relay` holds the user's bytes until frpc's work connection
+    arrives and then splices the two; this protocol only asks for the work connection.
+    """
 
     def __init__(self, handle: TunnelHandle) -> None:
         self.handle = handle
-        self.channel: Channel | None = None
+        self.relay: Relay | None = None
         self._pending: Deferred[Channel] | None = None
-        self._early: list[bytes] = []
-        self._gone = False
-        self._idle_call: IDelayedCall | None = None
-        self._last_activity = 0.0
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
-        transport.pauseProducing()  # nothing to relay to until a work connection exists
+        registry = self.handle.registry
+        self.relay = Relay(transport, registry.reactor, registry.idle_timeout, self._idle)
         peer, host = transport.getPeer(), transport.getHost()
         src = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         dst = (getattr(host, "host", ""), getattr(host, "port", 0))
@@ -325,98 +325,55 @@ class _UserConn(TwistedProtocol):
 
     def _got_channel(self, channel: Channel) -> None:
         self._pending = None
-        if self._gone:
+        relay = self.relay
+        assert relay is not None
+        if relay.closed:  # the user left while frpc was asked
             channel.loseConnection()
             return
-        self.channel = channel
-        transport: Any = self.transport
-        channel.attach(_ChannelSide(self))
-        if not channel.alive:
-            return
-        channel.registerProducer(transport, True)
-        transport.registerProducer(channel, True)
-        for data in self._early:
-            channel.write(data)
-        self._early.clear()
-        registry = self.handle.registry
-        if registry.idle_timeout is not None:
-            self._touch()
-            self._idle_call = registry.reactor.callLater(registry.idle_timeout, self._check_idle)
-        transport.resumeProducing()
+        channel.attach(_WorkConnSide(relay))
+        if channel.alive:
+            relay.connect(channel)
 
     def _no_channel(self, failure: Failure) -> None:
         self._pending = None
-        if self._gone:
+        relay = self.relay
+        assert relay is not None
+        if relay.closed:
             return
         log.info("FRP proxy [{name}]: no work connection for a user connection: {error}",
                  name=self.handle.name, error=failure.getErrorMessage())
-        assert self.transport is not None
-        self.transport.loseConnection()
+        relay.close()
 
-    def _touch(self) -> None:
-        self._last_activity = self.handle.registry.reactor.seconds()
-
-    def _check_idle(self) -> None:
-        self._idle_call = None
-        registry = self.handle.registry
-        if self._gone or registry.idle_timeout is None:
-            return
-        idle = registry.reactor.seconds() - self._last_activity
-        if idle >= registry.idle_timeout:
-            log.info("FRP proxy [{name}]: closing a user connection idle for {secs:.0f}s",
-                     name=self.handle.name, secs=idle)
-            transport: Any = self.transport
-            transport.abortConnection()
-            if self.channel is not None:
-                self.channel.abortConnection()
-            return
-        self._idle_call = registry.reactor.callLater(
-            registry.idle_timeout - idle, self._check_idle
-        )
+    def _idle(self) -> None:
+        # frpc leaves a work stream open when its local service is missing: abort, a
+        # graceful close would wait for that stream forever.
+        log.info("FRP proxy [{name}]: closing a user connection idle for {secs:.0f}s",
+                 name=self.handle.name, secs=self.handle.registry.idle_timeout)
+        assert self.relay is not None
+        self.relay.abort()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.channel is None:
-            self._early.append(data)
-            return
-        self._last_activity = self.handle.registry.reactor.seconds()
-        self.channel.write(data)
-
-    def channel_data(self, data: bytes) -> None:
-        self._last_activity = self.handle.registry.reactor.seconds()
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def channel_lost(self) -> None:
-        """The work connection ended: close the user side too (frp's full close)."""
-        if self._gone:
-            return
-        transport: Any = self.transport
-        transport.unregisterProducer()
-        transport.loseConnection()
+        assert self.relay is not None
+        self.relay.from_client(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._gone = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.addErrback(lambda _: None)
             pending.cancel()
-        channel, self.channel = self.channel, None
-        if channel is not None:
-            channel.unregisterProducer()
-            channel.loseConnection()
+        if self.relay is not None:
+            self.relay.client_lost()
 
 
-class _ChannelSide(TwistedProtocol):
+class _WorkConnSide(TwistedProtocol):
     """The work connection's protocol while it relays for a :class:`_UserConn`."""
 
-    def __init__(self, user: _UserConn) -> None:
-        self.user = user
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
 
     def dataReceived(self, data: bytes) -> None:
-        self.user.channel_data(data)
+        self.relay.from_upstream(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.user.channel_lost()
+        """The work connection ended: close the user side too (frp's full close)."""
+        self.relay.upstream_lost()

@@ -91,7 +91,7 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
-class Control:
+class ControlPlaneCall:
     """Serve from the control plane; ``rest`` is the path after ``/exapps/app_api``."""
 
     rest: bytes
@@ -110,7 +110,7 @@ class Forward:
     bruteforce: frozenset[int]
 
 
-Verdict = Drop | Reply | Control | Forward
+Verdict = Drop | Reply | ControlPlaneCall | Forward
 
 
 class Pipeline:
@@ -177,7 +177,7 @@ class Pipeline:
             if not key_valid:
                 self.fail(client, "bad shared key on app_api")
                 return Reply(401, "bad shared key on app_api")
-            return Control(target)
+            return ControlPlaneCall(target)
         app_id = app_raw.decode("latin-1").lower()
 
         if self._is_signed(request):

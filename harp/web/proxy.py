@@ -9,7 +9,7 @@ response with backpressure (the upstream is paused while the client cannot take 
 Failures map to the statuses HAProxy gives in the reference: connect refused or timed
 out → 503, no response within ``HP_TIMEOUT_SERVER`` → 504, an upstream that breaks
 the response → 502 (or, mid-body, the client connection is aborted so a truncated body
-never looks complete).
+never looks complete).  Upgrades go to :mod:`harp.web.upgrade`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import Request
 
 from harp.logs import HarpLogger
+from harp.timers import cancel
 from harp.web import responses
 from harp.web.headers import HOP_BY_HOP, connection_listed
 from harp.web.site import HarpRequest
-from harp.web.tunnel import UpgradeTunnel
+from harp.web.upgrade import WebSocketUpgrade
 from harp.web.upstream import UpstreamEndpoints, upstream_uri
 
 log = HarpLogger("harp.proxy")
@@ -55,7 +56,7 @@ _NOT_FORWARDED_UPGRADE: Final = (
 BAD_GATEWAY: Final = b"502 Bad Gateway"
 
 
-class _Relay(Protocol):
+class _ResponseBody(Protocol):
     """Streams an upstream response body into the client's request."""
 
     def __init__(self, request: Request, reactor: IReactorTime, idle: float,
@@ -91,8 +92,7 @@ class _Relay(Protocol):
         responses.abort(self.request)
 
     def connectionLost(self, reason: Failure = PotentialDataLoss) -> None:  # type: ignore[assignment]
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        cancel(self.timer)
         self.timer = None
         if not self.client_gone:
             self.request.unregisterProducer()
@@ -149,7 +149,7 @@ class ExAppProxy(ReverseProxyResource):
         _, _, query = request.uri.partition(b"?")
         uri = upstream_uri(host, port, target, query)
         pending = self.agent.request(request.method, uri, headers, body)
-        state: dict[str, Any] = {"relay": None, "timed_out": False}
+        state: dict[str, Any] = {"body": None, "timed_out": False}
 
         def timed_out(result: Any, timeout: float) -> Any:
             state["timed_out"] = True
@@ -159,9 +159,9 @@ class ExAppProxy(ReverseProxyResource):
         finished = request.notifyFinish()
 
         def client_lost(reason: Failure) -> None:
-            relay = state["relay"]
-            if relay is not None:
-                relay.client_lost()
+            streaming = state["body"]
+            if streaming is not None:
+                streaming.client_lost()
             elif not pending.called:
                 pending.cancel()
 
@@ -170,7 +170,7 @@ class ExAppProxy(ReverseProxyResource):
         def got_response(response: IResponse) -> Deferred[None] | None:
             if on_status is not None:
                 on_status(response.code)
-            if request.finished or getattr(request, "_disconnected", False):
+            if responses.gone(request):
                 response.deliverBody(_Discard())
                 return None
             request.setResponseCode(response.code, response.phrase)
@@ -181,13 +181,13 @@ class ExAppProxy(ReverseProxyResource):
                 if lower not in HOP_BY_HOP and lower not in listed:
                     out.setRawHeaders(name, values)
             done: Deferred[None] = Deferred()
-            relay = _Relay(request, self.reactor, self.server_timeout, done)
-            state["relay"] = relay
-            response.deliverBody(relay)
+            streaming = _ResponseBody(request, self.reactor, self.server_timeout, done)
+            state["body"] = streaming
+            response.deliverBody(streaming)
             return done
 
         def failed(failure: Failure) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if responses.gone(request):
                 return
             if state["timed_out"]:
                 self._reply(request, 504, GATEWAY_TIMEOUT)
@@ -219,7 +219,7 @@ class ExAppProxy(ReverseProxyResource):
         idle: float | None,
         on_status: Callable[[int], None] | None = None,
     ) -> None:
-        """Ask the ExApp to switch to ``protocol``; tunnel only if it answers 101."""
+        """Ask the ExApp to switch to ``protocol``; relay bytes only if it answers 101."""
         _, _, query = request.uri.partition(b"?")
         path = (target or b"/") + (b"?" + query if query else b"")
         replaced = {name for name, _ in identity}
@@ -233,7 +233,7 @@ class ExAppProxy(ReverseProxyResource):
         head = b"\r\n".join(lines) + b"\r\n\r\n"
 
         def failed(status: int) -> None:
-            if request.finished or request._disconnected:
+            if responses.gone(request):
                 return
             if status == 504:
                 self._reply(request, 504, GATEWAY_TIMEOUT)
@@ -243,14 +243,12 @@ class ExAppProxy(ReverseProxyResource):
                 self._reply(request, 503, None)
 
         endpoint = self.endpoints.endpointForURI(URI.fromBytes(upstream_uri(host, port, b"/", b"")))
-        UpgradeTunnel(
+        WebSocketUpgrade(
             request, head, protocol, idle, self.server_timeout, self.reactor, failed, on_status
         ).start(endpoint)
 
     def _reply(self, request: Request, status: int, body: bytes | None) -> None:
-        close_early = getattr(request, "close_early", None)
-        if close_early is not None:
-            close_early()  # the body (if any) will not be read: do not wait for it
+        responses.close_early(request)
         responses.finish(
             request,
             responses.error(request, status) if body is None
@@ -258,12 +256,7 @@ class ExAppProxy(ReverseProxyResource):
         )
 
     def _bug(self, failure: Failure, request: Request) -> None:
-        log.failure("proxying failed", failure)
-        if not request.finished and not getattr(request, "_disconnected", False):
-            if request.startedWriting:
-                responses.abort(request)
-            else:
-                self._reply(request, 503, None)
+        responses.internal_error(request, failure, log, "proxying failed")
 
 
 class _Discard(Protocol):

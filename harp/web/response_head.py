@@ -2,7 +2,7 @@
 
 Used where HaRP speaks to an ExApp on a raw connection — the WebSocket upgrade — and
 must know what the ExApp answered before it decides whether the client connection
-becomes a tunnel (only on ``101``) or stays HTTP (docs/security.md, upgrades).
+is handed to a relay (only on ``101``) or stays HTTP (docs/security.md, upgrades).
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ import json
 from typing import Any, Final, cast
 
 from twisted.internet.interfaces import ITCPTransport
+from twisted.python.failure import Failure
 from twisted.web.server import Request
+
+from harp.logs import HarpLogger
 
 PLAIN: Final = b"text/plain"
 JSON: Final = b"application/json"
@@ -63,3 +66,38 @@ def drop(request: Request) -> None:
 
 
 abort = drop
+
+
+def gone(request: Request) -> bool:
+    """Has the client gone: is the response over, or the client disconnected?
+
+    Either way nothing more may be written; every asynchronous step checks this before
+    it answers.  ``_disconnected`` is ``twisted.web``'s own flag, read only here.
+    """
+    return bool(request.finished or getattr(request, "_disconnected", False))
+
+
+def internal_error(request: Request, failure: Failure, log: HarpLogger, what: str) -> None:
+    """A bug while serving *request*: log it, then end the response the only way left.
+
+    A started response is aborted (a truncated body must not look complete); otherwise
+    the client gets the reference's ``503``.
+    """
+    log.failure(what, failure)
+    if gone(request):
+        return
+    if request.startedWriting:
+        abort(request)
+    else:
+        close_early(request)
+        finish(request, error(request, 503))
+
+
+def close_early(request: Request) -> None:
+    """The request body (if any) will not be read: do not wait for it before answering.
+
+    Only :class:`harp.web.site.HarpRequest` streams bodies and needs this.
+    """
+    close = getattr(request, "close_early", None)
+    if close is not None:
+        close()

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.control import ControlPlane
-from harp.web.pipeline import Control, Drop, Forward, Pipeline, Reply, Verdict
+from harp.web.pipeline import ControlPlaneCall, Drop, Forward, Pipeline, Reply, Verdict
 from harp.web.proxy import ExAppProxy
 from harp.web.site import HarpRequest
 
@@ -53,6 +53,8 @@ class Root(Resource):
         self.pipeline = pipeline
         self.control = control
         self.proxy = proxy
+        #: ``HP_TIMEOUT_TUNNEL`` (HAProxy's ``timeout tunnel``): an upgraded connection's
+        #: idle limit.
         self.tunnel_timeout = tunnel_timeout
         self.docker = docker
 
@@ -65,7 +67,7 @@ class Root(Resource):
 
     def _act(self, verdict: Verdict, req: Request) -> None:
         request = cast(HarpRequest, req)
-        if request._disconnected:
+        if responses.gone(request):
             return
         if isinstance(verdict, Forward):
             self._forward(verdict, request)
@@ -73,7 +75,7 @@ class Root(Resource):
             # Do not make the client upload a body nobody will read.
             request.close_early()
             responses.finish(request, responses.error(request, verdict.status))
-        elif isinstance(verdict, Control):
+        elif isinstance(verdict, ControlPlaneCall):
             self._control(verdict, request)
         elif isinstance(verdict, Drop):
             request.note = verdict.reason
@@ -81,7 +83,7 @@ class Root(Resource):
                 request.site.log(request)
             responses.drop(request)
 
-    def _control(self, verdict: Control, request: HarpRequest) -> None:
+    def _control(self, verdict: ControlPlaneCall, request: HarpRequest) -> None:
         if not request.has_body or request.body is None:
             request.content = BytesIO(b"")
             self._control_render(verdict, request)
@@ -99,8 +101,8 @@ class Root(Resource):
             self._internal_error, request
         )
 
-    def _control_render(self, verdict: Control, request: HarpRequest) -> None:
-        if request._disconnected:
+    def _control_render(self, verdict: ControlPlaneCall, request: HarpRequest) -> None:
+        if responses.gone(request):
             return
         # Reference §3.3: a docker-engine-port header selects the raw Engine API
         # passthrough, except for HaRP's own /docker/... endpoints.
@@ -156,12 +158,7 @@ class Root(Resource):
         )
 
     def _internal_error(self, failure: Failure, request: Request) -> None:
-        errors.failure("request pipeline failed", failure)
-        if not request.finished and not getattr(request, "_disconnected", False):
-            if request.startedWriting:
-                responses.abort(request)
-            else:
-                responses.finish(request, responses.error(request, 503))
+        responses.internal_error(request, failure, errors, "request pipeline failed")
 
 
 #: Protocols a client may upgrade to.  Anything else (``h2c``, made-up tokens) is
@@ -170,7 +167,7 @@ UPGRADABLE: Final = frozenset({b"websocket"})
 
 
 def upgrade_protocol(request: Request) -> bytes | None:
-    """The protocol a ``GET`` asks to switch to, if we tunnel it (RFC 9110 §7.8).
+    """The protocol a ``GET`` asks to switch to, if we relay it (RFC 9110 §7.8).
 
     ``Upgrade`` must name an allowed protocol and ``Connection`` must list ``upgrade``.
     """

@@ -12,8 +12,8 @@ Three changes to ``twisted.web``'s defaults, each for a reverse proxy's needs:
 - **A deadline for the request head.**  The idle timeout alone lets a slow-loris
   client trickle one header byte at a time forever; the head must be complete within
   ``HP_TIMEOUT_CLIENT``.
-- **Tunnels.**  After an ``Upgrade`` (WebSocket) the channel stops parsing HTTP and
-  hands every byte to the tunnel.
+- **Hand-over.**  After an accepted ``Upgrade`` (WebSocket, :mod:`harp.web.upgrade`)
+  the channel stops parsing HTTP and hands every byte to a :class:`~harp.relay.Relay`.
 
 The channel's private ``_command``/``_path``/``_version`` are read once, in
 ``allHeadersReceived``: that is the only place the request line is known before the
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -38,6 +38,8 @@ from twisted.web.server import Request, Site
 from harp import logs
 from harp.logs import HarpLogger
 from harp.metrics import Metrics
+from harp.relay import Relay
+from harp.timers import cancel
 from harp.web.body import BodyPipe
 from harp.web.limits import ConnectionLimit
 
@@ -52,14 +54,6 @@ _TIMEOUT_RESPONSE = (
 #: Bytes per second a request body must sustain while HaRP is reading it, measured
 #: over windows of ``HP_TIMEOUT_CLIENT`` (Apache's mod_reqtimeout uses the same idea).
 MIN_BODY_RATE: Final = 500
-
-
-class Tunnel(Protocol):
-    """An upgraded connection's relay (see :mod:`harp.web.tunnel`)."""
-
-    def client_data(self, data: bytes) -> None: ...
-
-    def client_lost(self) -> None: ...
 
 
 #: Largest chunk size accepted in a chunked request body (as nginx: a signed 64-bit
@@ -80,7 +74,8 @@ class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
 class HarpChannel(http.HTTPChannel):
     head_timeout: float = 30.0
     clock: IReactorTime = _reactor  # type: ignore[assignment]
-    tunnel: Tunnel | None = None
+    #: Set once the connection is handed over (:meth:`hand_over`): no more HTTP.
+    relay: Relay | None = None
     discarding = False
     limit: ConnectionLimit | None = None
     _head_timer: IDelayedCall | None = None
@@ -90,8 +85,8 @@ class HarpChannel(http.HTTPChannel):
         self._arm_head_timer()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.client_data(data)
+        if self.relay is not None:
+            self.relay.from_client(data)
         elif not self.discarding:
             super().dataReceived(data)
 
@@ -110,7 +105,7 @@ class HarpChannel(http.HTTPChannel):
 
     def requestDone(self, request: http.Request) -> None:
         # Armed before the parent parses any pipelined request, which cancels it again.
-        if self.tunnel is None:
+        if self.relay is None:
             self._arm_head_timer()
         super().requestDone(request)
 
@@ -119,9 +114,9 @@ class HarpChannel(http.HTTPChannel):
         limit, self.limit = self.limit, None
         if limit is not None:
             limit.closed()
-        tunnel, self.tunnel = self.tunnel, None
-        if tunnel is not None:
-            tunnel.client_lost()
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.client_lost()
         super().connectionLost(reason)
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
@@ -162,16 +157,20 @@ class HarpChannel(http.HTTPChannel):
         else:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def become_tunnel(self, tunnel: Tunnel) -> None:
-        """Stop speaking HTTP: every further byte belongs to ``tunnel``."""
+    def hand_over(self, relay: Relay) -> None:
+        """Stop speaking HTTP: every further byte, and those buffered, belong to *relay*.
+
+        The relay's idle limit replaces the channel's timeouts: an idle WebSocket must
+        not be cut at ``HP_TIMEOUT_CLIENT``.
+        """
         self._cancel_head_timer()
         self.setTimeout(None)
         self._savedTimeOut = None
-        self.tunnel = tunnel
+        self.relay = relay
         buffered = b"".join(self._dataBuffer)
         self._dataBuffer = []
         if buffered:
-            tunnel.client_data(buffered)
+            relay.from_client(buffered)
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -179,9 +178,8 @@ class HarpChannel(http.HTTPChannel):
             self._head_timer = self.clock.callLater(self.head_timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
-        timer, self._head_timer = self._head_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        cancel(self._head_timer)
+        self._head_timer = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -239,9 +237,8 @@ class HarpRequest(Request):
             self._rate_timer = channel.clock.callLater(channel.head_timeout, self._check_rate)
 
     def _cancel_rate_check(self) -> None:
-        timer, self._rate_timer = self._rate_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        cancel(self._rate_timer)
+        self._rate_timer = None
 
     def _check_rate(self) -> None:
         self._rate_timer = None

@@ -28,7 +28,11 @@ from zope.interface import implementer
 
 
 class TunnelLookup(Protocol):
-    """What the FRP side offers the HTTP side (the ``TunnelRegistry`` seam)."""
+    """What the FRP side offers its users: ``harp.frp.tunnels.TunnelRegistry`` as seen by
+    the HTTP proxy here and by the Docker engine endpoints (``harp.docker``).
+
+    Defined once, on the users' side, so that neither imports the FRP server.
+    """
 
     def endpoint_for(self, port: int) -> IStreamClientEndpoint | None: ...
 

@@ -1,21 +1,22 @@
-"""Upgraded connections (WebSockets): a raw byte tunnel, but only after ``101``.
+"""Upgraded connections (WebSockets): a byte relay, but only after ``101``.
 
 The request head is re-sent to the ExApp on a dedicated upstream connection (not the
 keep-alive pool: it will never come back) with the identity headers set.  The client
 connection stays HTTP until the ExApp's answer is known:
 
 - ``101 Switching Protocols`` whose ``Upgrade`` names the protocol asked for: the head
-  is relayed and from then on bytes flow both ways untouched.
-- anything else: relayed as an ordinary response (its body framed by its own
+  is passed on and the HTTP channel hands the connection over to a
+  :class:`~harp.relay.Relay`; from then on bytes flow both ways untouched.
+- anything else: passed on as an ordinary response (its body framed by its own
   Content-Length / chunked / close), the upstream connection is closed, and the
   client connection goes on speaking HTTP, so every further request it sends meets
-  the whole pipeline again.  Tunnelling before the answer let a client smuggle raw
+  the whole pipeline again.  Relaying before the answer let a client smuggle raw
   requests past every check when an ExApp refused the upgrade (docs/security.md).
 
-States: ``connecting`` → ``head`` → ``tunnel`` | ``relay`` → ``closed``.  Each
-direction of a tunnel is flow-controlled by registering the other side's transport as
-its producer.  Idle for ``HP_TIMEOUT_TUNNEL`` (default: the server timeout; 0 =
-never) → both ends are closed; an idle WebSocket is not cut at the client timeout.
+States: ``connecting`` → ``head`` → ``switched`` | ``refused`` → ``closed``.  Until
+``switched`` the ExApp has ``HP_TIMEOUT_SERVER`` per step; once switched, the relay's
+idle limit is ``HP_TIMEOUT_TUNNEL`` (default: the server timeout; 0 = never), so an
+idle WebSocket is not cut at the client timeout.
 """
 
 from __future__ import annotations
@@ -34,29 +35,33 @@ from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
 from harp.logs import HarpLogger
+from harp.relay import Relay
+from harp.timers import cancel
 from harp.web import responses
 from harp.web.headers import HOP_BY_HOP
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
 from harp.web.site import HarpChannel, HarpRequest
 
-log = HarpLogger("harp.tunnel")
+log = HarpLogger("harp.upgrade")
 
 
 class _Upstream(Protocol):
-    def __init__(self, tunnel: UpgradeTunnel) -> None:
-        self.tunnel = tunnel
+    def __init__(self, upgrade: WebSocketUpgrade) -> None:
+        self.upgrade = upgrade
 
     def connectionMade(self) -> None:
-        self.tunnel.upstream_connected(self)
+        self.upgrade.upstream_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.tunnel.upstream_data(data)
+        self.upgrade.upstream_data(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.tunnel.upstream_lost()
+        self.upgrade.upstream_lost()
 
 
-class UpgradeTunnel:
+class WebSocketUpgrade:
+    """One upgrade request: ask the ExApp, then relay (``101``) or answer (otherwise)."""
+
     def __init__(
         self,
         request: HarpRequest,
@@ -83,7 +88,8 @@ class UpgradeTunnel:
         self.state = "connecting"
         self.buffer = b""
         self.timer: IDelayedCall | None = None
-        # Relay of a refused upgrade's body.
+        self.relay: Relay | None = None
+        # Passing on a refused upgrade's body.
         self.remaining = 0
         self.framing = "none"
         self.chunks: _ChunkedTransferDecoder | None = None
@@ -117,26 +123,28 @@ class UpgradeTunnel:
         self._arm(self.server_timeout)
 
     def upstream_data(self, data: bytes) -> None:
-        if self.state == "tunnel":
-            self._touch()
-            self.client.write(data)
+        if self.state == "switched":
+            assert self.relay is not None
+            self.relay.from_upstream(data)
         elif self.state == "head":
             self._head_data(data)
-        elif self.state == "relay":
-            self._relay_data(data)
+        elif self.state == "refused":
+            self._answer_data(data)
 
     def upstream_lost(self) -> None:
         state, self.upstream = self.state, None
-        if state == "tunnel":
-            self._close_all()
+        if state == "switched":
+            self.state = "closed"
+            assert self.relay is not None
+            self.relay.upstream_lost()
         elif state == "head":
             self.state = "closed"
             self._cancel_timer()
             log.info("upgrade: upstream closed before answering")
             self.on_failure(502)
-        elif state == "relay":
+        elif state == "refused":
             if self.framing == "close":
-                self._relay_done()
+                self._answer_done()
             else:
                 # A truncated body must not look complete to the client.
                 self.state = "closed"
@@ -164,32 +172,35 @@ class UpgradeTunnel:
         if head.status == 101:
             if self.protocol not in head.tokens(b"upgrade"):
                 return self._bad_gateway("101 for another protocol")
-            return self._become_tunnel(head, rest)
-        return self._start_relay(head, rest)
+            return self._switch(head, rest)
+        return self._start_answer(head, rest)
 
-    def _become_tunnel(self, head: ResponseHead, rest: bytes) -> None:
-        assert self.upstream is not None
-        self.state = "tunnel"
+    def _switch(self, head: ResponseHead, rest: bytes) -> None:
+        assert self.upstream is not None and self.upstream.transport is not None
+        self.state = "switched"
         self._cancel_timer()
-        up: Any = self.upstream.transport
         client = self.client
-        # From here on the client connection is ours, not HTTP's.
-        self.channel.become_tunnel(self)
+        self.relay = relay = Relay(client, self.clock, self.idle, self._idle)
+        # From here on the client connection is the relay's, not HTTP's.
+        self.channel.hand_over(relay)
         client.write(head.raw)
+        client.unregisterProducer()  # the HTTP channel's own registration ends with HTTP
+        relay.connect(self.upstream.transport)  # type: ignore[arg-type]
         if rest:
-            client.write(rest)
-        client.unregisterProducer()
-        client.registerProducer(cast(IPushProducer, up), True)
-        up.registerProducer(cast(IPushProducer, client), True)
-        client.resumeProducing()  # the channel may have paused reading
-        self._touch()
+            relay.from_upstream(rest)
 
-    def _start_relay(self, head: ResponseHead, rest: bytes) -> None:
+    def _idle(self) -> None:
+        log.info("upgraded connection idle for {idle}s: closing", idle=self.idle)
+        self.state = "closed"
+        assert self.relay is not None
+        self.relay.close()
+
+    def _start_answer(self, head: ResponseHead, rest: bytes) -> None:
         try:
             self.framing, self.remaining = body_framing(head, self.request.method)
         except BadResponse as exc:
             return self._bad_gateway(str(exc))
-        self.state = "relay"
+        self.state = "refused"
         request = self.request
         request.setResponseCode(head.status, head.reason)
         listed = head.tokens(b"connection")
@@ -197,17 +208,17 @@ class UpgradeTunnel:
             if name not in HOP_BY_HOP and name not in listed:
                 request.responseHeaders.addRawHeader(name, value)
         if self.framing == "chunked":
-            self.chunks = _ChunkedTransferDecoder(self._relay_write, self._chunks_done)
+            self.chunks = _ChunkedTransferDecoder(self._answer_write, self._chunks_done)
         if self.framing == "none" or (self.framing == "length" and self.remaining == 0):
-            return self._relay_done()
+            return self._answer_done()
         assert self.upstream is not None and self.upstream.transport is not None
         request.registerProducer(cast(IPushProducer, self.upstream.transport), True)
         self._arm(self.server_timeout)
         if rest:
-            self._relay_data(rest)
+            self._answer_data(rest)
         return None
 
-    def _relay_data(self, data: bytes) -> None:
+    def _answer_data(self, data: bytes) -> None:
         self._arm(self.server_timeout)
         if self.framing == "chunked":
             assert self.chunks is not None
@@ -220,21 +231,21 @@ class UpgradeTunnel:
         elif self.framing == "length":
             piece = data[: self.remaining]
             self.remaining -= len(piece)
-            self._relay_write(piece)
+            self._answer_write(piece)
             if self.remaining == 0:
-                self._relay_done()
+                self._answer_done()
         else:
-            self._relay_write(data)
+            self._answer_write(data)
 
-    def _relay_write(self, data: bytes) -> None:
-        if self.state == "relay" and data:
+    def _answer_write(self, data: bytes) -> None:
+        if self.state == "refused" and data:
             self.request.write(data)
 
     def _chunks_done(self, extra: bytes) -> None:
-        self._relay_done()
+        self._answer_done()
 
-    def _relay_done(self) -> None:
-        if self.state != "relay":
+    def _answer_done(self) -> None:
+        if self.state != "refused":
             return
         self.state = "closed"
         self._cancel_timer()
@@ -242,7 +253,7 @@ class UpgradeTunnel:
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
-        if not request.finished and not request._disconnected:
+        if not responses.gone(request):
             request.finish()  # the client connection goes on with HTTP
 
     def _bad_gateway(self, why: str) -> None:
@@ -252,24 +263,15 @@ class UpgradeTunnel:
         self._close_upstream()
         self.on_failure(502)
 
-    # --- client side
-
-    def client_data(self, data: bytes) -> None:
-        """Bytes from the client once tunnelling (called by the channel)."""
-        self._touch()
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.write(data)
-
-    def client_lost(self) -> None:
-        self._close_all()
+    # --- client side (until switched; then the relay hears of it from the channel)
 
     def _client_gone(self) -> None:
-        if self.state in ("connecting", "head", "relay"):
+        if self.state in ("connecting", "head", "refused"):
             self.state = "closed"
             self._cancel_timer()
             self._close_upstream()
 
-    # --- timers
+    # --- the ExApp's deadline before the switch
 
     def _arm(self, seconds: float) -> None:
         if self.timer is not None and self.timer.active():
@@ -277,42 +279,23 @@ class UpgradeTunnel:
         else:
             self.timer = self.clock.callLater(seconds, self._timed_out)
 
-    def _touch(self) -> None:
-        if self.idle is not None and self.state == "tunnel":
-            self._arm(self.idle)
-
     def _cancel_timer(self) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        cancel(self.timer)
+        self.timer = None
 
     def _timed_out(self) -> None:
         self.timer = None
         state = self.state
-        if state == "tunnel":
-            log.info("tunnel idle for {idle}s: closing", idle=self.idle)
-            self._close_all()
-        elif state == "head":
+        if state == "head":
             self.state = "closed"
             self._close_upstream()
             self.on_failure(504)
-        elif state == "relay":
+        elif state == "refused":
             self.state = "closed"
             self._close_upstream()
             responses.abort(self.request)
-
-    # --- closing
 
     def _close_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None and upstream.transport is not None:
             upstream.transport.loseConnection()
-
-    def _close_all(self) -> None:
-        if self.state == "closed" and self.upstream is None:
-            return
-        self.state = "closed"
-        self._cancel_timer()
-        self._close_upstream()
-        if self.channel.transport is not None:
-            self.channel.transport.loseConnection()
