@@ -52,7 +52,7 @@ APP = "myapp"
 TOKEN = "app-secret"
 
 
-class FakeNextcloud:
+class FakeNextcloudClient:
     """What the pipeline asks ``NextcloudClient``, answered synchronously from tables."""
 
     def __init__(self) -> None:
@@ -110,7 +110,7 @@ class World:
 
     def __init__(self) -> None:
         self.state = MemoryState(1, 60, 3)
-        self.nextcloud = FakeNextcloud()
+        self.nextcloud = FakeNextcloudClient()
         trusted, _ = parse_trusted_proxies("")
         self.pipeline = P.Pipeline(
             self.state, self.nextcloud, KeyCheck(KEY),  # type: ignore[arg-type]

@@ -108,6 +108,16 @@ class Server:
         )
         self.site = HarpSite(self.root, head_timeout=30.0)
         self.clock = MemoryReactorClock()
+        #: Every verdict the pipeline returned, in order: what Root acted on.
+        self.verdicts: list[P.Verdict] = []
+        decide = self.pipeline.decide
+
+        async def recorded(request: Request, client: str) -> P.Verdict:
+            verdict = await decide(request, client)
+            self.verdicts.append(verdict)
+            return verdict
+
+        self.pipeline.decide = recorded  # type: ignore[method-assign]
 
     def connect(self, client: str = CLIENT) -> tuple[HarpChannel, StringTransport]:
         channel = self.site.buildProtocol(None)
@@ -156,6 +166,7 @@ def test_reply_writes_the_reference_error_and_keeps_the_connection(server: Serve
     assert b"server" not in answer.headers  # a reverse proxy does not announce itself
     assert not transport.disconnecting
     assert server.site.metrics.responses == {404: 1}
+    assert server.verdicts == [P.Reply(404, "no app id in path")]
 
 
 def test_reply_before_the_body_closes_after_answering(server: Server) -> None:
@@ -170,6 +181,7 @@ def test_reply_before_the_body_closes_after_answering(server: Server) -> None:
 def test_control_plane_without_the_key_is_401(server: Server) -> None:
     answer = Parsed(server.exchange(get(b"/exapps/app_api/info")).value())
     assert (answer.status, answer.body) == (401, b"401 Unauthorized")
+    assert server.verdicts == [P.Reply(401, "bad shared key on app_api")]
 
 
 # --- Drop: close without a byte
@@ -187,6 +199,7 @@ def test_drop_closes_silently_and_is_counted(server: Server, path: bytes, reason
     assert transport.value() == b""
     assert transport.disconnecting
     assert server.site.metrics.drops == {reason: 1}
+    assert server.verdicts == [P.Drop(reason)]
 
 
 def test_banned_client_is_dropped_even_with_the_key(server: Server) -> None:
@@ -202,6 +215,7 @@ def test_banned_client_is_dropped_even_with_the_key(server: Server) -> None:
 
 def test_control_plane_info(server: Server) -> None:
     answer = Parsed(server.exchange(get(b"/exapps/app_api/info", WITH_KEY)).value())
+    assert server.verdicts == [CONTROL(b"/info")]
     assert answer.status == 200
     assert answer.headers[b"content-type"] == b"application/json"
     assert json.loads(answer.body)["version"] == __version__
@@ -263,24 +277,14 @@ def test_docker_engine_port_selects_the_passthrough(server: Server) -> None:
     assert server.docker.calls == [b"/v1.41/containers/json"]
 
 
-def test_the_verdict_for_the_control_plane(server: Server) -> None:
-    # What Root acted on above, stated as the verdict (a guard for the renaming).
-    channel, _ = server.connect()
-    request = HarpRequest(channel)
-    request.method = b"GET"
-    request.uri = request.path = b"/exapps/app_api/info"
-    request.requestHeaders.addRawHeader(b"harp-shared-key", KEY)
-    out: list[Any] = []
-    Deferred.fromCoroutine(server.pipeline.decide(request, CLIENT)).addBoth(out.append)
-    assert out == [CONTROL(b"/info")]
-
-
 # --- Forward: handed to the proxy with the identity headers
 
 
 def test_forward_hands_the_identity_to_the_proxy(server: Server) -> None:
     answer = Parsed(server.exchange(get(b"/exapps/myapp/deep/path?q=1")).value())
     assert (answer.status, answer.body) == (200, b"upstream")
+    (verdict,) = server.verdicts
+    assert isinstance(verdict, P.Forward) and verdict.target == b"/deep/path"
     (call,) = server.proxy.forwarded
     assert (call["host"], call["port"], call["target"]) == ("10.0.0.9", 23009, b"/deep/path")
     assert call["identity"][b"ex-app-id"] == b"myapp"
