@@ -4,7 +4,6 @@ Nextcloud speaking the two harp/* endpoints, and a real nc_py_api ExApp."""
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import threading
 import time
@@ -14,54 +13,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HarpProcess, base_env, new_key
+from tests.interop.conftest import APP, DROPPED, ok, record_for, request, start_harp
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
+from tests.peers.harp import HarpProcess
 
 pytestmark = pytest.mark.interop
 
-APP = "harp-test-exapp"
-ROUTES = [
-    {"url": "^/public$", "access_level": 0},
-    {"url": "^/user$", "access_level": "1"},  # AppAPI may send the level as a string
-    {"url": "^/admin$", "access_level": 2},
-    {"url": "^/echo-headers", "access_level": 0},
-    {"url": "^/guarded$", "access_level": 0, "bruteforce_protection": [401]},
-    {"url": "[invalid(", "access_level": 0},
-]
-
-
-class Response:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-DROPPED = "dropped"
-
-
-def request(
-    port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET",
-    body: bytes | None = None, source: str = "127.0.0.1", timeout: float = 30,
-) -> Response | str:
-    """One request on a fresh connection; DROPPED if closed without a response."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
-                                      source_address=(source, 0))
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-        return DROPPED
-    finally:
-        conn.close()
-
-
-def ok(result: Response | str) -> Response:
-    assert isinstance(result, Response), result
-    return result
+# tests/interop/test_redis_state.py still imports these from here; their home is
+# tests/interop/conftest.py.
+__all__ = ["DROPPED", "ok", "record_for", "request", "start_harp"]
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -69,52 +30,22 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def key() -> str:
-    return new_key()
-
-
-@pytest.fixture(scope="module")
-def nextcloud(key: str) -> Iterator[FakeNextcloud]:
-    with FakeNextcloud(key) as fake:
-        fake.add_session("sess-user", "usr", 1)
-        fake.add_session("sess-admin", "admin", 2)
-        fake.add_session("sess-disabled", "gone", 0)
-        fake.add_app_password("usr", "usr-app-pw", 1)
-        fake.add_app_password("admin", "admin-app-pw", 2)
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def exapp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExAppProcess]:
-    log = tmp_path_factory.mktemp("exapp") / "exapp.log"
-    with ExAppProcess(app_id=APP, log_path=log) as app:
-        yield app
-
-
-def record_for(app: ExAppProcess, **changes: Any) -> dict[str, Any]:
-    record = {
-        "exapp_token": app.secret, "exapp_version": app.version, "host": "127.0.0.1",
-        "port": app.port, "routes": ROUTES,
-    }
-    record.update(changes)
-    return record
-
-
-def start_harp(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:
-    defaults = {"HP_FRP_DISABLE_TLS": "true", "HP_BLACKLIST_COUNT": "1000"}
-    full = base_env(tmp, HP_SHARED_KEY=key, NC_INSTANCE_URL=nextcloud.url, **{**defaults, **env})
-    return HarpProcess(full, tmp).start()
-
-
-@pytest.fixture(scope="module")
-def harp(
-    tmp_path_factory: pytest.TempPathFactory, key: str, nextcloud: FakeNextcloud,
-    exapp: ExAppProcess,
-) -> Iterator[HarpProcess]:
+def nextcloud(nextcloud: FakeNextcloud, exapp: ExAppProcess) -> FakeNextcloud:
+    """The shared fake Nextcloud, knowing the test ExApp and a user, an admin and a
+    disabled user (by session cookie and by app password)."""
     nextcloud.apps[APP] = record_for(exapp)
-    proc = start_harp(tmp_path_factory.mktemp("harp"), key, nextcloud, HP_SESSION_LIFETIME="10")
-    yield proc
-    proc.stop()
+    nextcloud.add_session("sess-user", "usr", 1)
+    nextcloud.add_session("sess-admin", "admin", 2)
+    nextcloud.add_session("sess-disabled", "gone", 0)
+    nextcloud.add_app_password("usr", "usr-app-pw", 1)
+    nextcloud.add_app_password("admin", "admin-app-pw", 2)
+    return nextcloud
+
+
+@pytest.fixture(scope="module")
+def harp_settings() -> dict[str, str]:
+    # Long enough that test_session_cache sees its lookups cached.
+    return {"HP_SESSION_LIFETIME": "10"}
 
 
 # --- the access matrix of reference-behaviour §12, through the real nc_py_api app
@@ -308,9 +239,7 @@ def test_negative_cache(harp: HarpProcess, nextcloud: FakeNextcloud,
 
 
 @pytest.fixture
-def ban_harp(tmp_path: Path, key: str, nextcloud: FakeNextcloud,
-             exapp: ExAppProcess) -> Iterator[HarpProcess]:
-    nextcloud.apps[APP] = record_for(exapp)
+def ban_harp(tmp_path: Path, key: str, nextcloud: FakeNextcloud) -> Iterator[HarpProcess]:
     proc = start_harp(tmp_path, key, nextcloud, HP_BLACKLIST_COUNT="3",
                       HP_BLACKLIST_WINDOW="4", HP_TRUSTED_PROXY_IPS="127.0.0.3")
     yield proc

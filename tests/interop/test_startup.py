@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from harp import __version__
-from tests.conftest import HarpProcess, free_port, run_harp_once, self_signed_pem
+from tests.conftest import self_signed_pem
+from tests.peers.base import free_port
+from tests.peers.harp import HarpProcess, run_harp_once
 
 pytestmark = pytest.mark.interop
 

@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import HarpProcess, base_env, free_port, new_key, self_signed_pem
+from tests.conftest import self_signed_pem
+from tests.interop.conftest import start_harp
+from tests.peers.base import free_port
 from tests.peers.bulk_upstream import BulkUpstream, pattern_sha256
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
+from tests.peers.harp import HarpProcess
 
 pytestmark = pytest.mark.interop
 
@@ -63,20 +66,8 @@ class RssSampler:
 
 
 @pytest.fixture(scope="module")
-def key() -> str:
-    return new_key()
-
-
-@pytest.fixture(scope="module")
-def nextcloud(key: str) -> Iterator[FakeNextcloud]:
-    with FakeNextcloud(key) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def exapp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExAppProcess]:
-    with ExAppProcess(app_id="streamer", log_path=tmp_path_factory.mktemp("ex") / "log") as app:
-        yield app
+def app_id() -> str:
+    return "streamer"
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +76,11 @@ def bulk() -> Iterator[BulkUpstream]:
         yield upstream
 
 
-def start_harp(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:
-    defaults = {"HP_FRP_DISABLE_TLS": "true", "HP_LOG_LEVEL": "warning"}
-    full = base_env(tmp, HP_SHARED_KEY=key, NC_INSTANCE_URL=nextcloud.url, **{**defaults, **env})
-    return HarpProcess(full, tmp).start()
-
-
 @pytest.fixture(scope="module")
-def harp(tmp_path_factory: pytest.TempPathFactory, key: str, nextcloud: FakeNextcloud,
-         exapp: ExAppProcess, bulk: BulkUpstream) -> Iterator[HarpProcess]:
+def nextcloud(nextcloud: FakeNextcloud, exapp: ExAppProcess,
+              bulk: BulkUpstream) -> FakeNextcloud:
+    """The shared fake Nextcloud, knowing three all-public apps: the nc_py_api ExApp,
+    the bulk upstream, and one whose port refuses connections."""
     nextcloud.apps["streamer"] = {
         "exapp_token": exapp.secret, "exapp_version": exapp.version, "host": "127.0.0.1",
         "port": exapp.port, "routes": ALL_PUBLIC,
@@ -106,13 +93,19 @@ def harp(tmp_path_factory: pytest.TempPathFactory, key: str, nextcloud: FakeNext
         "exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": free_port(),
         "routes": ALL_PUBLIC,
     }
-    # A short client timeout: it must cut slow clients, never WebSockets or SSE.
-    tmp = tmp_path_factory.mktemp("harp")
-    (tmp / "certs").mkdir()
-    self_signed_pem(tmp / "certs" / "cert.pem", "harp.test")  # HTTPS on, same tree
-    proc = start_harp(tmp, key, nextcloud, HP_TIMEOUT_CLIENT="3s")
-    yield proc
-    proc.stop()
+    return nextcloud
+
+
+@pytest.fixture(scope="module")
+def harp_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    certs = tmp_path_factory.mktemp("certs")
+    self_signed_pem(certs / "cert.pem", "harp.test")  # HTTPS on, same tree
+    return {
+        "HP_CERTS_DIR": str(certs),
+        # A short client timeout: it must cut slow clients, never WebSockets or SSE.
+        "HP_TIMEOUT_CLIENT": "3s",
+        "HP_LOG_LEVEL": "warning",
+    }
 
 
 def conn(harp: HarpProcess, timeout: float = 60) -> http.client.HTTPConnection:
@@ -313,7 +306,7 @@ def test_idle_keep_alive_closed(harp: HarpProcess) -> None:
 def test_upstream_that_never_answers_is_504(tmp_path: Path, key: str,
                                             nextcloud: FakeNextcloud,
                                             bulk: BulkUpstream) -> None:
-    proc = start_harp(tmp_path, key, nextcloud, HP_TIMEOUT_SERVER="2s")
+    proc = start_harp(tmp_path, key, nextcloud, HP_LOG_LEVEL="warning", HP_TIMEOUT_SERVER="2s")
     try:
         c = conn(proc)
         start = time.monotonic()

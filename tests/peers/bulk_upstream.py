@@ -24,8 +24,10 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import ThreadingUnixStreamServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
+
+from tests.peers.base import Peer
 
 _BLOCK = hashlib.sha256(b"harp").digest() * 2048  # 64 KiB of fixed bytes
 
@@ -165,7 +167,7 @@ class _UnixServer(ThreadingUnixStreamServer):
         return conn, ("unix", 0)
 
 
-class BulkUpstream:
+class BulkUpstream(Peer):
     """``BulkUpstream().start()`` on a free TCP port, or ``BulkUpstream(unix_path=...)``."""
 
     def __init__(self, unix_path: str | None = None) -> None:
@@ -176,7 +178,7 @@ class BulkUpstream:
         self._server: _TCPServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> BulkUpstream:
+    def start(self) -> Self:
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
@@ -201,9 +203,3 @@ class BulkUpstream:
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
-
-    def __enter__(self) -> BulkUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

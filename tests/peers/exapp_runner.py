@@ -26,26 +26,19 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
+
+from tests.peers.base import Peer, end_process, free_port, read_log
 
 EXAPP_SCRIPT = Path(__file__).with_name("exapp.py")
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_UNIX_PATH = 107
-
-
-def free_tcp_port() -> int:
-    """A port the OS just reported free on 127.0.0.1 (a tiny race is acceptable in tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -62,7 +55,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class ExAppProcess:
+class ExAppProcess(Peer):
     """One running test ExApp; see the module docstring."""
 
     def __init__(
@@ -94,7 +87,7 @@ class ExAppProcess:
         self.version = version
         self.aa_version = aa_version
         self.host = host
-        self.port = port if port is not None else free_tcp_port()
+        self.port = port if port is not None else free_port()
         self._own_dir: str | None = None
         self.socket_path: str | None = None
         if unix_socket:
@@ -142,7 +135,7 @@ class ExAppProcess:
     def uses_unix_socket(self) -> bool:
         return bool(self.env.get("HP_SHARED_KEY"))
 
-    def start(self, timeout: float = 30.0) -> ExAppProcess:
+    def start(self, timeout: float = 30.0) -> Self:
         """Launch the app and wait until ``/heartbeat`` answers 200 where it listens."""
         if self.proc is not None:
             raise RuntimeError("ExApp already started")
@@ -181,13 +174,8 @@ class ExAppProcess:
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (uvicorn's graceful shutdown, capped at 2 s in the app), then SIGKILL."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:
+            end_process(proc, timeout=timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -205,17 +193,6 @@ class ExAppProcess:
             shutil.rmtree(self._own_dir, ignore_errors=True)
             self._own_dir = None
 
-    def __enter__(self) -> ExAppProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -228,10 +205,7 @@ class ExAppProcess:
         return f"http://{self.host}:{self.port}"
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])

@@ -50,9 +50,10 @@ import time
 from collections.abc import Iterator
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qs, urlsplit
+
+from tests.peers.base import Peer
 
 EXAPP_META_PATH = "/index.php/apps/app_api/harp/exapp-meta"
 USER_INFO_PATH = "/index.php/apps/app_api/harp/user-info"
@@ -146,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class FakeNextcloud:
+class FakeNextcloud(Peer):
     """The fake Nextcloud server; see the module docstring for the behaviour it imitates.
 
     All public attributes may be changed while the server runs; handlers read them per request.
@@ -177,7 +178,7 @@ class FakeNextcloud:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self) -> FakeNextcloud:
+    def start(self) -> Self:
         """Bind a free port on 127.0.0.1 and serve from a daemon thread."""
         if self._server is not None:
             raise RuntimeError("FakeNextcloud already started")
@@ -210,17 +211,6 @@ class FakeNextcloud:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-
-    def __enter__(self) -> FakeNextcloud:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:

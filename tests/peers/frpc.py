@@ -30,7 +30,6 @@ success``, and on failure ``login to the server failed`` / ``start error``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -42,11 +41,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GET_FRPC = REPO_ROOT / "tools" / "get-frpc"
+from tests.peers.base import REPO, Peer, end_process, read_log
+
+GET_FRPC = REPO / "tools" / "get-frpc"
 
 
 class FrpcUnavailable(RuntimeError):
@@ -126,7 +125,7 @@ class FrpcProxy:
 
 
 @dataclass
-class FrpcProcess:
+class FrpcProcess(Peer):
     """A configured frpc; ``start()`` runs it as a subprocess, logging to ``log_path``.
 
     Options left as ``None`` are omitted from the config, so frpc's own defaults apply
@@ -220,7 +219,7 @@ class FrpcProcess:
     def _binary(self) -> str:
         return self.binary or find_frpc()
 
-    def start(self) -> FrpcProcess:
+    def start(self) -> Self:
         """Write the config and launch frpc; it logs to ``log_path`` (see ``wait_for_log``)."""
         if self.proc is not None:
             raise RuntimeError("frpc already started")
@@ -247,17 +246,7 @@ class FrpcProcess:
 
     def _end(self, sig: signal.Signals, timeout: float) -> int | None:
         proc, self.proc = self.proc, None
-        rc: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-            rc = proc.returncode
+        rc = None if proc is None else end_process(proc, sig, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -269,17 +258,6 @@ class FrpcProcess:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> FrpcProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -287,10 +265,7 @@ class FrpcProcess:
     # ------------------------------------------------------------------ logs
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
