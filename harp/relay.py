@@ -37,14 +37,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from harp.timers import cancel
 
-__all__ = ["Relay", "Stream"]
+__all__ = ["Relay", "RelaySide"]
 
 
-class Stream(Protocol):
+class RelaySide(Protocol):
     """A side of a relay: a transport that is a consumer and a push producer.
 
     TCP and TLS transports are; so is an FRP work connection
-    (:class:`harp.frp.channel.Channel`).
+    (:class:`harp.frp.stream.Stream`).
     """
 
     def write(self, data: bytes) -> None: ...
@@ -72,13 +72,13 @@ class Relay:
 
     def __init__(
         self,
-        client: Stream,
+        client: RelaySide,
         clock: IReactorTime,
         idle: float | None,
         on_idle: Callable[[], None],
     ) -> None:
         self.client = client
-        self.upstream: Stream | None = None
+        self.upstream: RelaySide | None = None
         self.clock = clock
         self.idle = idle
         self.on_idle = on_idle
@@ -87,7 +87,7 @@ class Relay:
         self._timer: IDelayedCall | None = None
         client.pauseProducing()  # nowhere to send the client's bytes yet
 
-    def connect(self, upstream: Stream) -> None:
+    def connect(self, upstream: RelaySide) -> None:
         """Start relaying to *upstream*; if the client is already gone, close it instead."""
         if self.closed:
             upstream.loseConnection()
@@ -167,6 +167,6 @@ class Relay:
             self.on_idle()
 
 
-def _shut(stream: Stream) -> None:
+def _shut(stream: RelaySide) -> None:
     stream.unregisterProducer()
     stream.loseConnection()

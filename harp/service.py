@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -105,6 +106,23 @@ class ListenerService(Service):
         return None if port is None else port.stopListening()
 
 
+class ClientPools(Service):
+    """HaRP's outgoing keep-alive pools (Nextcloud, ExApps, Docker engines), closed at stop.
+
+    Without it a SIGTERM leaves the reactor to cut those connections mid-flight; closing
+    them first lets the shutdown wait for them.
+    """
+
+    def __init__(self, closers: list[Callable[[], object]]) -> None:
+        self.closers = closers
+        self.setName("client-pools")
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()
+        closing = [maybeDeferred(close) for close in self.closers]
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+
 class CertificateReloader(Service):
     """SIGHUP reloads the HTTPS certificate without dropping connections."""
 
@@ -186,7 +204,7 @@ def make_service(settings: Settings) -> MultiService:
     tunnels = TunnelRegistry(reactor, idle_timeout=settings.timeout_server)
     frp_server = FrpServer(reactor, settings.shared_key, state, tunnels)
     # Docker engines: 24000 = HP_DOCKER_SOCKET, 24001-24099 = FRP engine tunnels.
-    docker_passthrough = docker.build(
+    docker_side = docker.build(
         reactor, control,
         socket_path=settings.docker_socket,
         tunnels=tunnels,
@@ -211,7 +229,9 @@ def make_service(settings: Settings) -> MultiService:
     metrics.gauge("harp_client_connections", "Open connections on the ExApp frontends.",
                   lambda: limit.open)
     site = HarpSite(
-        Root(pipeline, control, proxy, settings.timeout_tunnel, docker=docker_passthrough),
+        Root(
+            pipeline, control, proxy, settings.timeout_tunnel, docker=docker_side.passthrough
+        ),
         head_timeout=settings.timeout_client,
         metrics=metrics,
         limit=limit,
@@ -223,6 +243,12 @@ def make_service(settings: Settings) -> MultiService:
     if isinstance(state, RedisState):
         RedisStateService(state).setServiceParent(top)  # first started, last stopped
     TimerService(SWEEP_INTERVAL, state.sweep).setServiceParent(top)
+    # Stopped after the listeners (services stop in reverse order): no new request can
+    # take a pooled connection while the pools are being closed.
+    ClientPools(
+        [nextcloud.close, proxy.pool.closeCachedConnections,
+         *(pool.closeCachedConnections for pool in docker_side.pools)]
+    ).setServiceParent(top)
     ListenerService(
         "HP_EXAPPS_ADDRESS", settings.exapps_address, site, limit  # type: ignore[arg-type]
     ).setServiceParent(top)

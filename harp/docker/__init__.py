@@ -15,18 +15,33 @@ passthrough and HaRP's own lifecycle calls always reach the same engine for a po
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from harp.docker.engines import EngineEndpoints, TunnelLookup
+from twisted.web.client import HTTPConnectionPool
+
+from harp.docker.engines import EngineEndpoints
 from harp.docker.lifecycle import DockerLifecycle
 from harp.docker.passthrough import DockerPassthrough
 from harp.docker.routes import LifecycleRoutes
 from harp.web.control import ControlPlane
 from harp.web.proxy import ExAppProxy
-from harp.web.upstream import UpstreamEndpoints
+from harp.web.upstream import TunnelLookup, UpstreamEndpoints
 
-__all__ = ["DockerLifecycle", "DockerPassthrough", "EngineEndpoints", "LifecycleRoutes", "build"]
+__all__ = [
+    "DockerLifecycle", "DockerPassthrough", "DockerSide", "EngineEndpoints", "LifecycleRoutes",
+    "build",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DockerSide:
+    """What the wiring needs of the Docker side: the passthrough for ``Root`` and the
+    connection pools to close at shutdown."""
+
+    passthrough: DockerPassthrough
+    pools: tuple[HTTPConnectionPool, ...]
 
 
 def build(
@@ -38,13 +53,14 @@ def build(
     connect_timeout: float,
     server_timeout: float,
     frp_certs_dir: Path | None,
-) -> DockerPassthrough:
-    """Register ``/docker/exapp/*`` on ``control``; return the passthrough for ``Root``."""
+) -> DockerSide:
+    """Register ``/docker/exapp/*`` on ``control``; return the passthrough and pools."""
     endpoints = EngineEndpoints(reactor, socket_path, tunnels, connect_timeout)
-    LifecycleRoutes(reactor, endpoints, DockerLifecycle(reactor, frp_certs_dir)).register(control)
+    routes = LifecycleRoutes(reactor, endpoints, DockerLifecycle(reactor, frp_certs_dir))
+    routes.register(control)
     # ExAppProxy only needs an IAgentEndpointFactory; it is annotated with the ExApp one.
     proxy = ExAppProxy(
         reactor, connect_timeout, server_timeout,
         endpoints=cast(UpstreamEndpoints, endpoints),
     )
-    return DockerPassthrough(endpoints, proxy)
+    return DockerSide(DockerPassthrough(endpoints, proxy), (routes.pool, proxy.pool))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from harp.web import responses
 from harp.web.headers import last_header
+from harp.web.upstream import TunnelLookup
 
 LOCAL_PORT: Final = 24000
 REMOTE_PORTS: Final = range(24001, 24100)
@@ -42,12 +43,6 @@ REMOTE_PORTS: Final = range(24001, 24100)
 ENGINE_HOST: Final = "engine"
 #: The request header that names the engine (AppAPI's daemon ``docker_socket_port``).
 PORT_HEADER: Final = b"docker-engine-port"
-
-
-class TunnelLookup(Protocol):
-    """The FRP tunnel registry as seen from here."""
-
-    def endpoint_for(self, port: int) -> IStreamClientEndpoint | None: ...
 
 
 class EngineSelectionError(Exception):

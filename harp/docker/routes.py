@@ -69,7 +69,8 @@ class LifecycleRoutes:
         self.reactor = reactor
         self.endpoints = endpoints
         self.lifecycle = lifecycle
-        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=engine_pool(reactor))
+        self.pool = engine_pool(reactor)
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
     def register(self, control: ControlPlane) -> None:
         ops = self.lifecycle
@@ -136,7 +137,7 @@ async def _as_coroutine(awaitable: Awaitable[Outcome]) -> Outcome:
 
 
 def _reply(request: Request, outcome: Outcome) -> None:
-    if request.finished or getattr(request, "_disconnected", False):
+    if responses.gone(request):
         return
     if outcome.payload is not None:
         body = responses.send_json(request, outcome.status, outcome.payload)

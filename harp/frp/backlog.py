@@ -27,7 +27,7 @@ producer on a direct connection, registered through the TLS layer's membrane).  
 poll runs only while reading is paused, and measuring the backlog is O(1).
 
 Reading can also be paused on behalf of a consumer above (a direct work connection whose
-user socket is full, see :mod:`harp.frp.channel`); the guard keeps one set of reasons so
+user socket is full, see :mod:`harp.frp.stream`); the guard keeps one set of reasons so
 that neither side resumes reading the other one paused.
 """
 
@@ -38,6 +38,7 @@ from typing import Any, Final
 
 from twisted.internet.interfaces import IDelayedCall
 
+from harp import timers
 from harp.logs import HarpLogger
 
 __all__ = [
@@ -201,8 +202,7 @@ class OutputGuard:
             self._schedule()
 
     def _cancel_poll(self) -> None:
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
+        timers.cancel(self._poll)
         self._poll = None
 
     def _drop(self, why: str) -> None:

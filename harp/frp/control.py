@@ -28,6 +28,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from harp import timers
 from harp.frp import codec, msg
 from harp.frp.crypto import StreamDecryptor, StreamEncryptor
 from harp.frp.stream import Stream
@@ -168,8 +169,7 @@ class Control(TwistedProtocol):
             return _chain(self._released)
         self.closed = True
         self.server.forget(self)
-        if self._heartbeat is not None and self._heartbeat.active():
-            self._heartbeat.cancel()
+        timers.cancel(self._heartbeat)
         self._heartbeat = None
         failure = Failure(ConnectError(string=f"FRP client {self.run_id} disconnected"))
         while self._waiters:

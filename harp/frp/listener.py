@@ -40,6 +40,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from harp import timers
 from harp.frp import sniff
 from harp.frp.backlog import OutputGuard, tcp_backlog, tls_backlog
 from harp.frp.mux import YamuxConnection, YamuxStream
@@ -175,8 +176,7 @@ class _Sniff(Protocol):
 
     def identified(self) -> None:
         """The connection carries frp (first message seen): the deadline is over."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        timers.cancel(self._timer)
         self._timer = None
 
     def _expired(self) -> None:

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, I
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from harp import timers
 from harp.frp import yamux
 from harp.frp.stream import WRITE_HIGH_WATER, WRITE_LOW_WATER, Stream
 from harp.logs import HarpLogger
@@ -242,8 +243,7 @@ class YamuxConnection:
 
     def _unlinger(self, sid: int) -> None:
         call = self._lingering.pop(sid, None)
-        if call is not None and call.active():
-            call.cancel()
+        timers.cancel(call)
 
     def _linger_expired(self, sid: int) -> None:
         self._lingering.pop(sid, None)
@@ -260,8 +260,7 @@ class YamuxConnection:
     def mark_logged_in(self) -> None:
         """A control logged in on this session: the login deadline no longer applies."""
         self.logged_in = True
-        if self._login_call is not None and self._login_call.active():
-            self._login_call.cancel()
+        timers.cancel(self._login_call)
         self._login_call = None
 
     def _login_expired(self) -> None:
@@ -299,8 +298,7 @@ class YamuxConnection:
             return
         self.closed = True
         for call in (self._tick_call, self._login_call, *self._lingering.values()):
-            if call is not None and call.active():
-                call.cancel()
+            timers.cancel(call)
         self._tick_call = self._login_call = None
         self._lingering.clear()
         for stream in list(self.streams.values()):

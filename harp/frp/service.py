@@ -38,6 +38,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from harp import timers
 from harp.client_address import normalize_ip
 from harp.frp import codec, msg
 from harp.frp.control import SERVER_VERSION, Control, describe
@@ -266,8 +267,7 @@ class FirstMessage(TwistedProtocol):
 
     def _finish(self) -> None:
         self._done = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        timers.cancel(self._timer)
         self._timer = None
 
     def dataReceived(self, data: bytes) -> None:

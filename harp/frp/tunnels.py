@@ -13,7 +13,7 @@ For every ``tcp`` proxy an frpc client registers, the registry
 
 The registry knows nothing about controls, yamux or messages: a proxy is registered with
 a :class:`WorkConnSource` (the client's control), which hands out ready work
-connections as :class:`~harp.frp.channel.Channel` transports.
+connections as :class:`~harp.frp.stream.Stream` transports.
 
 Port release is asynchronous in Twisted (the socket closes on the next reactor turn), and
 frpc re-registers its proxies right after a reconnect.  So :meth:`TunnelHandle.close`
@@ -44,7 +44,7 @@ from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from harp.frp.channel import Channel
+from harp.frp.stream import Stream
 from harp.logs import HarpLogger
 from harp.relay import Relay
 
@@ -74,7 +74,7 @@ class WorkConnSource(Protocol):
 
     def open_work_conn(
         self, proxy_name: str, src: tuple[str, int], dst: tuple[str, int]
-    ) -> Deferred[Channel]:
+    ) -> Deferred[Stream]:
         """A work connection with ``StartWorkConn`` already sent, ready for raw bytes.
 
         Fails with ``ConnectError`` when none arrives in time or the client is gone;
@@ -262,7 +262,7 @@ class TunnelEndpoint:
     """Connect = take a work connection of the proxy's client and run the protocol on it.
 
     The transport handed to the protocol is the work connection itself (a
-    :class:`~harp.frp.channel.Channel`), so ``twisted.web.client`` pools and reuses it
+    :class:`~harp.frp.stream.Stream`), so ``twisted.web.client`` pools and reuses it
     like a TCP connection.  Failures are ``ConnectError`` (the proxy answers 503).
     """
 
@@ -276,12 +276,12 @@ class TunnelEndpoint:
         addr = IPv4Address("TCP", BIND_HOST, handle.port)
         d = handle.source.open_work_conn(handle.name, (BIND_HOST, 0), (BIND_HOST, handle.port))
 
-        def attach(channel: Channel) -> IProtocol:
+        def attach(stream: Stream) -> IProtocol:
             protocol = protocolFactory.buildProtocol(addr)
             if protocol is None:
-                channel.loseConnection()
+                stream.loseConnection()
                 raise ConnectError(string="protocol factory refused the connection")
-            channel.attach(protocol)
+            stream.attach(protocol)
             return protocol
 
         return d.addCallback(attach)
@@ -311,7 +311,7 @@ class _UserConn(TwistedProtocol):
     def __init__(self, handle: TunnelHandle) -> None:
         self.handle = handle
         self.relay: Relay | None = None
-        self._pending: Deferred[Channel] | None = None
+        self._pending: Deferred[Stream] | None = None
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -321,20 +321,20 @@ class _UserConn(TwistedProtocol):
         src = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         dst = (getattr(host, "host", ""), getattr(host, "port", 0))
         self._pending = self.handle.source.open_work_conn(self.handle.name, src, dst)
-        self._pending.addCallbacks(self._got_channel, self._no_channel)
+        self._pending.addCallbacks(self._got_stream, self._no_stream)
 
-    def _got_channel(self, channel: Channel) -> None:
+    def _got_stream(self, stream: Stream) -> None:
         self._pending = None
         relay = self.relay
         assert relay is not None
         if relay.closed:  # the user left while frpc was asked
-            channel.loseConnection()
+            stream.loseConnection()
             return
-        channel.attach(_WorkConnSide(relay))
-        if channel.alive:
-            relay.connect(channel)
+        stream.attach(_WorkConnSide(relay))
+        if stream.alive:
+            relay.connect(stream)
 
-    def _no_channel(self, failure: Failure) -> None:
+    def _no_stream(self, failure: Failure) -> None:
         self._pending = None
         relay = self.relay
         assert relay is not None

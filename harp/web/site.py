@@ -103,6 +103,13 @@ class HarpChannel(http.HTTPChannel):
         super().allHeadersReceived()
         request.begin()
 
+    def allContentReceived(self) -> None:
+        if self.discarding or not self.requests:
+            # An early answer (which closes the connection) already ended this request
+            # while its last body bytes were being parsed: nothing is left to complete.
+            return
+        super().allContentReceived()
+
     def requestDone(self, request: http.Request) -> None:
         # Armed before the parent parses any pipelined request, which cancels it again.
         if self.relay is None:

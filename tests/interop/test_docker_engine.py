@@ -314,6 +314,12 @@ def test_wait_for_start_reports_exited_and_missing(
     env.append("APP_HOST=no-such-host.invalid")  # httpd cannot bind: the app exits at once
     assert appapi.exapp("create", payload)[0] == 201
     assert appapi.exapp("start", {"name": app_id})[0] == 204
+    # The app runs for a moment before httpd fails: a poll in that moment rightly says
+    # "running".  Wait until the engine itself reports the exit, then ask.
+    deadline = time.monotonic() + 10
+    while _state(docker_engine, f"nc_app_{app_id}")["Running"]:
+        assert time.monotonic() < deadline, "the test app did not exit"
+        time.sleep(0.1)
     t0 = time.monotonic()
     status, waited = appapi.exapp("wait_for_start", {"name": app_id})
     assert time.monotonic() - t0 < 10

@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import json
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from tests.interop.frp_helpers import (
     hello_body,
     pattern_chunks,
     pattern_sha256,
+    port_refuses,
     rss_bytes,
     upload,
     wait_port_bindable,
@@ -676,3 +678,43 @@ def test_exapp_over_frp_websocket(exapp_stack: tuple[HarpProcess, ExAppProcess])
         time.sleep(2)
         ws.send("again")
         assert ws.recv(timeout=15) == "Echo: again"
+
+
+def test_sigterm_closes_frp_controls_tunnels_and_pools(env: FrpEnv) -> None:
+    """SIGTERM: the services stop in order, and each closes what it owns.
+
+    The frpc control, the user connection in its tunnel and the tunnel port are closed,
+    the keep-alive pools are emptied, and the process ends promptly instead of being
+    killed at the end of the stop timeout.
+    """
+    need_free(ENGINE_PORT)
+    harp = env.harp()
+    server = env.data_server()
+    frpc = env.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
+    started(frpc, harp, "engine-1")
+    assert hello(ENGINE_PORT, "before") == hello_body("before")
+    assert harp.proc is not None
+    with socket.socket() as user:
+        user.settimeout(10)
+        user.connect(("127.0.0.1", ENGINE_PORT))
+        user.sendall(b"GET /data/5000000000 HTTP/1.1\r\nHost: engine\r\n\r\n")
+        _read_exact(user, 1 << 20)
+        harp.proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        code = harp.proc.wait(timeout=15)
+        took = time.monotonic() - stopping
+        user.settimeout(5)
+        ended = False
+        try:
+            while not ended:
+                ended = not user.recv(1 << 20)
+        except OSError:
+            ended = True
+    # twistd ends a SIGTERM shutdown by re-raising the signal on itself (exit -15).
+    assert code in (0, -signal.SIGTERM), tail(harp)
+    assert took < 10, f"SIGTERM took {took:.1f}s\n{tail(harp)}"
+    assert ended, "the tunnelled user connection outlived HaRP"
+    assert port_refuses(ENGINE_PORT), f"127.0.0.1:{ENGINE_PORT} still accepts after stop"
+    expect_log(frpc, harp, r"(?i)(login to server failed|connect to server error|"
+                           r"try to reconnect|closed|EOF)")
+    assert "Traceback" not in harp.output(), tail(harp)

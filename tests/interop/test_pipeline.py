@@ -22,9 +22,6 @@ pytestmark = pytest.mark.interop
 
 # tests/interop/test_redis_state.py still imports these from here; their home is
 # tests/interop/conftest.py.
-__all__ = ["DROPPED", "ok", "record_for", "request", "start_harp"]
-
-
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 

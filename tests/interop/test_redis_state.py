@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import HarpProcess, free_port, new_key, peer_missing
-from tests.interop.test_pipeline import DROPPED, ok, record_for, request, start_harp
+from tests.interop.conftest import DROPPED, ok, record_for, request, start_harp
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
 
@@ -117,20 +117,9 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def key() -> str:
-    return new_key()
-
-
-@pytest.fixture(scope="module")
-def nextcloud(key: str) -> Iterator[FakeNextcloud]:
-    with FakeNextcloud(key) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def exapp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExAppProcess]:
-    with ExAppProcess(app_id=APP, log_path=tmp_path_factory.mktemp("exapp") / "log") as app:
-        yield app
+def app_id() -> str:
+    """The shared ``exapp`` fixture (tests/interop/conftest.py) runs this ExApp."""
+    return APP
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:

@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from harp.bans import ClientAddressResolver, parse_trusted_proxies
+from harp.client_address import ClientAddressResolver, parse_trusted_proxies
 from harp.exapps import ExAppRecord, parse_record
 from harp.nextcloud import NextcloudClient, NextcloudError
 from harp.state import ANONYMOUS, UserInfo

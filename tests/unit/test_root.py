@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from harp import __version__
-from harp.bans import ClientAddressResolver, parse_trusted_proxies
+from harp.client_address import ClientAddressResolver, parse_trusted_proxies
 from harp.exapps import parse_record
 from harp.state.memory import MemoryState
 from harp.web import pipeline as P
@@ -254,11 +254,6 @@ def test_control_plane_body_over_the_limit_is_413(server: Server) -> None:
     assert answer.headers[b"connection"] == b"close" and transport.disconnecting
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "known bug: the early 413 is sent from inside the chunk that also completes the body, "
-    "and HTTPChannel.allContentReceived then looks for a request that is already gone "
-    "(harp/web/site.py); remove this mark with the fix"
-))
 def test_control_plane_body_crossing_the_limit_in_its_last_chunk(server: Server) -> None:
     server.control.add(b"POST", b"/echo", lambda request, rest: b"unreachable")
     size = CONTROL_BODY_LIMIT + 1

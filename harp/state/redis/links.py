@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
+from harp import timers
 from harp.config import RedisURL
 
 #: Reconnection backoff: first delay, growth factor, cap (seconds), +-20 % jitter.
@@ -211,8 +212,7 @@ class Link:
 
     def stop(self) -> defer.Deferred[None]:
         self._stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        timers.cancel(self._retry)
         self._retry = None
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
