@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from twisted.logger import Logger, LogLevel
+from constantly import NamedConstant  # type: ignore[import-untyped]
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    LogEvent,
+    Logger,
+    LogLevel,
+    PredicateResult,
+    globalLogPublisher,
+)
+from zope.interface import implementer
 
 _PRIORITY: Final = {
     LogLevel.debug: 0,
@@ -39,3 +49,39 @@ class HarpLogger(Logger):
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
         if _PRIORITY[level] >= _threshold[0]:
             super().emit(level, format, **kwargs)
+
+
+def govern_all_loggers(publisher: Any = None) -> None:
+    """Make ``HP_LOG_LEVEL`` apply to Twisted's own loggers too.
+
+    :class:`HarpLogger` drops HaRP's events before they are built, but Twisted's
+    modules (factories starting and stopping, the HTTP client) log at info through
+    plain loggers.  Under load that was one line per upstream connection.  twistd
+    installs its observers on the global publisher before services start; each is
+    wrapped here in a level filter (``LogPublisher`` keeps them in ``_observers``,
+    the only way to reach them once logging has begun).
+    """
+    target = globalLogPublisher if publisher is None else publisher
+    observers = getattr(target, "_observers", None)
+    if observers is None:
+        return
+    for observer in list(observers):
+        if isinstance(observer, FilteringLogObserver):
+            continue
+        target.removeObserver(observer)
+        target.addObserver(FilteringLogObserver(observer, [_LevelFilter()]))
+
+
+@implementer(ILogFilterPredicate)
+class _LevelFilter:
+    """HaRP's own events pass (already gated, or deliberately always shown, such as the
+    plain-text FRP warning); Twisted's pass only at ``HP_LOG_LEVEL`` or above."""
+
+    def __call__(self, event: LogEvent) -> NamedConstant:
+        namespace = event.get("log_namespace") or ""
+        if namespace.startswith("harp"):
+            return PredicateResult.maybe
+        level = event.get("log_level")
+        if level is None or _PRIORITY.get(level, 4) >= _threshold[0]:
+            return PredicateResult.maybe
+        return PredicateResult.no

@@ -106,6 +106,14 @@ class ListenerService(Service):
         return None if port is None else port.stopListening()
 
 
+class LogLevelService(Service):
+    """Applies ``HP_LOG_LEVEL`` to Twisted's own loggers once twistd's observers exist."""
+
+    def startService(self) -> None:
+        super().startService()
+        logs.govern_all_loggers()
+
+
 class ClientPools(Service):
     """HaRP's outgoing keep-alive pools (Nextcloud, ExApps, Docker engines), closed at stop.
 
@@ -240,14 +248,14 @@ def make_service(settings: Settings) -> MultiService:
 
     site.on_malformed = pipeline.malformed
     top = MultiService()
+    LogLevelService().setServiceParent(top)
     if isinstance(state, RedisState):
         RedisStateService(state).setServiceParent(top)  # first started, last stopped
     TimerService(SWEEP_INTERVAL, state.sweep).setServiceParent(top)
     # Stopped after the listeners (services stop in reverse order): no new request can
     # take a pooled connection while the pools are being closed.
     ClientPools(
-        [nextcloud.close, proxy.pool.closeCachedConnections,
-         *(pool.closeCachedConnections for pool in docker_side.pools)]
+        [nextcloud.close, proxy.pool.close_all, *docker_side.closers]
     ).setServiceParent(top)
     ListenerService(
         "HP_EXAPPS_ADDRESS", settings.exapps_address, site, limit  # type: ignore[arg-type]

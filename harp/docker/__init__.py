@@ -15,11 +15,10 @@ passthrough and HaRP's own lifecycle calls always reach the same engine for a po
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
-
-from twisted.web.client import HTTPConnectionPool
 
 from harp.docker.engines import EngineEndpoints
 from harp.docker.lifecycle import DockerLifecycle
@@ -37,11 +36,11 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class DockerSide:
-    """What the wiring needs of the Docker side: the passthrough for ``Root`` and the
-    connection pools to close at shutdown."""
+    """What the wiring needs of the Docker side: the passthrough for ``Root`` and how to
+    close its connection pools at shutdown."""
 
     passthrough: DockerPassthrough
-    pools: tuple[HTTPConnectionPool, ...]
+    closers: tuple[Callable[[], object], ...]
 
 
 def build(
@@ -63,4 +62,7 @@ def build(
         reactor, connect_timeout, server_timeout,
         endpoints=cast(UpstreamEndpoints, endpoints),
     )
-    return DockerSide(DockerPassthrough(endpoints, proxy), (routes.pool, proxy.pool))
+    return DockerSide(
+        DockerPassthrough(endpoints, proxy),
+        (routes.pool.closeCachedConnections, proxy.pool.close_all),
+    )

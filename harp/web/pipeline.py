@@ -40,6 +40,8 @@ CONTROL_APP: Final = b"app_api"
 
 def has_dotdot(path: bytes) -> bool:
     """A ``..`` segment in any spelling (``.``/``%2e``, ``/``/``%2f`` separators)."""
+    if b"." not in path and b"%" not in path:
+        return False  # the common case, without running the regex
     return _DOTDOT_RE.search(path) is not None
 
 

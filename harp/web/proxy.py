@@ -17,22 +17,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.client import URI
+from twisted.web.iweb import IBodyProducer
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import Request
 
 from harp.logs import HarpLogger
 from harp.timers import cancel
 from harp.web import responses
+from harp.web.body import BodyPipe
+from harp.web.exchange import ChunkedWriter, ConnectionPool, UpstreamConnection
 from harp.web.headers import HOP_BY_HOP, connection_listed
+from harp.web.response_head import ResponseHead
 from harp.web.site import HarpRequest
 from harp.web.upgrade import WebSocketUpgrade
 from harp.web.upstream import UpstreamEndpoints, upstream_uri
@@ -45,63 +45,231 @@ GATEWAY_TIMEOUT: Final = b"504 Gateway Timeout"
 HARP_ONLY: Final = frozenset(
     {b"harp-shared-key", b"ex-app-host", b"ex-app-port", b"docker-engine-port"}
 )
+#: The identity headers HaRP sets on every proxied request (the client's are replaced).
+IDENTITY: Final = frozenset(
+    {b"ex-app-id", b"ex-app-version", b"authorization-app-api", b"aa-version"}
+)
 #: Request headers not copied upstream: hop-by-hop ones, the body framing (the Agent
-#: writes its own from the streamed body), Expect (we answered 100 ourselves) and
-#: HaRP's own headers.
-_NOT_FORWARDED: Final = HOP_BY_HOP | HARP_ONLY | {b"content-length", b"expect"}
+#: writes its own from the streamed body), Expect (we answered 100 ourselves),
+#: HaRP's own headers and the identity headers (set afresh).
+_NOT_FORWARDED: Final = (
+    HOP_BY_HOP | HARP_ONLY | IDENTITY | {b"content-length", b"expect"}
+)
 #: For an Upgrade the connection-level headers are the point and are kept.
 _NOT_FORWARDED_UPGRADE: Final = (
     (HOP_BY_HOP - {b"connection", b"upgrade"}) | HARP_ONLY | {b"expect"}
 )
 BAD_GATEWAY: Final = b"502 Bad Gateway"
+#: Idle keep-alive connections kept per upstream (host, port).
+MAX_IDLE_PER_UPSTREAM: Final = 512
 
 
-class _ResponseBody(Protocol):
-    """Streams an upstream response body into the client's request."""
+class _Forward:
+    """One request on its way upstream and its answer on the way back.
 
-    def __init__(self, request: Request, reactor: IReactorTime, idle: float,
-                 done: Deferred[None]) -> None:
+    Implements :class:`~harp.web.exchange.ExchangeHandler`.  Timers: until the response
+    head arrives, ``HP_TIMEOUT_SERVER`` from the start (→ 504); then the same limit of
+    silence between body bytes (→ the client connection is aborted, so a truncated
+    body never looks complete).
+    """
+
+    __slots__ = (
+        "body", "chunked", "conn", "finished", "head", "key", "method", "on_status",
+        "on_unresolvable", "proxy", "request", "retried", "timed_out", "timer",
+    )
+
+    def __init__(
+        self, proxy: ExAppProxy, request: Request, key: tuple[str, int], method: bytes,
+        head: bytes, body: BodyPipe | None, chunked: bool,
+        on_status: Callable[[int], None] | None,
+        on_unresolvable: Callable[[], None] | None,
+    ) -> None:
+        self.proxy = proxy
         self.request = request
-        self.reactor = reactor
-        self.idle = idle
-        self.done = done
-        self.client_gone = False
+        self.key = key
+        self.method = method
+        self.head = head
+        self.body = body
+        self.chunked = chunked
+        self.on_status = on_status
+        self.on_unresolvable = on_unresolvable
+        self.conn: UpstreamConnection | None = None
+        self.finished = False
+        self.retried = False
+        self.timed_out = False
         self.timer: IDelayedCall | None = None
 
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.request.registerProducer(cast(IPushProducer, self.transport), True)
-        self.timer = self.reactor.callLater(self.idle, self._idle_timeout)
+    def start(self) -> None:
+        proxy = self.proxy
+        self.timer = proxy.reactor.callLater(proxy.server_timeout, self._timeout)
+        self.request.notifyFinish().addErrback(self._client_gone)
+        conn = proxy.pool.take(self.key)
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._connect()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.client_gone:
+    def _connect(self) -> None:
+        host, port = self.key
+        endpoint = self.proxy.endpoints.endpointForURI(_uri(host, port))
+        connecting = self.proxy.pool.connect(self.key, endpoint)
+        connecting.addCallbacks(self._send, self._connect_failed)
+        connecting.addErrback(self._bug)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        if self.finished:
+            self.proxy.pool.release(conn)
             return
-        if self.timer is not None:
-            self.timer.reset(self.idle)
+        self.conn = conn
+        body = self.body
+        conn.request_sent = body is None
+        conn.start(self, self.method, self.head)
+        if body is None:
+            return
+        transport: Any = conn.transport
+        consumer: Any = ChunkedWriter(transport) if self.chunked else transport
+        transport.registerProducer(body, True)
+        sending = body.startProducing(consumer)
+
+        def sent(_: object) -> None:
+            if self.chunked:
+                consumer.finish()
+            if conn.transport is not None:
+                conn.transport.unregisterProducer()  # type: ignore[attr-defined]
+            conn.request_sent = True
+
+        sending.addCallback(sent)
+        sending.addErrback(lambda _: None)  # the exchange's own failure path reports
+
+    def _connect_failed(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        host, port = self.key
+        if failure.check(DNSLookupError) and self.on_unresolvable is not None:
+            self._end()
+            if not responses.gone(self.request):
+                self.on_unresolvable()
+            return
+        if failure.check(ConnectError, TimeoutError, CancelledError, DNSLookupError):
+            log.info("upstream {host}:{port} unreachable: {error}", host=host, port=port,
+                     error=failure.getErrorMessage())
+            self._fail_with(503, None)
+        else:
+            log.info("upstream {host}:{port} failed: {error}", host=host, port=port,
+                     error=failure.getErrorMessage())
+            self._fail_with(502, BAD_GATEWAY)
+
+    # --- ExchangeHandler
+
+    def response_head(self, head: ResponseHead) -> None:
+        if self.on_status is not None:
+            self.on_status(head.status)
+        request = self.request
+        if self.finished or responses.gone(request):
+            self._drop_upstream()
+            return
+        request.setResponseCode(head.status, head.reason)
+        out = request.responseHeaders
+        listed = head.tokens(b"connection")
+        seen: set[bytes] = set()
+        for name, value in head.headers:
+            if name in HOP_BY_HOP or name in listed:
+                continue
+            if name in seen:
+                out.addRawHeader(name, value)
+            else:
+                # The first value replaces twisted.web's own (its Date, for one).
+                seen.add(name)
+                out.setRawHeaders(name, [value])
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            request.registerProducer(conn.transport, True)
+
+    def response_data(self, data: bytes) -> None:
+        timer = self.timer
+        if timer is not None:
+            timer.reset(self.proxy.server_timeout)
         self.request.write(data)
 
-    def client_lost(self) -> None:
-        self.client_gone = True
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+    def response_done(self) -> None:
+        if self.finished:
+            return
+        self._end()
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        if not responses.gone(request):
+            request.finish()
 
-    def _idle_timeout(self) -> None:
+    def exchange_failed(self, reason: str, before_response: bool) -> None:
+        if self.finished:
+            return
+        conn = self.conn
+        if (
+            before_response and conn is not None and conn.reused and not conn.got_bytes
+            and self.body is None and not self.retried
+        ):
+            # A kept-alive connection the upstream closed as we reused it: the request
+            # never reached it, so sending it again on a new connection is safe.
+            self.retried = True
+            self.conn = None
+            self._connect()
+            return
+        host, port = self.key
+        log.info("upstream {host}:{port} failed: {error}", host=host, port=port, error=reason)
+        if before_response and not self.request.startedWriting:
+            self._fail_with(502, BAD_GATEWAY)
+        else:
+            self._end()
+            responses.abort(self.request)
+
+    # --- ends
+
+    def _timeout(self) -> None:
         self.timer = None
-        log.info("upstream idle for {idle}s mid-response: aborting", idle=self.idle)
-        self.client_lost()
-        responses.abort(self.request)
+        if self.finished:
+            return
+        self.timed_out = True
+        self._drop_upstream()
+        if self.request.startedWriting:
+            log.info("upstream idle for {idle}s mid-response: aborting",
+                     idle=self.proxy.server_timeout)
+            self._end()
+            responses.abort(self.request)
+        else:
+            self._fail_with(504, GATEWAY_TIMEOUT)
 
-    def connectionLost(self, reason: Failure = PotentialDataLoss) -> None:  # type: ignore[assignment]
+    def _client_gone(self, reason: Failure) -> None:
+        if not self.finished:
+            self._drop_upstream()
+            self._end()
+
+    def _drop_upstream(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.detach()
+
+    def _fail_with(self, status: int, body: bytes | None) -> None:
+        self._drop_upstream()
+        self._end()
+        if not responses.gone(self.request):
+            self.proxy._reply(self.request, status, body)
+
+    def _end(self) -> None:
+        self.finished = True
         cancel(self.timer)
         self.timer = None
-        if not self.client_gone:
-            self.request.unregisterProducer()
-            if reason.check(ResponseDone, PotentialDataLoss):
-                self.request.finish()
-            else:
-                # A truncated body must not look complete to the client.
-                responses.abort(self.request)
-        self.done.callback(None)
+
+    def _bug(self, failure: Failure) -> None:
+        self._end()
+        responses.internal_error(self.request, failure, log, "proxying failed")
+
+
+def _uri(host: str, port: int) -> URI:
+    """The URI an endpoint factory needs, without parsing a string per request."""
+    authority = upstream_uri(host, port, b"/", b"")[7:-1]
+    return URI(b"http", authority, authority.rsplit(b":", 1)[0].strip(b"[]"), port, b"/",
+               b"", b"", b"")
 
 
 class ExAppProxy(ReverseProxyResource):
@@ -114,13 +282,10 @@ class ExAppProxy(ReverseProxyResource):
         endpoints: UpstreamEndpoints | None = None,
     ) -> None:
         super().__init__("", 0, b"", reactor)
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 64
-        # Below uvicorn's 5 s keep-alive, so we rarely reuse a connection the ExApp
-        # is closing at that very moment.
-        self.pool.cachedConnectionTimeout = 4
+        # Sized for the concurrency, like HAProxy's http-reuse: every connection an
+        # exchange used is kept for the next request to the same upstream.
+        self.pool = ConnectionPool(reactor, max_idle=MAX_IDLE_PER_UPSTREAM)
         self.endpoints = endpoints or UpstreamEndpoints(reactor, connect_timeout)
-        self.agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool)
         self.server_timeout = server_timeout
 
     def forward(
@@ -136,77 +301,45 @@ class ExAppProxy(ReverseProxyResource):
     ) -> None:
         """Send ``request`` upstream and relay the answer; never raises.
 
-        ``body`` streams the request body (the Agent sets its framing headers).
+        ``body`` streams the request body; its framing (Content-Length or chunked) is
+        written here, never copied from the client.
         """
-        headers = Headers()
-        listed = connection_listed(request.requestHeaders)
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            lower = name.lower()
-            if lower not in _NOT_FORWARDED and lower not in listed:
-                headers.setRawHeaders(name, values)
-        for name, value in identity:
-            headers.setRawHeaders(name, [value])
+        headers = request.requestHeaders
+        listed = connection_listed(headers)
         _, _, query = request.uri.partition(b"?")
-        uri = upstream_uri(host, port, target, query)
-        pending = self.agent.request(request.method, uri, headers, body)
-        state: dict[str, Any] = {"body": None, "timed_out": False}
-
-        def timed_out(result: Any, timeout: float) -> Any:
-            state["timed_out"] = True
-            return result
-
-        pending.addTimeout(self.server_timeout, self.reactor, onTimeoutCancel=timed_out)
-        finished = request.notifyFinish()
-
-        def client_lost(reason: Failure) -> None:
-            streaming = state["body"]
-            if streaming is not None:
-                streaming.client_lost()
-            elif not pending.called:
-                pending.cancel()
-
-        finished.addErrback(client_lost)
-
-        def got_response(response: IResponse) -> Deferred[None] | None:
-            if on_status is not None:
-                on_status(response.code)
-            if responses.gone(request):
-                response.deliverBody(_Discard())
-                return None
-            request.setResponseCode(response.code, response.phrase)
-            out = request.responseHeaders
-            listed = connection_listed(response.headers)
-            for name, values in response.headers.getAllRawHeaders():
-                lower = name.lower()
-                if lower not in HOP_BY_HOP and lower not in listed:
-                    out.setRawHeaders(name, values)
-            done: Deferred[None] = Deferred()
-            streaming = _ResponseBody(request, self.reactor, self.server_timeout, done)
-            state["body"] = streaming
-            response.deliverBody(streaming)
-            return done
-
-        def failed(failure: Failure) -> None:
-            if responses.gone(request):
-                return
-            if state["timed_out"]:
-                self._reply(request, 504, GATEWAY_TIMEOUT)
-            elif failure.check(DNSLookupError):
-                if on_unresolvable is not None:
-                    on_unresolvable()
-                else:
-                    self._reply(request, 503, None)
-            elif failure.check(ConnectError, TimeoutError, CancelledError):
-                log.info("upstream {host}:{port} unreachable: {error}", host=host, port=port,
-                         error=failure.getErrorMessage())
-                self._reply(request, 503, None)
+        path = target or b"/"
+        if query:
+            path = path + b"?" + query
+        lines = [b"%s %s HTTP/1.1" % (request.method, path)]
+        has_host = False
+        for name, values in headers.getAllRawHeaders():
+            lower = name.lower()
+            if lower in _NOT_FORWARDED or lower in listed:
+                continue
+            if lower == b"host":
+                has_host = True
+            for value in values:
+                lines.append(name + b": " + value)
+        if not has_host:
+            lines.append(b"Host: " + upstream_uri(host, port, b"/", b"")[7:-1])
+        for name, value in identity:
+            lines.append(name + b": " + value)
+        chunked = False
+        pipe: BodyPipe | None = None
+        if body is not None:
+            pipe = cast(BodyPipe, body)
+            length = pipe.length
+            if isinstance(length, int):
+                lines.append(b"Content-Length: %d" % length)
             else:
-                log.info("upstream {host}:{port} failed: {error}", host=host, port=port,
-                         error=failure.getErrorMessage())
-                self._reply(request, 502, BAD_GATEWAY)
-
-        pending.addCallbacks(got_response, failed)
-        pending.addErrback(self._bug, request)
+                chunked = True
+                lines.append(b"Transfer-Encoding: chunked")
+        lines.append(b"\r\n")
+        head = b"\r\n".join(lines)
+        _Forward(
+            self, request, (host, port), request.method, head, pipe, chunked, on_status,
+            on_unresolvable,
+        ).start()
 
     def upgrade(
         self,
@@ -242,7 +375,7 @@ class ExAppProxy(ReverseProxyResource):
             else:
                 self._reply(request, 503, None)
 
-        endpoint = self.endpoints.endpointForURI(URI.fromBytes(upstream_uri(host, port, b"/", b"")))
+        endpoint = self.endpoints.endpointForURI(_uri(host, port))
         WebSocketUpgrade(
             request, head, protocol, idle, self.server_timeout, self.reactor, failed, on_status
         ).start(endpoint)
@@ -257,8 +390,3 @@ class ExAppProxy(ReverseProxyResource):
 
     def _bug(self, failure: Failure, request: Request) -> None:
         responses.internal_error(request, failure, log, "proxying failed")
-
-
-class _Discard(Protocol):
-    def connectionLost(self, reason: Failure = PotentialDataLoss) -> None:  # type: ignore[assignment]
-        pass

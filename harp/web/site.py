@@ -84,6 +84,16 @@ class HarpChannel(http.HTTPChannel):
         super().connectionMade()
         self._arm_head_timer()
 
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # twisted.web asks for every request (a getsockname syscall each time); the
+        # local address of a connection never changes.
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
             self.relay.from_client(data)

@@ -1,0 +1,309 @@
+"""A lean HTTP/1.1 client for one job: forward a request head, splice the bodies.
+
+``twisted.web.client.Agent`` is general: it rebuilds a ``Headers`` object, re-encodes
+every header, runs a Deferred chain per request and per response, and wraps the body
+in a protocol chain.  Profiling the public route showed it at half of HaRP's CPU
+(docs/performance.md).  A reverse proxy needs far less: the request head is written
+as one buffer, the response head is parsed by the pure
+:func:`harp.web.response_head.parse_response_head`, and the body bytes are handed on
+as they arrive, framed by Content-Length, chunked coding or the connection's close.
+
+Connections are kept per upstream (host, port) in :class:`ConnectionPool` and reused
+the way HAProxy's ``http-reuse`` does: an idle connection serves the next request to
+the same upstream; it is closed after :data:`IDLE_TIMEOUT` (below uvicorn's 5 s
+keep-alive, so HaRP rarely reuses a connection the ExApp is closing) or when more than
+``max_idle`` wait for the same upstream.
+
+One :class:`UpstreamConnection` carries one exchange at a time; its owner (the proxy's
+forwarder) receives the events through the :class:`ExchangeHandler` protocol.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Final, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.python.failure import Failure
+from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
+
+from harp.timers import cancel
+from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
+
+#: Seconds an idle upstream connection is kept for reuse.
+IDLE_TIMEOUT: Final = 4.0
+
+
+class ExchangeHandler(Protocol):
+    """What a connection tells the owner of the exchange it carries."""
+
+    def response_head(self, head: ResponseHead) -> None: ...
+
+    def response_data(self, data: bytes) -> None: ...
+
+    def response_done(self) -> None: ...
+
+    def exchange_failed(self, reason: str, before_response: bool) -> None: ...
+
+
+class UpstreamConnection(TwistedProtocol):
+    """One keep-alive connection to an upstream, parsing one response at a time.
+
+    States: ``idle`` (in the pool) → ``head`` (request sent, waiting for the answer) →
+    ``body`` → ``idle`` again, or ``closed``.
+    """
+
+    def __init__(self, pool: ConnectionPool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.state = "idle"
+        self.handler: ExchangeHandler | None = None
+        self.method = b"GET"
+        self.buffer = b""
+        self.framing = "none"
+        self.remaining = 0
+        self.chunks: _ChunkedTransferDecoder | None = None
+        self.reusable = False
+        self.request_sent = True
+        self.got_bytes = False
+        self.idle_timer: IDelayedCall | None = None
+        self.reused = False
+
+    # --- the exchange
+
+    def start(self, handler: ExchangeHandler, method: bytes, head: bytes) -> None:
+        """Write the request head; the body (if any) is produced by the caller."""
+        cancel(self.idle_timer)
+        self.idle_timer = None
+        self.handler = handler
+        self.method = method
+        self.state = "head"
+        self.buffer = b""
+        self.got_bytes = False
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def detach(self) -> None:
+        """The exchange's owner is gone: never reuse this connection."""
+        self.handler = None
+        if self.state != "closed":
+            self.state = "closed"
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got_bytes = True
+        state = self.state
+        if state == "body":
+            self._body(data)
+        elif state == "head":
+            self._head(data)
+        else:
+            # Bytes on an idle connection: the upstream is confused; never reuse it.
+            self.state = "closed"
+            if self.transport is not None:
+                self.transport.loseConnection()
+
+    def _head(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        while True:
+            try:
+                parsed = parse_response_head(self.buffer)
+            except BadResponse as exc:
+                return self._fail(f"bad response head: {exc}")
+            if parsed is None:
+                return None
+            head, rest = parsed
+            if not 100 <= head.status < 200:
+                break
+            if head.status == 101:
+                return self._fail("101 without an upgrade request")
+            self.buffer = rest  # an interim 1xx (100 Continue …): the answer follows
+        self.buffer = b""
+        try:
+            self.framing, self.remaining = body_framing(head, self.method)
+        except BadResponse as exc:
+            return self._fail(str(exc))
+        self.reusable = (
+            self.framing != "close"
+            and not head.raw.startswith(b"HTTP/1.0")
+            and b"close" not in head.tokens(b"connection")
+        )
+        self.chunks = (
+            _ChunkedTransferDecoder(self._deliver, self._chunks_done)
+            if self.framing == "chunked" else None
+        )
+        self.state = "body"
+        handler = self.handler
+        if handler is not None:
+            handler.response_head(head)
+        if self.state != "body":
+            return None  # the handler gave up on the exchange
+        if self.framing == "none" or (self.framing == "length" and self.remaining == 0):
+            return self._complete(rest)
+        if rest:
+            self._body(rest)
+        return None
+
+    def _body(self, data: bytes) -> None:
+        framing = self.framing
+        if framing == "length":
+            if len(data) < self.remaining:
+                self.remaining -= len(data)
+                self._deliver(data)
+                return
+            piece, extra = data[: self.remaining], data[self.remaining :]
+            self.remaining = 0
+            self._deliver(piece)
+            if self.state == "body":
+                self._complete(extra)
+        elif framing == "chunked":
+            assert self.chunks is not None
+            try:
+                self.chunks.dataReceived(data)
+            except _MalformedChunkedDataError:
+                self._fail("malformed chunked body")
+        else:
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        handler = self.handler
+        if handler is not None and data:
+            handler.response_data(data)
+
+    def _chunks_done(self, extra: bytes) -> None:
+        self._complete(extra)
+
+    def _complete(self, extra: bytes) -> None:
+        handler, self.handler = self.handler, None
+        if extra or not self.reusable or not self.request_sent:
+            # Bytes past the response, a close-delimited or HTTP/1.0 answer, or an
+            # answer given before the request body was sent: not reusable.
+            self.state = "closed"
+            if self.transport is not None:
+                self.transport.loseConnection()
+        else:
+            self.state = "idle"
+            # The client side may have paused reading from us (its buffer was full)
+            # just as the response ended: an idle connection must read again, or its
+            # next exchange would stall (and a close by the upstream go unnoticed).
+            assert self.transport is not None
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.pool.release(self)
+        if handler is not None:
+            handler.response_done()
+
+    def _fail(self, reason: str) -> None:
+        handler, self.handler = self.handler, None
+        before = self.state == "head"
+        self.state = "closed"
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        if handler is not None:
+            handler.exchange_failed(reason, before)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        cancel(self.idle_timer)
+        self.idle_timer = None
+        state, self.state = self.state, "closed"
+        self.pool.forget(self)
+        handler, self.handler = self.handler, None
+        if handler is None:
+            return
+        if state == "body" and self.framing == "close":
+            handler.response_done()
+        elif state in ("head", "body"):
+            handler.exchange_failed("upstream closed the connection", state == "head")
+
+
+class ConnectionPool:
+    """Idle upstream connections by (host, port), reused first-in, last-out."""
+
+    def __init__(self, reactor: IReactorTime, max_idle: int = 256,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.reactor = reactor
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: dict[tuple[str, int], deque[UpstreamConnection]] = {}
+        self.closing = False
+
+    def take(self, key: tuple[str, int]) -> UpstreamConnection | None:
+        """An idle connection to ``key``, or None (then connect a new one)."""
+        idle = self.idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if connection.state == "idle" and connection.transport is not None:
+                connection.reused = True
+                return connection
+        return None
+
+    def connect(
+        self, key: tuple[str, int], endpoint: IStreamClientEndpoint
+    ) -> Deferred[UpstreamConnection]:
+        """A new connection to ``key`` (not yet in the pool)."""
+        factory = Factory.forProtocol(lambda: UpstreamConnection(self, key))
+        factory.noisy = False  # one "Starting factory" log line per connection otherwise
+        return endpoint.connect(factory)  # type: ignore[return-value]
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """``connection`` finished an exchange cleanly: keep it for the next one."""
+        idle = self.idle.setdefault(connection.key, deque())
+        if self.closing or len(idle) >= self.max_idle or connection.transport is None:
+            connection.state = "closed"
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+            return
+        idle.append(connection)
+        connection.idle_timer = self.reactor.callLater(
+            self.idle_timeout, self._expire, connection
+        )
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        idle = self.idle.get(connection.key)
+        if idle is not None:
+            try:
+                idle.remove(connection)
+            except ValueError:
+                pass
+            if not idle:
+                del self.idle[connection.key]
+
+    def _expire(self, connection: UpstreamConnection) -> None:
+        connection.idle_timer = None
+        connection.state = "closed"
+        if connection.transport is not None:
+            connection.transport.loseConnection()
+
+    def close_all(self) -> None:
+        """Close every idle connection and keep none from now on (shutdown)."""
+        self.closing = True
+        for idle in list(self.idle.values()):
+            for connection in list(idle):
+                self._expire(connection)
+        self.idle.clear()
+
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self.idle.values())
+
+
+class ChunkedWriter:
+    """An ``IConsumer`` that frames what it is given as a chunked request body."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+
+    def finish(self) -> None:
+        self.transport.write(b"0\r\n\r\n")
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
