@@ -1,126 +1,175 @@
-"""Benchmark: direct upstream vs. through HaRP, printed as one table.
+"""Benchmark: nginx direct vs. through HaRP, per scenario of issue 13, as one table.
 
-    python -m bench.bench_proxy [--duration 10] [--connections 32]
+    python -m bench [--duration 10] [--reps 3] [--scenario public] [--markdown]
 
-Scenarios (all on 127.0.0.1, each side measured with the same client):
+The bench starts its own nginx (the upstream, also standing in for the Docker engine on a unix
+socket), a fake Nextcloud and the real ``twistd harp`` (``HP_LOG_LEVEL=warning``), then runs
+``wrk -t2 -c50 --latency`` (c8 for 100 MB, c500 for the latency row) against nginx directly and
+through HaRP, interleaved (direct, HaRP, direct, HaRP, ...) for ``--reps`` rounds, and prints
+medians: req/s (MB/s for the bulk rows), the ratio HaRP ÷ direct (median of the per-round
+ratios), the reference HaRP's ratio from the issue and ours ÷ that, HaRP's p50/p99, the CPU%
+of HaRP's processes during its runs (100 = one core) and their RSS after.  Before all that,
+2 000 idle connections: the fresh HaRP's RSS growth per connection.
 
-- ``public route``: GET ``/public`` of the real nc_py_api test ExApp (uvicorn), with
-  wrk; through HaRP it is ``/exapps/<app>/public`` on a PUBLIC route (route check,
-  identity headers, pooled keep-alive upstream).  The reference HaRP reaches about
-  0.19x of direct on a 2-core machine.
-- ``user route (cached)``: the same on a USER route with a session cookie, answered
-  from the user-info cache (fake Nextcloud behind it).
-- ``1 MB`` / ``100 MB`` download: sequential transfers with one keep-alive client,
-  MB/s, from a plain Python upstream.
+A reference HaRP can be measured side by side (``--reference http://127.0.0.1:8780``): start it
+with ``NC_INSTANCE_URL`` pointing at the bench's fake Nextcloud and the same key, e.g.
+``--nextcloud-port 18000 --shared-key bench-key``; it then learns the ExApp ``bench`` with
+the bench's nginx as upstream (fix that port with ``--nginx-port``).
 
-wrk is Debian's package ``wrk``.  Nothing here asserts timings: it prints numbers.
+Needs ``wrk`` and ``nginx`` (Debian packages).  Nothing here asserts timings.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from tests.conftest import HarpProcess, base_env, new_key
-from tests.peers.bulk_upstream import BulkUpstream
-from tests.peers.exapp_runner import ExAppProcess
-from tests.peers.fake_nextcloud import FakeNextcloud
+from bench import idle, procstat, wrk
+from bench.harness import Stack, stack
+from bench.nginx import NGINX
+from bench.report import Row, markdown, text
+from bench.scenarios import BY_NAME, SCENARIOS, Scenario
 
 MB = 1 << 20
 
 
-def wrk(url: str, headers: dict[str, str], duration: int, connections: int) -> tuple[float, str]:
-    args = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url]
-    for name, value in headers.items():
-        args[1:1] = ["-H", f"{name}: {value}"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+(\S+)", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        print(f"warning: {errors.group(1)} non-2xx answers from {url}", file=sys.stderr)
-    return rps, p99.group(1) if p99 else "?"
+def _harp_base(stack_: Stack, scenario: Scenario) -> str:
+    return stack_.harp_https_url if scenario.https else stack_.harp_url
 
 
-def transfer(port: int, path: str, size: int, rounds: int) -> float:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    start = time.perf_counter()
-    for _ in range(rounds):
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        got = 0
-        while block := resp.read(1 << 18):
-            got += len(block)
-        assert got == size, (got, size)
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return size * rounds / MB / elapsed
+def _reference_base(args: argparse.Namespace, scenario: Scenario) -> str | None:
+    if scenario.https:
+        return args.reference_https
+    return args.reference
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk not found: apt-get install wrk", file=sys.stderr)
-        return 2
+def _connections(args: argparse.Namespace, scenario: Scenario) -> int:
+    return args.connections if scenario.connections == 50 else scenario.connections
 
-    key = new_key()
-    work = Path(tempfile.mkdtemp(prefix="harp-bench-"))
-    rows: list[tuple[str, str, str, str]] = []
-    with FakeNextcloud(key) as nc, BulkUpstream() as bulk, ExAppProcess(
-        app_id="bench", log_path=work / "exapp.log"
-    ) as app:
-        nc.add_session("bench-session", "bench-user", 1)
-        nc.apps["bench"] = {
-            "exapp_token": app.secret, "exapp_version": app.version, "host": "127.0.0.1",
-            "port": app.port,
-            "routes": [{"url": "^/public$", "access_level": 0},
-                       {"url": "^/user$", "access_level": 1}],
-        }
-        nc.apps["bulk"] = {"exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1",
-                           "port": bulk.port, "routes": [{"url": "^/", "access_level": 0}]}
-        harp = HarpProcess(base_env(
-            work, HP_SHARED_KEY=key, NC_INSTANCE_URL=nc.url, HP_FRP_DISABLE_TLS="true",
-            HP_LOG_LEVEL="warning", HP_SESSION_LIFETIME="10",
-        ), work).start()
-        try:
-            direct = f"http://127.0.0.1:{app.port}"
-            via = f"http://127.0.0.1:{harp.http_port}/exapps/bench"
-            for label, route, user, extra in (
-                ("public route", "/public", "", {}),
-                ("user route (cached)", "/user", "bench-user",
-                 {"Cookie": "oc_sessionPassphrase=bench-session"}),
-            ):
-                identity = app.identity_headers(user)
-                d_rps, d_p99 = wrk(direct + route, identity, args.duration, args.connections)
-                h_rps, h_p99 = wrk(via + route, extra, args.duration, args.connections)
-                rows.append((label + " req/s", f"{d_rps:,.0f}", f"{h_rps:,.0f}",
-                             f"{h_rps / d_rps:.2f}x"))
-                rows.append((label + " p99", d_p99, h_p99, ""))
-            for label, size, rounds in (("1 MB download MB/s", MB, 200),
-                                        ("100 MB download MB/s", 100 * MB, 3)):
-                d = transfer(bulk.port, f"/bytes/{size}", size, rounds)
-                h = transfer(harp.http_port, f"/exapps/bulk/bytes/{size}", size, rounds)
-                rows.append((label, f"{d:,.0f}", f"{h:,.0f}", f"{h / d:.2f}x"))
-        finally:
-            harp.stop()
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'scenario'.ljust(width)} | {'direct':>10} | {'via HaRP':>10} | ratio")
-    print("-" * (width + 36))
-    for name, direct_v, via_v, ratio in rows:
-        print(f"{name.ljust(width)} | {direct_v:>10} | {via_v:>10} | {ratio}")
-    print(f"\n(wrk: 2 threads, {args.connections} connections, {args.duration}s each; "
-          f"reference HaRP: public route ≈ 0.19x of direct)")
+def warm_up(stack_: Stack, args: argparse.Namespace, scenarios: list[Scenario]) -> None:
+    """One short run per path: caches filled, upstream pools opened, nginx files cached."""
+    for sc in scenarios:
+        headers = sc.headers(stack_)
+        bases = [stack_.nginx.url, _harp_base(stack_, sc)]
+        ref = _reference_base(args, sc)
+        urls = [bases[0] + sc.direct_path, bases[1] + sc.harp_path]
+        if ref:
+            urls.append(ref.rstrip("/") + sc.harp_path)
+        for url in urls:
+            wrk.run(url, headers, 1, min(_connections(args, sc), 8 if sc.bulk else 50))
+
+
+def run_scenario(stack_: Stack, args: argparse.Namespace, sc: Scenario) -> Row:
+    row = Row(sc)
+    headers = sc.headers(stack_)
+    conns = _connections(args, sc)
+    direct_url = stack_.nginx.url + sc.direct_path
+    harp_url = _harp_base(stack_, sc) + sc.harp_path
+    ref_base = _reference_base(args, sc)
+    meter = procstat.CpuMeter(stack_.pid)
+    for rep in range(args.reps):
+        row.direct.append(wrk.run(direct_url, headers, args.duration, conns))
+        meter.start()
+        row.harp.append(wrk.run(harp_url, headers, args.duration, conns))
+        row.cpu.append(meter.stop())
+        mem = procstat.memory(stack_.pid)
+        row.rss.append(mem.total)
+        row.rss_largest.append(mem.largest)
+        row.processes = mem.processes
+        if ref_base:
+            row.reference.append(
+                wrk.run(ref_base.rstrip("/") + sc.harp_path, headers, args.duration, conns)
+            )
+        last = row.harp[-1]
+        print(
+            f"  {sc.name} rep {rep + 1}/{args.reps}: direct "
+            f"{row.value(row.direct[-1]):,.0f}, HaRP {row.value(last):,.0f}"
+            f"{' MB/s' if sc.bulk else ' req/s'}, p99 {last.p99_ms:.1f} ms, "
+            f"CPU {row.cpu[-1]:.0f}%, errors {last.errors}",
+            file=sys.stderr, flush=True,
+        )
+    return row
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--scenario", action="append", choices=sorted(BY_NAME),
+                        help="run only this scenario (repeatable); default: all")
+    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved rounds per scenario")
+    parser.add_argument("--connections", type=int, default=50,
+                        help="wrk connections of the c50 rows (default 50)")
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    parser.add_argument("--idle", type=int, default=2000,
+                        help="idle connections to open at the end (0: skip)")
+    parser.add_argument("--reference", metavar="URL",
+                        help="base URL of a running reference HaRP's HTTP frontend")
+    parser.add_argument("--reference-https", metavar="URL",
+                        help="base URL of the reference's HTTPS frontend")
+    parser.add_argument("--shared-key", help="HP_SHARED_KEY (default: random)")
+    parser.add_argument("--nextcloud-port", type=int, default=0,
+                        help="fixed port for the fake Nextcloud (default: any)")
+    parser.add_argument("--nginx-port", type=int, default=None,
+                        help="fixed port for nginx (default: any)")
+    parser.add_argument("--harp-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for HaRP, e.g. HP_WORKERS=2 (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("wrk", NGINX):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: apt-get install wrk nginx-light", file=sys.stderr)
+            return 2
+    extra = {}
+    for item in args.harp_env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"--harp-env wants NAME=VALUE, not {item!r}", file=sys.stderr)
+            return 2
+        extra[name] = value
+    scenarios = [BY_NAME[name] for name in args.scenario] if args.scenario else list(SCENARIOS)
+    with_reference = bool(args.reference or args.reference_https)
+
+    started = time.monotonic()
+    with stack(args.shared_key, args.nextcloud_port, args.nginx_port, extra) as st:
+        print(f"nginx {st.nginx.url} (docker socket {st.nginx.socket_path}), "
+              f"HaRP {st.harp_url} pid {st.pid}, fake Nextcloud {st.nextcloud.url}",
+              file=sys.stderr)
+        # Idle first: after load the heap has room to spare and would hide the cost.
+        idle_result = idle.measure(st, args.idle) if args.idle > 0 else None
+        warm_up(st, args, scenarios)
+        log_start = st.harp.log_path.stat().st_size
+        rows = [run_scenario(st, args, sc) for sc in scenarios]
+        log_growth = st.harp.log_path.stat().st_size - log_start
+        harp_env = {k: v for k, v in st.env.items() if k in extra}
+
+    print()
+    print(text(rows, with_reference))
+    print()
+    conns = ", ".join(sorted({f"c{_connections(args, sc)}" for sc in scenarios}))
+    print(f"wrk -t2 ({conns}), {args.duration:g} s per run, {args.reps} interleaved reps, "
+          f"medians; ratio = HaRP ÷ direct (median of per-rep ratios); CPU 100 = one core; "
+          f"HaRP env extra: {harp_env or 'none'}; total {time.monotonic() - started:.0f} s")
+    print(f"HaRP log written during the runs: {log_growth:,} bytes")
+    if idle_result is not None:
+        print(
+            f"{idle_result.connections} idle connections: "
+            f"{idle_result.fresh_bytes / 1024:.1f} KiB each just accepted, "
+            f"{idle_result.keepalive_bytes / 1024:.1f} KiB each idle after one request "
+            f"(RSS {idle_result.rss_before / MB:.0f} → {idle_result.rss_fresh / MB:.0f} → "
+            f"{idle_result.rss_keepalive / MB:.0f} MB)"
+        )
+    if args.markdown:
+        print()
+        print(markdown(rows, with_reference))
     return 0
 
 
