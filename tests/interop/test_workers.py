@@ -112,9 +112,25 @@ def app_id() -> str:
     return APP
 
 
+def all_serving(harp: HarpProcess, n: int = 2) -> HarpProcess:
+    """Wait until ``n`` workers serve (the primary's socket accepts before they do)."""
+    wait_for(lambda: len(re.findall(r"worker \d+ \(pid \d+\) serving", harp.output())) >= n,
+             f"{n} workers to serve:\n{harp.output()[-3000:]}")
+    return harp
+
+
+def start_workers(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:
+    return all_serving(start_harp(tmp, key, nextcloud, HP_WORKERS="2", **env))
+
+
 @pytest.fixture(scope="module")
-def harp_settings() -> dict[str, str]:
-    return {"HP_WORKERS": "2", "HP_BLACKLIST_COUNT": "3", "HP_BLACKLIST_WINDOW": "120"}
+def harp(
+    tmp_path_factory: pytest.TempPathFactory, key: str, nextcloud: FakeNextcloud,
+) -> Iterator[HarpProcess]:
+    proc = start_workers(tmp_path_factory.mktemp("harp"), key, nextcloud,
+                         HP_BLACKLIST_COUNT="3", HP_BLACKLIST_WINDOW="120")
+    yield proc
+    proc.stop()
 
 
 def storage(harp: HarpProcess, key: str, method: str, body: bytes | None = None) -> int:
@@ -307,7 +323,7 @@ def test_sighup_reloads_every_worker_and_sigterm_stops_all(
     certs = tmp_path / "certs"
     certs.mkdir()
     first = self_signed_pem(certs / "cert.pem", "first.example")
-    harp = start_harp(tmp_path, key, nextcloud, HP_WORKERS="2", HP_CERTS_DIR=str(certs))
+    harp = start_workers(tmp_path, key, nextcloud, HP_CERTS_DIR=str(certs))
     try:
         assert harp.proc is not None
         workers = children(harp.proc.pid)
@@ -341,3 +357,46 @@ def test_sighup_reloads_every_worker_and_sigterm_stops_all(
         )
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_workers_compose_with_redis_replicas(
+    tmp_path: Path, key: str, nextcloud: FakeNextcloud, exapp: ExAppProcess,
+) -> None:
+    """Two replicas x two workers: a push on one replica's worker reaches every worker of
+    the other through Redis, and so does a ban."""
+    from tests.interop.test_redis_state import RedisServer
+
+    redis = RedisServer(tmp_path)
+    redis.start()
+    settings = {"HP_REDIS_URL": redis.url, "HP_BLACKLIST_COUNT": "3"}
+    a = start_workers(tmp_path, key, nextcloud, **settings)
+    b = start_workers(tmp_path, key, nextcloud, **settings)
+    try:
+        for proc in (a, b):
+            wait_for(lambda proc=proc: "Redis state synchronised" in proc.output(),  # type: ignore[misc]
+                     "the Redis sync")
+        assert storage(a, key, "POST", json.dumps(record_for(exapp)).encode()) == 204
+        lookups = nextcloud.count("exapp-meta")
+
+        def b_serves() -> bool:
+            return all(ok(request(b.http_port, f"/exapps/{APP}/public",
+                                  source=fresh_source())).status == 200 for _ in range(6))
+
+        wait_for(b_serves, "replica B's workers to hold the record")
+        for result, _ in spread(b, lambda src: request(
+                b.http_port, f"/exapps/{APP}/public", source=src)):
+            assert ok(result).status == 200
+        assert nextcloud.count("exapp-meta") == lookups
+
+        source = fresh_source()
+        for _ in range(3):
+            assert ok(request(a.http_port, f"/exapps/{APP}/admin", source=source)).status == 403
+        wait_for(lambda: all(request(b.http_port, f"/exapps/{APP}/public", source=source)
+                             == DROPPED for _ in range(10)), "the ban on B's workers")
+        dropped_by = set(re.findall(
+            rf"worker (\d+)\] {re.escape(source)} GET /exapps/{APP}/public drop", b.output()))
+        assert dropped_by == {"1", "2"}, b.output()[-3000:]
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
