@@ -227,6 +227,17 @@ class FailureTable:
         # stamps holds at most `count` entries, so stamps[0] is the count-th most recent.
         return self._clock() - stamps[0] < self._window
 
+    def ban_left(self, addr: str) -> float:
+        """Seconds the ban of ``addr``'s key still lasts (0 when it is not banned)."""
+        stamps = self._banned.get(ban_key(addr))
+        if stamps is None or len(stamps) < self._count:
+            return 0.0
+        return max(0.0, stamps[0] + self._window - self._clock())
+
+    def active_bans(self) -> list[tuple[str, float]]:
+        """Every banned key with the seconds its ban still lasts."""
+        return [(key, left) for key in list(self._banned) if (left := self.ban_left(key)) > 0]
+
     def failures(self, addr: str) -> int:
         """Number of failures of ``addr``'s ban key inside the window (capped at ``count``)."""
         stamps = self._stamps(ban_key(addr))

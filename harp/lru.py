@@ -137,6 +137,11 @@ class TTLCache(Generic[K, V]):
             return None
         return entry[1]
 
+    def remaining(self) -> list[tuple[K, float]]:
+        """Every live key with the seconds it has left (a snapshot, oldest first)."""
+        now = self._clock()
+        return [(key, expiry - now) for key, (expiry, _) in self._data.items() if expiry > now]
+
     def clear(self) -> None:
         self._data.clear()
 

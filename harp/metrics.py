@@ -7,8 +7,8 @@ scraped, from callables registered at wiring time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from harp import __version__
 
@@ -30,6 +30,25 @@ class Metrics:
 
     def drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def counters(self) -> dict[str, Any]:
+        """The counters as plain JSON data (a worker's share, see :mod:`harp.workers`)."""
+        return {
+            "responses": {str(code): n for code, n in self.responses.items()},
+            "drops": dict(self.drops),
+            "request_seconds": self.request_seconds,
+            "requests": self.requests,
+        }
+
+    def add_counters(self, shares: Iterable[dict[str, Any]]) -> None:
+        """Add other processes' :meth:`counters` to these (HP_WORKERS > 1)."""
+        for share in shares:
+            for code, n in share.get("responses", {}).items():
+                self.responses[int(code)] = self.responses.get(int(code), 0) + int(n)
+            for reason, n in share.get("drops", {}).items():
+                self.drops[str(reason)] = self.drops.get(str(reason), 0) + int(n)
+            self.request_seconds += float(share.get("request_seconds", 0.0))
+            self.requests += int(share.get("requests", 0))
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self._gauges.append((name, help_text, read))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import FrameType
-from typing import cast
+from typing import Protocol, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -20,6 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Request
 
 from harp import docker, logs
 from harp.client_address import ClientAddressResolver
@@ -31,6 +33,7 @@ from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from harp.metrics import Metrics
 from harp.nextcloud import NextcloudClient
 from harp.pki import CertificateError, ensure_frp_certificates
+from harp.state import State
 from harp.state.memory import MemoryState
 from harp.state.redis import RedisState, RedisStateService
 from harp.tlsctx import ReloadableServerContext, TLSConfigError
@@ -44,7 +47,7 @@ from harp.web.root import Root
 from harp.web.site import HarpSite
 from harp.web.storage import PREFIX as STORAGE_PREFIX
 from harp.web.storage import ExAppStorage
-from harp.web.upstream import UpstreamEndpoints
+from harp.web.upstream import TunnelLookup, UpstreamEndpoints
 
 log = logs.HarpLogger("harp.service")
 
@@ -175,42 +178,42 @@ def prepare_certificates(settings: Settings) -> ReloadableServerContext | None:
         ) from None
 
 
-def make_service(settings: Settings) -> MultiService:
-    """Assemble HaRP from validated settings."""
-    logs.set_level(settings.log_level)
-    for warning in settings.warnings:
-        log.warn("configuration: {warning}", warning=warning)
-    https_context = prepare_certificates(settings)
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """The ExApp frontends of one serving process, before they listen."""
 
-    # HP_REDIS_URL: bans and the ExApp registry shared by all replicas (difference 8).
-    state: MemoryState | RedisState
-    if settings.redis_url:
-        state = RedisState(
-            settings.redis_url, settings.blacklist_count, settings.blacklist_window,
-            settings.session_lifetime,
-        )
-    else:
-        state = MemoryState(
-            settings.blacklist_count, settings.blacklist_window, settings.session_lifetime
-        )
+    site: HarpSite
+    control: ControlPlane
+    metrics: Metrics
+    limit: ConnectionLimit
+    #: The outgoing keep-alive pools to close at stop (see :class:`ClientPools`).
+    closers: list[Callable[[], object]]
+
+
+class StorageEndpoints(Protocol):
+    """``POST``/``DELETE /exapp_storage/<appid>``: :class:`ExAppStorage` or a worker's."""
+
+    def post(self, request: Request, rest: bytes) -> bytes | int: ...
+
+    def delete(self, request: Request, rest: bytes) -> bytes | int: ...
+
+
+def build_frontend(
+    settings: Settings, state: State, tunnels: TunnelLookup | None,
+    storage: StorageEndpoints, max_connections: int,
+) -> Frontend:
+    """The request side, the same in a single process and in every worker.
+
+    ``/metrics`` answers with this process's figures; a worker replaces the handler.
+    """
     nextcloud = NextcloudClient(reactor, settings.nc_instance_url, settings.shared_key, state)
     pipeline = Pipeline(
         state, nextcloud, KeyCheck(settings.shared_key),
         ClientAddressResolver(settings.trusted_proxies),
     )
-    storage = ExAppStorage(state)
     control = ControlPlane()
     control.add_prefix(b"POST", STORAGE_PREFIX, storage.post)
     control.add_prefix(b"DELETE", STORAGE_PREFIX, storage.delete)
-    # FRP: tunnels meet the HTTP side only through the registry (design.md seams).
-    frp_tls: FrpTLSContext | None = None
-    if not settings.frp_disable_tls:
-        try:
-            frp_tls = FrpTLSContext(settings.frp_certs_dir)
-        except FrpTLSConfigError as exc:
-            raise ConfigError("HP_CERTS_DIR", str(settings.certs_dir), str(exc)) from None
-    tunnels = TunnelRegistry(reactor, idle_timeout=settings.timeout_server)
-    frp_server = FrpServer(reactor, settings.shared_key, state, tunnels)
     # Docker engines: 24000 = HP_DOCKER_SOCKET, 24001-24099 = FRP engine tunnels.
     docker_side = docker.build(
         reactor, control,
@@ -224,18 +227,10 @@ def make_service(settings: Settings) -> MultiService:
         reactor, settings.timeout_connect, settings.timeout_server,
         endpoints=UpstreamEndpoints(reactor, settings.timeout_connect, tunnels=tunnels),
     )
-
     metrics = Metrics()
-    metrics.gauge("harp_tunnel_ports", "Tunnel ports with a live FRP proxy.",
-                  lambda: len(tunnels.ports()))
-    metrics.gauge("harp_failure_addresses", "Client addresses with recent failures.",
-                  state.count_ban_keys)
-    metrics.gauge("harp_exapps_known", "ExApp records held.", state.count_exapps)
     control.add(b"GET", b"/metrics", lambda request, rest: responses.send(
         request, 200, metrics.render(), METRICS_CONTENT_TYPE))
-    limit = ConnectionLimit(settings.max_connections)
-    metrics.gauge("harp_client_connections", "Open connections on the ExApp frontends.",
-                  lambda: limit.open)
+    limit = ConnectionLimit(max_connections)
     site = HarpSite(
         Root(
             pipeline, control, proxy, settings.timeout_tunnel, docker=docker_side.passthrough
@@ -245,28 +240,73 @@ def make_service(settings: Settings) -> MultiService:
         limit=limit,
         timeout=settings.timeout_client,
     )
-
     site.on_malformed = pipeline.malformed
+    closers: list[Callable[[], object]] = [
+        nextcloud.close, proxy.pool.close_all, *docker_side.closers,
+    ]
+    return Frontend(site, control, metrics, limit, closers)
+
+
+def add_gauges(
+    metrics: Metrics, tunnels: TunnelRegistry, state: State, connections: Callable[[], float]
+) -> None:
+    """The gauges of ``/metrics``, in their documented order."""
+    metrics.gauge("harp_tunnel_ports", "Tunnel ports with a live FRP proxy.",
+                  lambda: len(tunnels.ports()))
+    metrics.gauge("harp_failure_addresses", "Client addresses with recent failures.",
+                  state.count_ban_keys)
+    metrics.gauge("harp_exapps_known", "ExApp records held.", state.count_exapps)
+    metrics.gauge("harp_client_connections", "Open connections on the ExApp frontends.",
+                  connections)
+
+
+def make_service(settings: Settings, env: Mapping[str, str] | None = None) -> MultiService:
+    """Assemble HaRP from validated settings.
+
+    ``HP_WORKERS=1``: everything in this process.  More: this process keeps the state,
+    the FRP server and the listening sockets, and ``HP_WORKERS`` worker processes serve
+    the ExApp frontends (:mod:`harp.workers`); ``env`` is what they are started with.
+    """
+    logs.set_level(settings.log_level)
+    for warning in settings.warnings:
+        log.warn("configuration: {warning}", warning=warning)
+    https_context = prepare_certificates(settings)
+    workers = settings.workers > 1
+    if workers:
+        from harp.workers import primary
+
+        memory_class: type[MemoryState] = primary.PrimaryMemoryState
+        redis_class: type[RedisState] = primary.PrimaryRedisState
+    else:
+        memory_class, redis_class = MemoryState, RedisState
+
+    # HP_REDIS_URL: bans and the ExApp registry shared by all replicas (difference 8).
+    state: MemoryState | RedisState
+    if settings.redis_url:
+        state = redis_class(
+            settings.redis_url, settings.blacklist_count, settings.blacklist_window,
+            settings.session_lifetime,
+        )
+    else:
+        state = memory_class(
+            settings.blacklist_count, settings.blacklist_window, settings.session_lifetime
+        )
+    # FRP: tunnels meet the HTTP side only through the registry (design.md seams).
+    frp_tls: FrpTLSContext | None = None
+    if not settings.frp_disable_tls:
+        try:
+            frp_tls = FrpTLSContext(settings.frp_certs_dir)
+        except FrpTLSConfigError as exc:
+            raise ConfigError("HP_CERTS_DIR", str(settings.certs_dir), str(exc)) from None
+    tunnels = TunnelRegistry(reactor, idle_timeout=settings.timeout_server)
+    frp_server = FrpServer(reactor, settings.shared_key, state, tunnels)
+
     top = MultiService()
     LogLevelService().setServiceParent(top)
     if isinstance(state, RedisState):
         RedisStateService(state).setServiceParent(top)  # first started, last stopped
     TimerService(SWEEP_INTERVAL, state.sweep).setServiceParent(top)
-    # Stopped after the listeners (services stop in reverse order): no new request can
-    # take a pooled connection while the pools are being closed.
-    ClientPools(
-        [nextcloud.close, proxy.pool.close_all, *docker_side.closers]
-    ).setServiceParent(top)
-    ListenerService(
-        "HP_EXAPPS_ADDRESS", settings.exapps_address, site, limit  # type: ignore[arg-type]
-    ).setServiceParent(top)
-    if https_context is not None:
-        tls_factory = TLSMemoryBIOFactory(https_context, False, site)  # type: ignore[arg-type]
-        ListenerService(
-            "HP_EXAPPS_HTTPS_ADDRESS", settings.exapps_https_address, tls_factory, limit
-        ).setServiceParent(top)
-        CertificateReloader(https_context).setServiceParent(top)
-    else:
+    if https_context is None:
         log.warn(
             "HTTPS frontend disabled: {path} does not exist", path=str(settings.https_cert_path)
         )
@@ -274,6 +314,33 @@ def make_service(settings: Settings) -> MultiService:
         "HP_FRP_ADDRESS", settings.frp_address,
         FrpServerFactory(reactor, frp_server, frp_tls),  # type: ignore[arg-type]
     )
+    if workers:
+        FrpService(frp_server, frp_listener, tunnels).setServiceParent(top)
+        # Added last, stopped first: the workers drain while the tunnels still work.
+        primary.WorkerPool(
+            settings, dict(env or {}), state, tunnels, https=https_context is not None
+        ).setServiceParent(top)
+        return top
+
+    frontend = build_frontend(
+        settings, state, tunnels, ExAppStorage(state), settings.max_connections
+    )
+    limit = frontend.limit
+    add_gauges(frontend.metrics, tunnels, state, lambda: limit.open)
+    # Stopped after the listeners (services stop in reverse order): no new request can
+    # take a pooled connection while the pools are being closed.
+    ClientPools(frontend.closers).setServiceParent(top)
+    ListenerService(
+        "HP_EXAPPS_ADDRESS", settings.exapps_address, frontend.site, limit  # type: ignore[arg-type]
+    ).setServiceParent(top)
+    if https_context is not None:
+        tls_factory = TLSMemoryBIOFactory(
+            https_context, False, frontend.site  # type: ignore[arg-type]
+        )
+        ListenerService(
+            "HP_EXAPPS_HTTPS_ADDRESS", settings.exapps_https_address, tls_factory, limit
+        ).setServiceParent(top)
+        CertificateReloader(https_context).setServiceParent(top)
     FrpService(frp_server, frp_listener, tunnels).setServiceParent(top)
     return top
 
@@ -284,7 +351,7 @@ def make_service_from_env(env: Mapping[str, str]) -> MultiService:
         settings = Settings.from_env(env)
         if settings.verbose_start:
             print_config(settings)
-        return make_service(settings)
+        return make_service(settings, env)
     except ConfigError as exc:
         sys.stderr.write(f"harp: configuration error: {exc.line()}\n")
         sys.stderr.flush()

@@ -13,6 +13,8 @@ Secrets (the shared key, Redis passwords) never appear in an error message or in
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +36,33 @@ from harp.config.values import (
     strip_quotes,
 )
 
-__all__ = ["Address", "ConfigError", "RedisURL", "Settings"]
+__all__ = ["Address", "ConfigError", "RedisURL", "Settings", "available_cpus"]
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+#: The most serving processes ``HP_WORKERS`` may ask for.
+MAX_WORKERS: Final = 256
+#: Where cgroup v2 states this container's CPU quota (``max 100000`` = none).
+CGROUP_CPU_MAX: Final = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity mask, bounded by a cgroup v2 quota.
+
+    ``cpu.max`` holds ``<quota> <period>`` (or ``max <period>``); a quota of 1.5 CPUs
+    gives 2 (rounded up: the half CPU is still worth a process).  The default of
+    ``HP_WORKERS``.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cpus, MAX_WORKERS))
 
 
 def _read_shared_key(env: Mapping[str, str]) -> str:
@@ -107,6 +133,8 @@ class Settings:
     docker_socket: Path
     #: ``HP_REDIS_URL``, parsed; ``None`` = state in memory.
     redis_url: RedisURL | None = field(repr=False)
+    #: ``HP_WORKERS``: serving processes; 1 = everything in this one process.
+    workers: int = 1
     #: Non-fatal remarks made while parsing (e.g. host bits masked in a CIDR).
     warnings: tuple[str, ...] = ()
 
@@ -202,6 +230,7 @@ class Settings:
             certs_dir=Path(certs_dir),
             docker_socket=Path(docker_socket),
             redis_url=parse_redis_url(env.get("HP_REDIS_URL", "")),
+            workers=_workers(get("HP_WORKERS", "")),
             warnings=tuple(warnings),
         )
 
@@ -232,4 +261,12 @@ class Settings:
             ("HP_CERTS_DIR", str(self.certs_dir)),
             ("HP_DOCKER_SOCKET", str(self.docker_socket)),
             ("HP_REDIS_URL", self.redis_url.redacted if self.redis_url else "(in memory)"),
+            ("HP_WORKERS", str(self.workers)),
         ]
+
+
+def _workers(raw: str) -> int:
+    """``HP_WORKERS``; unset or empty = :func:`available_cpus`."""
+    if not raw:
+        return available_cpus()
+    return parse_int("HP_WORKERS", raw, 1, MAX_WORKERS)

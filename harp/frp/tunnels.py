@@ -24,7 +24,7 @@ closing waits for it instead of failing with "port unavailable".
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -122,6 +122,8 @@ class TunnelRegistry:
         self._by_name: dict[str, TunnelHandle] = {}
         self._by_port: dict[int, TunnelHandle] = {}
         self._closing: dict[int, Deferred[None]] = {}
+        #: Called whenever :meth:`ports` may have changed (HaRP's workers mirror it).
+        self.on_change: Callable[[], object] | None = None
 
     # ---------------------------------------------------------------- queries
 
@@ -206,13 +208,19 @@ class TunnelRegistry:
                      name=handle.name, host=self.bind_host, port=handle.port,
                      error=str(exc.socketError))
             raise ProxyError("port unavailable") from None
+        self._changed()
         return handle
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _unregister(self, handle: TunnelHandle) -> None:
         if self._by_name.get(handle.name) is handle:
             del self._by_name[handle.name]
         if self._by_port.get(handle.port) is handle:
             del self._by_port[handle.port]
+            self._changed()
 
     def _close(self, handle: TunnelHandle) -> Deferred[None]:
         if handle.closed:

@@ -79,6 +79,8 @@ BAD_CASES = {
     # hardening hole 15: urlsplit's ValueError used to end start-up with a traceback, exit 1
     "NC url malformed IPv6": ({"NC_INSTANCE_URL": "http://[::1"}, "NC_INSTANCE_URL"),
     "NC url bad port": ({"NC_INSTANCE_URL": "http://127.0.0.1:99999"}, "NC_INSTANCE_URL"),
+    "workers zero": ({"HP_WORKERS": "0"}, "HP_WORKERS"),
+    "workers not a number": ({"HP_WORKERS": "all"}, "HP_WORKERS"),
     "redis url malformed IPv6": ({"HP_REDIS_URL": "redis://[::1"}, "HP_REDIS_URL"),
     "redis url malformed IPv6 with password": (
         {"HP_REDIS_URL": f"redis://:{SECRET}@[::1:6379"}, "HP_REDIS_URL"

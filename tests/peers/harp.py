@@ -46,6 +46,9 @@ def base_env(workdir: Path, **overrides: str) -> dict[str, str]:
         "HP_CERTS_DIR": str(workdir / "certs"),
         "HP_VERBOSE_START": "0",
         "HP_LOG_LEVEL": "info",
+        # One process unless a test says otherwise: the suites test single-process
+        # behaviour (e.g. one user-lookup cache); tests/interop/test_workers.py sets 2.
+        "HP_WORKERS": "1",
     }
     env.update(overrides)
     return env

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harp.config import Address, ConfigError, Settings
+from harp.config import Address, ConfigError, Settings, available_cpus
 from harp.config.values import parse_address, parse_duration, strip_quotes
 
 BASE = {"HP_SHARED_KEY": "k3y", "NC_INSTANCE_URL": "https://cloud.example.com"}
@@ -156,3 +156,28 @@ def test_address_port_must_be_ascii_digits(raw: str) -> None:
 def test_huge_duration_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         parse_duration("HP_TIMEOUT_SERVER", "9" * 400 + "s")
+
+
+def test_workers_default_to_the_usable_cpus_and_validate() -> None:
+    assert Settings.from_env(BASE).workers == available_cpus()
+    assert Settings.from_env({**BASE, "HP_WORKERS": "3"}).workers == 3
+    assert ("HP_WORKERS", "3") in Settings.from_env({**BASE, "HP_WORKERS": "3"}).describe()
+    for bad in ("0", "-1", "two", "1.5", "100000"):
+        with pytest.raises(ConfigError, match="HP_WORKERS"):
+            Settings.from_env({**BASE, "HP_WORKERS": bad})
+
+
+def test_available_cpus_honours_the_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert available_cpus(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one process
+    assert available_cpus(cpu_max) == 1
+    cpu_max.write_text(f"{affinity * 100000 + 1} 100000\n")  # over the affinity: affinity
+    assert available_cpus(cpu_max) == affinity
+    cpu_max.write_text("garbage")
+    assert available_cpus(cpu_max) == affinity
+    assert available_cpus(tmp_path / "missing") == affinity
