@@ -273,10 +273,10 @@ def make_service(settings: Settings, env: Mapping[str, str] | None = None) -> Mu
     https_context = prepare_certificates(settings)
     workers = settings.workers > 1
     if workers:
-        from harp.workers import primary
+        from harp.workers import primary, primary_state
 
-        memory_class: type[MemoryState] = primary.PrimaryMemoryState
-        redis_class: type[RedisState] = primary.PrimaryRedisState
+        memory_class: type[MemoryState] = primary_state.PrimaryMemoryState
+        redis_class: type[RedisState] = primary_state.PrimaryRedisState
     else:
         memory_class, redis_class = MemoryState, RedisState
 

@@ -10,9 +10,14 @@ records and metrics travel as :class:`BigBytes`, split over several keys.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Final
 
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+
+from harp.exapps import ExAppRecord, parse_record
 
 #: What one AMP value may hold (``twisted.protocols.amp.MAX_VALUE_LENGTH``).
 CHUNK: Final = amp.MAX_VALUE_LENGTH
@@ -110,3 +115,25 @@ class Counters(amp.Command):
 
     arguments = []
     response = [(b"data", BigBytes())]
+
+
+# --- records on the channel: their JSON source
+
+
+def record_json(record: ExAppRecord) -> bytes:
+    return json.dumps(dict(record.source), separators=(",", ":")).encode()
+
+
+def parse_record_json(app_id: str, raw: bytes) -> ExAppRecord:
+    return parse_record(app_id, json.loads(raw))
+
+
+class OneProtocol(Factory):
+    """Hands out one existing AMP protocol: each end of a worker's socketpair is
+    adopted as a connection whose protocol was made beforehand."""
+
+    def __init__(self, protocol: amp.AMP) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> amp.AMP:
+        return self.protocol_instance

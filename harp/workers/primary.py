@@ -44,7 +44,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Final
@@ -52,21 +51,23 @@ from typing import Any, Final
 from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from harp import logs
-from harp.bans import ban_key
 from harp.config import Address, Settings
-from harp.exapps import ExAppRecord, RecordError, parse_record
+from harp.exapps import ExAppRecord, RecordError
 from harp.frp.tunnels import TunnelRegistry
 from harp.metrics import Metrics
 from harp.state.memory import MemoryState
-from harp.state.redis import RedisState
-from harp.state.redis.events import Event
 from harp.workers import commands
+from harp.workers.primary_state import (
+    PrimaryMemoryState,
+    PrimaryRedisState,
+    PrimaryState,
+)
 
 log = logs.HarpLogger("harp.workers")
 
@@ -78,79 +79,6 @@ ACK_TIMEOUT: Final = 10.0
 YOUNG: Final = 10.0
 RESTART_MAX_PAUSE: Final = 30.0
 LISTEN_BACKLOG: Final = 1024
-
-
-def record_json(record: ExAppRecord) -> bytes:
-    return json.dumps(dict(record.source), separators=(",", ":")).encode()
-
-
-def parse_record_json(app_id: str, raw: bytes) -> ExAppRecord:
-    return parse_record(app_id, json.loads(raw))
-
-
-# --------------------------------------------------------------------------- state
-
-
-class StateListener:
-    """What the primary's state reports: new bans and registry changes it did not make
-    through :class:`WorkerPool` (other Redis replicas)."""
-
-    def banned(self, key: str, seconds: float) -> None: ...
-
-    def exapp_changed(self, app_id: str) -> None: ...
-
-
-class PrimaryMemoryState(MemoryState):
-    """:class:`MemoryState` that reports every new ban to the workers."""
-
-    listener: StateListener | None = None
-
-    def record_failure(self, addr: str) -> bool:
-        banned = super().record_failure(addr)
-        if banned and self.listener is not None:
-            self.listener.banned(ban_key(addr), self.bans.ban_left(addr))
-        return banned
-
-    def snapshot_bans(self) -> list[tuple[str, float]]:
-        return self.bans.active_bans()
-
-
-class PrimaryRedisState(RedisState):
-    """:class:`RedisState` that reports bans and registry changes (its own and other
-    replicas') to the workers."""
-
-    listener: StateListener | None = None
-
-    def record_failure(self, addr: str) -> bool:
-        banned = super().record_failure(addr)
-        if banned and self.listener is not None:
-            self.listener.banned(ban_key(addr), self.bans.ban_left(addr))
-        return banned
-
-    def _remote_ban(self, key: str, left_ms: float) -> None:
-        super()._remote_ban(key, left_ms)
-        if self.listener is not None:
-            self.listener.banned(ban_key(key), left_ms / 1000)
-
-    def apply(self, event: Event) -> None:
-        before = self.records.get(event.app)
-        super().apply(event)
-        if self.listener is not None and self.records.get(event.app) is not before:
-            self.listener.exapp_changed(event.app)
-
-    def _load(self, snapshot: Mapping[object, object], snapshot_seq: int) -> None:
-        before = dict(self.records)
-        super()._load(snapshot, snapshot_seq)
-        if self.listener is not None:
-            for app in set(before) | set(self.records):
-                if before.get(app) is not self.records.get(app):
-                    self.listener.exapp_changed(app)
-
-    def snapshot_bans(self) -> list[tuple[str, float]]:
-        return self.bans.active_bans() + self.remote_bans.remaining()
-
-
-PrimaryState = PrimaryMemoryState | PrimaryRedisState
 
 
 # --------------------------------------------------------------------------- channel
@@ -185,14 +113,6 @@ class PrimaryChannel(amp.AMP):
         super().connectionLost(reason)
         if self.slot.channel is self:
             self.slot.channel = None
-
-
-class _OneProtocol(Factory):
-    def __init__(self, protocol: amp.AMP) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> amp.AMP:
-        return self.protocol_instance
 
 
 # --------------------------------------------------------------------------- processes
@@ -286,7 +206,7 @@ class WorkerPool(Service):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = PrimaryChannel(self, slot)
         reactor.adoptStreamConnection(  # type: ignore[attr-defined]
-            parent.fileno(), socket.AF_UNIX, _OneProtocol(channel)
+            parent.fileno(), socket.AF_UNIX, commands.OneProtocol(channel)
         )
         parent.close()
         child_fds: dict[int, int | str] = {1: 1, 2: 2, 3: child.fileno()}
@@ -310,7 +230,7 @@ class WorkerPool(Service):
         """Send the snapshot (registry, bans, tunnel ports), then :class:`Ready`."""
         for app, record in list(self.state.records.items()):
             channel.callRemote(
-                commands.SetExApp, app=app, record=record_json(record)
+                commands.SetExApp, app=app, record=commands.record_json(record)
             ).addErrback(lambda _: None)
         for key, seconds in self.state.snapshot_bans():
             channel.callRemote(commands.Ban, key=key, seconds=seconds)
@@ -407,7 +327,7 @@ class WorkerPool(Service):
     def _broadcast(self, app_id: str, record: ExAppRecord | None) -> Deferred[bool]:
         """Every worker holds ``record`` (or has dropped it) when this fires; True if any
         worker held the app before."""
-        raw = None if record is None else record_json(record)
+        raw = None if record is None else commands.record_json(record)
         calls = [
             channel.callRemote(commands.SetExApp, app=app_id, record=raw)
             .addTimeout(ACK_TIMEOUT, reactor)  # type: ignore[arg-type]
@@ -420,7 +340,7 @@ class WorkerPool(Service):
 
     def put(self, app_id: str, raw: bytes) -> Deferred[None]:
         try:
-            record = parse_record_json(app_id, raw)
+            record = commands.parse_record_json(app_id, raw)
         except (ValueError, RecordError) as exc:  # the worker validated it: a bug
             log.error("worker sent an invalid ExApp record for {app}: {e}", app=app_id, e=exc)
             return succeed(None)

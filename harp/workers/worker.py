@@ -57,7 +57,6 @@ from harp.web import responses
 from harp.web.storage import app_id_of, read_record
 from harp.workers import commands
 from harp.workers.mirror import MirrorState
-from harp.workers.primary import _OneProtocol, parse_record_json, record_json
 
 log = logs.HarpLogger("harp.workers")
 
@@ -78,7 +77,7 @@ class WorkerChannel(amp.AMP):
 
     @commands.SetExApp.responder  # type: ignore[misc]
     def set_exapp(self, app: str, record: bytes | None) -> dict[str, Any]:
-        parsed = None if record is None else parse_record_json(app, record)
+        parsed = None if record is None else commands.parse_record_json(app, record)
         return {"held": self.worker.state.apply_exapp(app, parsed)}
 
     @commands.Ban.responder  # type: ignore[misc]
@@ -105,7 +104,7 @@ class WorkerChannel(amp.AMP):
 
     def put(self, app_id: str, record: ExAppRecord) -> Deferred[None]:
         d: Deferred[Any] = self.callRemote(
-            commands.PutExApp, app=app_id, record=record_json(record)
+            commands.PutExApp, app=app_id, record=commands.record_json(record)
         )
         return d.addCallback(lambda _: None)
 
@@ -223,7 +222,7 @@ class Worker:
             "before", "shutdown", self.stop
         )
         reactor.adoptStreamConnection(  # type: ignore[attr-defined]
-            self.channel_fd, socket.AF_UNIX, _OneProtocol(self.channel)
+            self.channel_fd, socket.AF_UNIX, commands.OneProtocol(self.channel)
         )
         os.close(self.channel_fd)
 
