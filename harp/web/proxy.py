@@ -102,7 +102,7 @@ class _Forward:
     def start(self) -> None:
         proxy = self.proxy
         self.timer = proxy.reactor.callLater(proxy.server_timeout, self._timeout)
-        self.request.notifyFinish().addErrback(self._client_gone)
+        cast(HarpRequest, self.request).on_lost = self._client_gone
         conn = proxy.pool.take(self.key)
         if conn is not None:
             self._send(conn)
@@ -239,7 +239,7 @@ class _Forward:
         else:
             self._fail_with(504, GATEWAY_TIMEOUT)
 
-    def _client_gone(self, reason: Failure) -> None:
+    def _client_gone(self) -> None:
         if not self.finished:
             self._drop_upstream()
             self._end()

@@ -71,6 +71,18 @@ class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
         return done
 
 
+_date_cache: list[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value, formatted once per second rather than per request."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0] = now
+        _date_cache[1] = http.datetimeToString(now)
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
 class HarpChannel(http.HTTPChannel):
     head_timeout: float = 30.0
     clock: IReactorTime = _reactor  # type: ignore[assignment]
@@ -284,11 +296,24 @@ class HarpRequest(Request):
         self.args = {}
         self.process()
 
-    def _handleStar(self) -> None:
-        # ``*`` is not origin-form: the pipeline refuses it like any other bad target,
-        # instead of twisted.web answering it with a 405 of its own.
-        assert self.site is not None
-        self.render(self.site.getResourceFor(self))
+    def process(self) -> None:
+        """Hand the request to the one root resource.
+
+        twisted.web's version also announces the server, splits and unquotes the path
+        into ``postpath`` and walks a resource tree; HaRP's root is a leaf that reads
+        the raw path, so that is work thrown away on every request.  ``*`` is not
+        special either: the pipeline refuses it like any target that is not
+        origin-form (twisted.web would answer it with a 405 of its own).
+        """
+        site = self.channel.site  # type: ignore[attr-defined]  # set by Site.buildProtocol
+        self.site = site
+        self.setHeader(b"date", http_date())
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """Called by the channel when the body is complete (processing began earlier)."""
@@ -321,16 +346,18 @@ class HarpRequest(Request):
         if self.body is not None:
             self.body.discard()
 
-    def render(self, resrc: Resource) -> None:
-        # twisted.web announces itself; a reverse proxy should not.
-        self.responseHeaders.removeHeader(b"server")
-        super().render(resrc)
-
     # FlowControl for the BodyPipe: pause reading from the client.
+
+    #: Called once if the client goes away before the response is finished (cheaper
+    #: than a ``notifyFinish`` Deferred per proxied request).
+    on_lost: Callable[[], None] | None = None
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_rate_check()
         super().connectionLost(reason)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None and not self.finished:
+            on_lost()
 
     def pause_client(self) -> None:
         self._paused = True

@@ -24,8 +24,8 @@ class StateListener:
     def exapp_changed(self, app_id: str) -> None: ...
 
 
-class PrimaryMemoryState(MemoryState):
-    """:class:`MemoryState` that reports every new ban to the workers."""
+class _ReportsBans(MemoryState):
+    """Reports every ban this state starts to the workers (with its remaining time)."""
 
     listener: StateListener | None = None
 
@@ -34,22 +34,18 @@ class PrimaryMemoryState(MemoryState):
         if banned and self.listener is not None:
             self.listener.banned(ban_key(addr), self.bans.ban_left(addr))
         return banned
+
+
+class PrimaryMemoryState(_ReportsBans):
+    """:class:`MemoryState` that reports every new ban to the workers."""
 
     def snapshot_bans(self) -> list[tuple[str, float]]:
         return self.bans.active_bans()
 
 
-class PrimaryRedisState(RedisState):
+class PrimaryRedisState(_ReportsBans, RedisState):
     """:class:`RedisState` that reports bans and registry changes (its own and other
     replicas') to the workers."""
-
-    listener: StateListener | None = None
-
-    def record_failure(self, addr: str) -> bool:
-        banned = super().record_failure(addr)
-        if banned and self.listener is not None:
-            self.listener.banned(ban_key(addr), self.bans.ban_left(addr))
-        return banned
 
     def _remote_ban(self, key: str, left_ms: float) -> None:
         super()._remote_ban(key, left_ms)

@@ -10,7 +10,7 @@ The proxy and the Docker passthrough are fakes that record what they were given.
 from __future__ import annotations
 
 import json
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -31,22 +31,7 @@ from harp.web.headers import KeyCheck
 from harp.web.root import CONTROL_BODY_LIMIT, Root
 from harp.web.site import HarpChannel, HarpRequest, HarpSite
 
-
-def _control_verdict() -> type:
-    """The control-plane verdict class.
-
-    It is ``Control`` today and being renamed on another branch (``ControlPlaneCall`` or
-    similar); found by either name, or as the one verdict that is none of the others.
-    """
-    for name in ("ControlPlaneCall", "Control"):
-        found = getattr(P, name, None)
-        if isinstance(found, type):
-            return found
-    (found,) = (t for t in get_args(P.Verdict) if t not in (P.Drop, P.Reply, P.Forward))
-    return found  # type: ignore[no-any-return]
-
-
-CONTROL = _control_verdict()
+CONTROL = P.ControlPlaneCall
 
 KEY = b"the-shared-key"
 CLIENT = "192.0.2.20"
