@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from harp.bans import FailureTable
+from harp.bans import FailureTable, ban_key
 from harp.exapps import ExAppRecord
 from harp.logs import HarpLogger
 from harp.lru import TTLCache
@@ -85,3 +85,42 @@ class MemoryState:
 
     def count_exapps(self) -> int:
         return len(self.records)
+
+
+#: Bans decided elsewhere (other replicas, the primary) that are kept at most.
+MAX_REMOTE_BANS: Final = 100_000
+
+
+class SharedBansState(MemoryState):
+    """A :class:`MemoryState` that also enforces bans decided elsewhere.
+
+    Both states that mirror an authority -- :class:`~harp.state.redis.RedisState`
+    (other replicas, through Redis) and :class:`~harp.workers.mirror.MirrorState` (the
+    primary) -- learn bans they did not count; they keep them here, by ban key, for the
+    time the authority gave.  A full table drops the newcomer, never a live ban.
+    """
+
+    def __init__(
+        self,
+        blacklist_count: int,
+        blacklist_window: float,
+        session_lifetime: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(blacklist_count, blacklist_window, session_lifetime, clock=clock)
+        self.remote_bans: TTLCache[str, bool] = TTLCache(
+            MAX_REMOTE_BANS, blacklist_window, clock=clock
+        )
+
+    def is_banned(self, addr: str) -> bool:
+        if self.bans.is_banned(addr):
+            return True
+        return self.remote_bans.get(ban_key(addr)) is not None
+
+    def keep_remote_ban(self, key: str, seconds: float) -> bool:
+        """Enforce a ban decided elsewhere for ``seconds``; False if the table is full."""
+        return self.remote_bans.set_if_room(ban_key(key), True, ttl=seconds)
+
+    def sweep(self) -> None:
+        super().sweep()
+        self.remote_bans.sweep()

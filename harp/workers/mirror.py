@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
 from harp.bans import ban_key
 from harp.exapps import ExAppRecord
-from harp.lru import TTLCache
-from harp.state.memory import MemoryState
-
-#: Bans learnt from the primary that are kept at most (as Redis' remote bans).
-MAX_REMOTE_BANS: Final = 100_000
+from harp.state.memory import MemoryState, SharedBansState
 
 
 class Primary(Protocol):
@@ -43,7 +39,7 @@ class Primary(Protocol):
     def delete(self, app_id: str) -> Deferred[bool]: ...
 
 
-class MirrorState(MemoryState):
+class MirrorState(SharedBansState):
     def __init__(
         self,
         blacklist_count: int,
@@ -52,17 +48,9 @@ class MirrorState(MemoryState):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(blacklist_count, blacklist_window, session_lifetime, clock=clock)
-        self.remote_bans: TTLCache[str, bool] = TTLCache(
-            MAX_REMOTE_BANS, blacklist_window, clock=clock
-        )
         self.primary: Primary | None = None
 
     # --- State
-
-    def is_banned(self, addr: str) -> bool:
-        if self.bans.is_banned(addr):
-            return True
-        return self.remote_bans.get(ban_key(addr)) is not None
 
     def record_failure(self, addr: str) -> bool:
         key = ban_key(addr)
@@ -82,15 +70,11 @@ class MirrorState(MemoryState):
             self.primary.delete(app_id).addErrback(lambda _: None)
         return found
 
-    def sweep(self) -> None:
-        super().sweep()
-        self.remote_bans.sweep()
-
     # --- what the primary tells
 
     def apply_ban(self, key: str, seconds: float) -> None:
         if seconds > 0:
-            self.remote_bans.set_if_room(ban_key(key), True, ttl=seconds)
+            self.keep_remote_ban(key, seconds)
 
     def apply_exapp(self, app_id: str, record: ExAppRecord | None) -> bool:
         """Hold (or drop, ``None``) the primary's record; True if one was held before."""

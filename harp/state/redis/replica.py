@@ -19,8 +19,7 @@ from harp.bans import ban_key
 from harp.config import RedisURL
 from harp.exapps import ExAppRecord, RecordError, parse_record
 from harp.logs import HarpLogger
-from harp.lru import TTLCache
-from harp.state.memory import MemoryState
+from harp.state.memory import MAX_REMOTE_BANS, SharedBansState
 from harp.state.redis.events import Event, decode_event, encode_delete, encode_put
 from harp.state.redis.links import (
     CommandProtocol,
@@ -42,8 +41,6 @@ log = HarpLogger("harp.redis")
 
 #: Prefix of every key and channel HaRP uses, so a Redis can be shared with other software.
 KEY_PREFIX: Final = "harp:"
-#: Bans learnt from other replicas that are kept at most (deliberate difference 6).
-MAX_REMOTE_BANS: Final = 100_000
 #: How long Redis remembers that an ExApp was deleted (``harp:gone:<app>``).  A replica
 #: that missed the delete (it was cut off from Redis) and finds Redis emptied by a restart
 #: re-seeds from its mirror; the tombstone stops it from bringing the app back.  Replicas
@@ -52,7 +49,7 @@ MAX_REMOTE_BANS: Final = 100_000
 TOMBSTONE_TTL_MS: Final = 24 * 3600 * 1000
 
 
-class RedisState(MemoryState):
+class RedisState(SharedBansState):
     """The :class:`~harp.state.State` of a replica sharing bans and registry through Redis.
 
     A :class:`~harp.state.memory.MemoryState` (whose tables every read looks at) that
@@ -82,9 +79,6 @@ class RedisState(MemoryState):
         self.reactor = reactor
         # Local tables (bans, records, missing, users): what every read looks at.
         super().__init__(blacklist_count, blacklist_window, session_lifetime, clock=clock)
-        self.remote_bans: TTLCache[str, bool] = TTLCache(
-            MAX_REMOTE_BANS, blacklist_window, clock=clock
-        )
         self.blacklist_count = blacklist_count
         self.window_ms = max(1, round(blacklist_window * 1000))
         # Redis names.
@@ -116,11 +110,6 @@ class RedisState(MemoryState):
         self._remote_full_logged = False
 
     # --- State: bans
-
-    def is_banned(self, addr: str) -> bool:
-        if self.bans.is_banned(addr):
-            return True
-        return self.remote_bans.get(ban_key(addr)) is not None
 
     def record_failure(self, addr: str) -> bool:
         """Count locally (the answer) and in Redis (the cluster-wide decision, async).
@@ -155,7 +144,7 @@ class RedisState(MemoryState):
 
     def _remote_ban(self, key: str, left_ms: float) -> None:
         """Keep a cluster-wide ban; a full table drops the newcomer, never a live ban."""
-        if not self.remote_bans.set_if_room(ban_key(key), True, ttl=left_ms / 1000):
+        if not self.keep_remote_ban(key, left_ms / 1000):
             if not self._remote_full_logged:
                 self._remote_full_logged = True
                 log.warn("Redis: table of cluster-wide bans full ({n}); a new ban is only "
@@ -184,10 +173,6 @@ class RedisState(MemoryState):
 
     # is_missing/mark_missing and the user-lookup cache stay local (MemoryState's);
     # see the module docstring.
-
-    def sweep(self) -> None:
-        super().sweep()
-        self.remote_bans.sweep()
 
     # --- writing through
 
