@@ -15,6 +15,7 @@ never looks complete).  Upgrades go to :mod:`harp.web.upgrade`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, Final, cast
 
 from twisted.internet.defer import CancelledError, TimeoutError
@@ -57,7 +58,7 @@ _NOT_FORWARDED: Final = (
 )
 #: For an Upgrade the connection-level headers are the point and are kept.
 _NOT_FORWARDED_UPGRADE: Final = (
-    (HOP_BY_HOP - {b"connection", b"upgrade"}) | HARP_ONLY | {b"expect"}
+    (HOP_BY_HOP - {b"connection", b"upgrade"}) | HARP_ONLY | IDENTITY | {b"expect"}
 )
 BAD_GATEWAY: Final = b"502 Bad Gateway"
 #: Idle keep-alive connections kept per upstream (host, port).
@@ -265,9 +266,44 @@ class _Forward:
         responses.internal_error(self.request, failure, log, "proxying failed")
 
 
+def _request_lines(
+    request: Request, target: bytes, drop: frozenset[bytes], listed: frozenset[bytes],
+    host: bytes | None,
+) -> list[bytes]:
+    """The request line and the client's headers to pass on (one per line, unjoined).
+
+    ``target`` is the checked, normalised path (never the client's raw one) and the
+    query is the client's; headers named in ``drop`` or ``listed`` stay behind; ``host``
+    is the Host to send when the client gave none (None: send none).
+    """
+    _, _, query = request.uri.partition(b"?")
+    path = target or b"/"
+    if query:
+        path = path + b"?" + query
+    lines = [b"%s %s HTTP/1.1" % (request.method, path)]
+    has_host = False
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lower = name.lower()
+        if lower in drop or lower in listed:
+            continue
+        if lower == b"host":
+            has_host = True
+        for value in values:
+            lines.append(name + b": " + value)
+    if host is not None and not has_host:
+        lines.append(b"Host: " + host)
+    return lines
+
+
+@lru_cache(maxsize=1024)
+def _authority(host: str, port: int) -> bytes:
+    """``host:port`` as it goes into a Host header or a URI (IPv6 bracketed, IDNA)."""
+    return upstream_uri(host, port, b"/", b"")[7:-1]
+
+
 def _uri(host: str, port: int) -> URI:
     """The URI an endpoint factory needs, without parsing a string per request."""
-    authority = upstream_uri(host, port, b"/", b"")[7:-1]
+    authority = _authority(host, port)
     return URI(b"http", authority, authority.rsplit(b":", 1)[0].strip(b"[]"), port, b"/",
                b"", b"", b"")
 
@@ -304,24 +340,10 @@ class ExAppProxy(ReverseProxyResource):
         ``body`` streams the request body; its framing (Content-Length or chunked) is
         written here, never copied from the client.
         """
-        headers = request.requestHeaders
-        listed = connection_listed(headers)
-        _, _, query = request.uri.partition(b"?")
-        path = target or b"/"
-        if query:
-            path = path + b"?" + query
-        lines = [b"%s %s HTTP/1.1" % (request.method, path)]
-        has_host = False
-        for name, values in headers.getAllRawHeaders():
-            lower = name.lower()
-            if lower in _NOT_FORWARDED or lower in listed:
-                continue
-            if lower == b"host":
-                has_host = True
-            for value in values:
-                lines.append(name + b": " + value)
-        if not has_host:
-            lines.append(b"Host: " + upstream_uri(host, port, b"/", b"")[7:-1])
+        lines = _request_lines(
+            request, target, _NOT_FORWARDED, connection_listed(request.requestHeaders),
+            _authority(host, port),
+        )
         for name, value in identity:
             lines.append(name + b": " + value)
         chunked = False
@@ -353,15 +375,9 @@ class ExAppProxy(ReverseProxyResource):
         on_status: Callable[[int], None] | None = None,
     ) -> None:
         """Ask the ExApp to switch to ``protocol``; relay bytes only if it answers 101."""
-        _, _, query = request.uri.partition(b"?")
-        path = (target or b"/") + (b"?" + query if query else b"")
-        replaced = {name for name, _ in identity}
-        lines = [b"%s %s HTTP/1.1" % (request.method, path)]
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            lower = name.lower()
-            if lower in _NOT_FORWARDED_UPGRADE or lower in replaced:
-                continue
-            lines.extend(name + b": " + value for value in values)
+        # The connection-level headers are the point of an upgrade: nothing that
+        # Connection lists is dropped, and no Host is made up.
+        lines = _request_lines(request, target, _NOT_FORWARDED_UPGRADE, frozenset(), None)
         lines.extend(name + b": " + value for name, value in identity)
         head = b"\r\n".join(lines) + b"\r\n\r\n"
 
