@@ -169,19 +169,7 @@ class _Forward:
         if self.finished or responses.gone(request):
             self._drop_upstream()
             return
-        request.setResponseCode(head.status, head.reason)
-        out = request.responseHeaders
-        listed = head.tokens(b"connection")
-        seen: set[bytes] = set()
-        for name, value in head.headers:
-            if name in HOP_BY_HOP or name in listed:
-                continue
-            if name in seen:
-                out.addRawHeader(name, value)
-            else:
-                # The first value replaces twisted.web's own (its Date, for one).
-                seen.add(name)
-                out.setRawHeaders(name, [value])
+        responses.relay_head(request, head)
         conn = self.conn
         if conn is not None and conn.transport is not None:
             request.registerProducer(conn.transport, True)

@@ -14,6 +14,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from harp.logs import HarpLogger
+from harp.web.headers import HOP_BY_HOP
+from harp.web.response_head import ResponseHead
 
 PLAIN: Final = b"text/plain"
 JSON: Final = b"application/json"
@@ -101,3 +103,24 @@ def close_early(request: Request) -> None:
     close = getattr(request, "close_early", None)
     if close is not None:
         close()
+
+
+def relay_head(request: Request, head: ResponseHead) -> None:
+    """Give ``request`` the upstream's status and end-to-end headers.
+
+    Hop-by-hop headers and those the upstream's ``Connection`` lists stay behind
+    (RFC 9110 §7.6.1).  An upstream header replaces twisted.web's own of the same name
+    (its ``Date``) instead of doubling it; repeated upstream headers are all kept.
+    """
+    request.setResponseCode(head.status, head.reason)
+    out = request.responseHeaders
+    listed = head.tokens(b"connection")
+    seen: set[bytes] = set()
+    for name, value in head.headers:
+        if name in HOP_BY_HOP or name in listed:
+            continue
+        if name in seen:
+            out.addRawHeader(name, value)
+        else:
+            seen.add(name)
+            out.setRawHeaders(name, [value])

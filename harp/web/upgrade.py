@@ -38,7 +38,6 @@ from harp.logs import HarpLogger
 from harp.relay import Relay
 from harp.timers import cancel
 from harp.web import responses
-from harp.web.headers import HOP_BY_HOP
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
 from harp.web.site import HarpChannel, HarpRequest
 
@@ -202,11 +201,7 @@ class WebSocketUpgrade:
             return self._bad_gateway(str(exc))
         self.state = "refused"
         request = self.request
-        request.setResponseCode(head.status, head.reason)
-        listed = head.tokens(b"connection")
-        for name, value in head.headers:
-            if name not in HOP_BY_HOP and name not in listed:
-                request.responseHeaders.addRawHeader(name, value)
+        responses.relay_head(request, head)
         if self.framing == "chunked":
             self.chunks = _ChunkedTransferDecoder(self._answer_write, self._chunks_done)
         if self.framing == "none" or (self.framing == "length" and self.remaining == 0):
