@@ -7,7 +7,7 @@ same).  Exit code 0 = healthy, 1 = not, 2 = bad configuration.
 ``frpc-config engine|exapp`` prints (or, with ``--out DIR``, writes together with the
 client certificates) the ``frpc.toml`` a remote Docker engine or an ExApp needs to reach
 this HaRP, built from the same environment HaRP runs with, so that the key and the TLS
-mode always match the server (spec difference 10).  Exit code 0 = done, 1 = files could
+mode always match the server (docs/differences.md#10).  Exit code 0 = done, 1 = files could
 not be read or written, 2 = bad configuration or arguments.
 """
 

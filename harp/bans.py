@@ -1,4 +1,5 @@
-"""Brute-force protection: the failure table and what a failure is charged to (spec §7).
+"""Brute-force protection: the failure table and what a failure is charged to
+(docs/compatibility.md#brute-force-protection).
 
 Which address a request comes from is decided before, by :mod:`harp.client_address`; this
 module only counts.  Both pieces are pure and synchronous (no reactor, no I/O, time from an
@@ -8,7 +9,7 @@ injected clock):
   of an IPv6 address (one subscriber usually holds a whole /64, so counting per /128 would let
   one client rotate through 2**64 fresh addresses).
 * :class:`FailureTable` counts failures per ban key in a sliding window and answers "is this
-  address banned?". It is bounded in memory (deliberate difference 6): at most ``count``
+  address banned?". It is bounded in memory (docs/differences.md#6): at most ``count``
   timestamps per key and at most ``max_addresses`` keys, so a flood of failures from many
   distinct addresses cannot grow memory without limit -- and an active ban is never evicted
   to make room for a newcomer.
@@ -66,7 +67,8 @@ def ban_key(addr: str) -> str:
 
 
 class FailureTable:
-    """Failure timestamps per ban key in a sliding window; the ban decision of spec §7.
+    """Failure timestamps per ban key in a sliding window: the ban decision
+    (docs/compatibility.md#brute-force-protection).
 
     A key (see :func:`ban_key`: an IPv4 address or an IPv6 /64) is banned while at least
     ``count`` of its failures are younger than ``window`` seconds (a failure at ``t`` counts
@@ -74,7 +76,7 @@ class FailureTable:
     the key, so its fourth request is dropped. A success never resets the count; a ban
     simply lapses ``window`` seconds after the ``count``-th most recent failure.
 
-    Memory is bounded (deliberate difference 6) without giving attackers a way to lift bans:
+    Memory is bounded (docs/differences.md#6) without giving attackers a way to lift bans:
 
     * per key at most ``count`` timestamps are kept (older ones cannot matter), and expired
       ones are dropped whenever the key fails again;

@@ -1,5 +1,6 @@
 """Which address a request is charged to: IP normalisation, ``HP_TRUSTED_PROXY_IPS`` and the
-X-Forwarded-For / X-Real-IP walk (spec §7, deliberate difference 11).
+X-Forwarded-For / X-Real-IP walk (docs/compatibility.md#brute-force-protection,
+docs/differences.md#11).
 
 Pure and synchronous (no reactor, no I/O):
 
@@ -189,7 +190,7 @@ def _compile_networks(
 
 
 class ClientAddressResolver:
-    """Decides which address a request is charged to (spec §7 and deliberate difference 11).
+    """Decides which address a request is charged to (docs/differences.md#11).
 
     Only when the TCP peer lies inside a trusted network are headers believed. Then all
     ``X-Forwarded-For`` header lines, in order, form one comma-separated list of hops, and

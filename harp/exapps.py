@@ -1,7 +1,7 @@
 """ExApp records: what HaRP knows about one ExApp, parsed and compiled once.
 
 The record arrives as JSON from AppAPI's push (``/exapp_storage``) or Nextcloud's
-``harp/exapp-meta`` (reference-behaviour §5).  It is validated and its route regexes
+``harp/exapp-meta`` (docs/compatibility.md#exapp-registry).  It is validated and its route regexes
 compiled here, at store time, so the per-request route check is a loop of
 ``pattern.match`` calls and nothing else.
 """

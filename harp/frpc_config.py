@@ -1,16 +1,16 @@
 """Ready-to-run ``frpc.toml`` files for remote Docker engines and ExApps.
 
 Setting up a remote Docker engine for the reference HaRP meant copying three certificate
-files by hand and typing an ``frpc.toml`` from the README (reference-behaviour §6): one
+files by hand and typing an ``frpc.toml`` from a README: one
 wrong key name, a changed ``serverName`` or a port outside the allowed range, and frpc
 fails with a message that does not point at the cause.  ``python -m harp frpc-config``
-(spec difference 10) renders that file from the same environment HaRP runs with, so the
+(docs/differences.md#10) renders that file from the same environment HaRP runs with, so the
 token and the TLS mode cannot disagree with the server.
 
 This module is pure: it validates, renders and writes; ``harp.__main__`` does the argument
 parsing and the printing.  The rendered keys are those frpc 0.61-0.65 accepts in strict
 mode (``frpc verify`` rejects unknown keys), and the proxy mirrors what an ExApp's
-``start.sh`` writes (reference-behaviour §11).
+``start.sh`` writes (docs/compatibility.md#exapp-container-contract).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from harp.pki import CA_CRT, CLIENT_CRT, CLIENT_FILES, CLIENT_KEY, SERVER_NAME, 
 
 Kind = Literal["engine", "exapp"]
 
-#: Tunnel port ranges HaRP's FRP server allows (reference-behaviour §6).  24000 is the
-#: local engine, which HaRP serves from ``HP_DOCKER_SOCKET`` itself (spec difference 3),
+#: Tunnel port ranges HaRP's FRP server allows (docs/compatibility.md#frp-proxies).  24000 is the
+#: local engine, which HaRP serves from ``HP_DOCKER_SOCKET`` itself (docs/differences.md#3),
 #: so a generated engine config must never claim it.
 PORT_RANGES: Final[Mapping[Kind, tuple[int, int]]] = {
     "engine": (24001, 24099),

@@ -3,8 +3,8 @@
 :class:`TTLCache` is an LRU cache with per-entry expiry; :class:`TokenBuckets` a per-key
 rate limit (Nextcloud user lookups per client address). Both are bounded by ``maxsize``.
 
-The cache is used for the Nextcloud user-lookup cache (``HP_SESSION_LIFETIME``, spec §4.2 and
-deliberate difference 7). The reference keeps an unbounded dict there, so a client sending
+The cache is used for the Nextcloud user-lookup cache (``HP_SESSION_LIFETIME``,
+docs/differences.md#7). The reference keeps an unbounded dict there, so a client sending
 a flood of distinct ``oc_sessionPassphrase`` cookies (or ``Authorization`` headers) grows the
 agent's memory without limit. This cache is bounded by ``maxsize`` (least recently used
 entries are evicted first) and expired entries are dropped lazily on access and in bulk by

@@ -1,4 +1,4 @@
-"""Prometheus metrics for ``GET /exapps/app_api/metrics`` (spec README, difference 9).
+"""Prometheus metrics for ``GET /exapps/app_api/metrics`` (docs/differences.md#9).
 
 Counting must not slow the hot path: a finished request costs two dict increments
 and two float additions.  Gauges (bans, ExApps, tunnels) are computed only when

@@ -1,16 +1,16 @@
 """The two questions HaRP asks Nextcloud: "what is this ExApp?" and "who is this user?".
 
-``harp/exapp-meta`` and ``harp/user-info`` (appapi-client.md §4).  Both go through one
-treq client on a shared keep-alive pool that **stores no cookies**: a cookie jar would
-leak one user's ``Set-Cookie`` into another user's lookups (reference #111).
+``harp/exapp-meta`` and ``harp/user-info`` (docs/compatibility.md#nextcloud-lookups).  Both
+go through one treq client on a shared keep-alive pool that **stores no cookies**: a cookie
+jar would leak one user's ``Set-Cookie`` into another user's lookups (reference #111).
 
 - exapp-meta: concurrent misses for one app share a single request (single flight);
   "not found" is remembered by the caller's state for 15 s.
 - user-info: answers are cached for ``HP_SESSION_LIFETIME`` under a hash of the
   credential (``oc_sessionPassphrase`` cookie, else the ``Authorization`` header) and
   the app id — never under the raw value, which must not sit in memory as a key.
-  Rejected credentials (4xx) are cached as anonymous too (audit notes), so replaying a
-  bad cookie does not cost a Nextcloud round trip per request.
+  Rejected credentials (4xx) are cached as anonymous too (docs/differences.md#17), so
+  replaying a bad cookie does not cost a Nextcloud round trip per request.
 - Redirects are never followed.  Nextcloud answers a made-up session cookie with a redirect
   to the same URL (after dropping the session); following it loops until the client gives
   up, which turned every such request into a 401, even on PUBLIC routes.  For user-info a
@@ -264,7 +264,7 @@ def _parse_user(payload: Any) -> UserInfo:
     if not isinstance(user_id, str) or isinstance(level, bool) or level not in (0, 1, 2):
         raise NextcloudError("user-info answer lacks user_id/access_level")
     # A disabled user comes back with level 0 and a user id: present it as anonymous
-    # rather than telling the ExApp who it is (audit notes).
+    # rather than telling the ExApp who it is (docs/differences.md#16).
     if level == 0:
         return ANONYMOUS
     return UserInfo(user_id, level)

@@ -1,7 +1,7 @@
 """The FRP certificate authority: generated once, never overwritten.
 
 frpc clients (ExApps and remote Docker engines) and HaRP's FRP server authenticate
-each other with mutual TLS under a private CA (reference-behaviour §6).  The file
+each other with mutual TLS under a private CA (docs/compatibility.md#frp-certificates).  The file
 names, subjects and SANs are part of the compatibility surface: ExApp images and
 remote-engine setups copy ``ca.crt``/``client.crt``/``client.key`` and pin
 ``serverName = "harp.nc"``.

@@ -280,7 +280,7 @@ def make_service(settings: Settings, env: Mapping[str, str] | None = None) -> Mu
     else:
         memory_class, redis_class = MemoryState, RedisState
 
-    # HP_REDIS_URL: bans and the ExApp registry shared by all replicas (difference 8).
+    # HP_REDIS_URL: bans and the ExApp registry shared by all replicas (docs/differences.md#8).
     state: MemoryState | RedisState
     if settings.redis_url:
         state = redis_class(

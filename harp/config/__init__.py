@@ -1,6 +1,6 @@
 """Settings: the one place that reads the environment.
 
-HaRP is configured only by environment variables (reference-behaviour §2).  They are
+HaRP is configured only by environment variables (docs/configuration.md).  They are
 parsed and validated once, at start-up, into a frozen :class:`Settings` that is passed
 down to everything else; no other module reads ``os.environ``.  A bad value raises
 :class:`ConfigError`, which the twistd plugin turns into one line on stderr and exit

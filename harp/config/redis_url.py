@@ -1,4 +1,4 @@
-"""``HP_REDIS_URL``: where the shared state lives and how to log in (spec README difference 8).
+"""``HP_REDIS_URL``: where the shared state lives and how to log in (docs/differences.md#8).
 
 Parsed once, at start-up, like every other variable: :class:`~harp.config.Settings` carries
 the :class:`RedisURL` and :mod:`harp.state.redis` only connects to it, so a bad URL stops

@@ -1,5 +1,5 @@
 """Docker engines behind HaRP: engine selection, the raw Engine API passthrough and the
-``/docker/exapp/*`` lifecycle (reference-behaviour §3.3, §3.4, §6; spec README difference 3).
+``/docker/exapp/*`` lifecycle (docs/compatibility.md#docker-engine-api, docs/differences.md#3).
 
 One concern per module: :mod:`~harp.docker.engines` (which engine a port means),
 :mod:`~harp.docker.client` (HaRP's own Engine calls), :mod:`~harp.docker.allowlist` and

@@ -1,6 +1,7 @@
-"""The Docker Engine API passthrough's allow-list: pure, no I/O (reference §3.3, audit notes).
+"""The Docker Engine API passthrough's allow-list: pure, no I/O
+(docs/compatibility.md#docker-allow-list, docs/differences.md#22).
 
-AppAPI makes exactly five kinds of raw Engine calls through HaRP (appapi-client §2.3):
+AppAPI makes exactly five kinds of raw Engine calls through HaRP:
 ``_ping``, ``images/create`` (pull, streamed NDJSON progress), ``images/<ref>/json``, and
 ``containers/nc_app_<id>/{json,logs}`` (logs as Docker's multiplexed stream).  Everything
 else an engine can do (create, exec, archive, delete …) stays behind HaRP's own
@@ -15,10 +16,10 @@ control characters, and a ``%`` surviving the decode (double encoding).  The dec
 which then consists of URL-safe characters only — is what is forwarded, so the engine routes
 exactly the path that was checked.
 
-The query is allow-listed too (hardening hole 11): ``images/create?fromSrc=<url>`` makes
+The query is allow-listed too (docs/differences.md#22): ``images/create?fromSrc=<url>`` makes
 the engine download an arbitrary URL (and ``fromSrc=-`` imports the request body as an
 image), ``logs?follow=true`` holds a connection open forever.  Each endpoint admits only
-the parameters AppAPI sends (appapi-client §1.2, §2.3) — ``fromImage``, ``tag`` and
+the parameters AppAPI sends (docs/compatibility.md#docker-allow-list) — ``fromImage``, ``tag`` and
 ``platform`` for a pull, ``stdout``, ``stderr`` and ``tail`` for logs, none elsewhere —
 judged on the strictly parsed, decoded names (:mod:`harp.docker.query`), and the
 canonical re-encoding is what the engine receives.  A refused query is a 403 like a

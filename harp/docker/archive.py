@@ -1,7 +1,7 @@
 """Files in and out of a container through the Engine archive API, stopped or not.
 
 ``install_certificates`` must put every file in place *before* a stopped ExApp container
-runs for the first time (hardening hole 14): its entrypoint decides once, at start,
+runs for the first time: its entrypoint decides once, at start,
 whether frpc uses TLS, by looking for ``/certs/frp``.  ``GET /containers/{id}/archive``
 (and ``PUT``, for writing) work on stopped containers, so HaRP learns the image's OS from
 ``/etc/os-release`` without starting it; ``exec`` would need it running.

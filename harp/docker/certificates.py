@@ -1,11 +1,12 @@
 """What ``/docker/exapp/install_certificates`` puts into an ExApp container, and where.
 
-Two sets of files (reference §3.4): the PEM certificates of AppAPI's system CA bundle,
-into the directory the container's OS reads its trust anchors from, and HaRP's FRP client
-certificates into ``/certs/frp``, where the ExApp's frpc looks for them at its first start
-(hardening hole 14).  Deciding *which* files go *where* is done here, without the engine
-(only HaRP's own FRP files are read from disk); copying them in and running the CA update
-is :mod:`harp.docker.lifecycle`'s part.
+Two sets of files (docs/compatibility.md#docker-lifecycle-endpoints): the PEM certificates
+of AppAPI's system CA bundle, into the directory the container's OS reads its trust anchors
+from, and HaRP's FRP client certificates into ``/certs/frp``, where the ExApp's frpc looks
+for them at its first start (which is why they go in before the container ever runs).
+Deciding *which* files go *where* is done here, without the engine (only HaRP's own FRP
+files are read from disk); copying them in and running the CA update is
+:mod:`harp.docker.lifecycle`'s part.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ through :class:`EngineClient`, a small non-blocking client over a Twisted ``Agen
 endpoint factory is :class:`~harp.docker.engines.EngineEndpoints` — the same one the
 passthrough uses, so both reach the same engine for a port.  Every call has a deadline,
 bodies are read with a size cap, and transport failures become :class:`EngineUnavailable`
-(503) or :class:`EngineTimeout` (504), the statuses of reference §3.4.
+(503) or :class:`EngineTimeout` (504), the statuses of
+docs/compatibility.md#docker-lifecycle-endpoints.
 """
 
 from __future__ import annotations

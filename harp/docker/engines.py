@@ -2,7 +2,7 @@
 
 AppAPI names the engine with the ``docker-engine-port`` header (the daemon's
 ``docker_socket_port``).  The reference connects to ``127.0.0.1:<that port>`` whatever it is
-(reference issue #77).  We map it instead (spec README, difference 3):
+(reference issue #77).  We map it instead (docs/differences.md#3):
 
 * ``24000`` → the local engine socket ``HP_DOCKER_SOCKET`` when it exists (no frpc hop);
   failing that, an FRP engine tunnel registered on 24000 (the reference's bundled frpc);

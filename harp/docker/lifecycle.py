@@ -1,4 +1,5 @@
-"""The ExApp container lifecycle HaRP runs on an engine for AppAPI (reference §3.4, §8).
+"""The ExApp container lifecycle HaRP runs on an engine for AppAPI
+(docs/compatibility.md#docker-lifecycle-endpoints).
 
 AppAPI never creates, starts or execs containers through the raw passthrough: it asks HaRP
 with a small JSON body naming the app (:mod:`harp.docker.routes`), and HaRP makes the Engine
@@ -8,7 +9,7 @@ shares one :class:`~harp.docker.client.Deadline`, the reference's time budget fo
 exists, 60 s create, 30 s start/stop/remove/image_remove, 105 s wait_for_start, 120 s
 install_certificates).  An operation returns the :class:`Outcome` to answer, or raises an
 :class:`~harp.docker.client.EngineError` carrying its status (503 unreachable, 504 out of
-time; we keep those where the reference says 500, audit notes).
+time; we keep those where the reference says 500, docs/differences.md#15).
 
 Outcomes keep the reference's exact shapes, because AppAPI checks them: ``create`` → 201
 ``{"id","name"}``; ``start``/``stop`` → 204, or 200 when already in that state (which
@@ -229,7 +230,7 @@ class DockerLifecycle:
         """Put the CA and FRP files into the container, then run the CA update if needed.
 
         Every file goes in first, through the archive API, which works on a stopped
-        container (hardening hole 14): the ExApp's entrypoint decides at its first start
+        container: the ExApp's entrypoint decides at its first start
         whether frpc uses TLS, so starting it before ``/certs/frp`` exists sent its first
         frpc login in plain text, which HaRP refuses.  The container is started only to
         run the CA update command, and then put back the way it was: AppAPI's next call

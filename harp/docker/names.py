@@ -2,10 +2,11 @@
 
 AppAPI sends the *app id* (``name``), an ``instance_id`` that is always ``""`` today and an
 optional ``role_suffix``; HaRP derives ``nc_app_[<instance_id>_]<name>[_<role_suffix>]`` for
-the container and ``nc_app_[<instance_id>_]<name>_data`` for its volume (reference §3.4,
-appapi-client §1.2).  Those names end up inside Engine API URLs (``/containers/<n>/json``,
-``/volumes/<v>``), so every part is checked against Docker's own name alphabet here, once:
-nothing that passes can add a path segment, a query or a fragment to an engine URL.
+the container and ``nc_app_[<instance_id>_]<name>_data`` for its volume
+(docs/compatibility.md#docker-lifecycle-endpoints).  Those names end up inside Engine API
+URLs (``/containers/<n>/json``, ``/volumes/<v>``), so every part is checked against Docker's
+own name alphabet here, once: nothing that passes can add a path segment, a query or a
+fragment to an engine URL.
 
 Validation errors are :class:`PayloadError`; their text follows the reference's
 ``Payload validation error: …`` answer.

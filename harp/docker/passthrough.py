@@ -1,4 +1,5 @@
-"""The raw Docker Engine API passthrough: the HTTP adapter (reference §3.3, audit notes).
+"""The raw Docker Engine API passthrough: the HTTP adapter
+(docs/compatibility.md#docker-allow-list).
 
 AppAPI's raw Engine calls arrive on ``/exapps/app_api/<rest>`` with ``docker-engine-port``.
 Whether one may pass is decided by the pure allow-list (:mod:`harp.docker.allowlist`,

@@ -1,4 +1,4 @@
-"""A strict query-string parser for the Docker passthrough's allow-list (hardening hole 11).
+"""A strict query-string parser for the Docker passthrough's allow-list (docs/differences.md#22).
 
 The engine reads the query with Go's ``url.ParseQuery``: names and values are
 percent-decoded, ``+`` is a space, and a repeated name yields several values.  An allow-list

@@ -14,7 +14,8 @@ from harp.docker.names import CreatePayload
 
 
 def container_config(spec: CreatePayload) -> dict[str, Any]:
-    """The Engine ``containers/create`` body for an ExApp (reference §3.4, appapi §2.4)."""
+    """The Engine ``containers/create`` body for an ExApp
+    (docs/compatibility.md#docker-lifecycle-endpoints)."""
     app = spec.exapp
     mounts: list[dict[str, Any]] = [
         {"Type": "volume", "Source": app.volume, "Target": f"/{app.volume}", "ReadOnly": False}

@@ -33,6 +33,6 @@ The Twisted side builds on them (each arrow points down this list's imports only
 * :mod:`harp.frp.listener` -- ``FrpServerFactory``: first-byte sniffing, mutual TLS
   (``FrpTLSContext``), yamux or direct streams handed to the ``FrpServer``.
 
-The wire contract they follow is the FRP protocol spec (frpc 0.61.1 - 0.65.0), cited as
-"spec §N" throughout.
+The wire contract they follow (frpc 0.61.1 - 0.65.0) is summarised in
+docs/compatibility.md#frp-protocol, whose subsections the modules cite.
 """

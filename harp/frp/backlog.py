@@ -1,7 +1,8 @@
 """Output backlog of one FRP connection: stop reading a peer that does not read.
 
 Every byte frpc sends can make us write: a yamux Ping is echoed, a SYN is ACKed (or
-refused with RST), an FRP ``Ping`` gets a ``Pong`` (spec §3, §7).  Twisted's transports
+refused with RST), an FRP ``Ping`` gets a ``Pong`` (docs/compatibility.md#frp-yamux,
+docs/compatibility.md#frp-heartbeats).  Twisted's transports
 never refuse a write; they queue it.  So a peer that keeps sending while never reading
 would make HaRP queue the answers without limit -- tens of MB within seconds.
 

@@ -4,13 +4,13 @@ Named after frps's ``server/control.go``.  The :class:`Control` is created by
 :meth:`harp.frp.service.FrpServer.login` and from then on owns the control stream:
 plaintext ``LoginResp``, AES-128-CFB both ways, ``pool_count`` x ``ReqWorkConn``,
 ``NewProxy``/``CloseProxy``, ``Ping``/``Pong``.  Error texts sent to frpc are frps's own
-(spec §5, §8), so frpc logs what operators know.
+(docs/compatibility.md#frp-login, #frp-proxies), so frpc logs what operators know.
 
 When a control ends (its stream closed, a heartbeat missed, the same run_id logged in
 again, or the service stopping) everything of that client goes: its proxies' ports,
 parked and active work connections, and the yamux session they share.  A re-login with
 the same run_id waits until the old proxies' ports are released, so frpc's immediate
-re-registration does not fail with ``port already used`` (spec §8.6).
+re-registration does not fail with ``port already used`` (docs/compatibility.md#frp-proxies).
 
 A control knows its service only through :class:`ControlOwner`, so this module does not
 import :mod:`harp.frp.service` (which creates controls): the arrows point one way.

@@ -1,6 +1,6 @@
 """FRP's token-derived keys: the login auth key and the AES-128-CFB stream cipher.
 
-Control stream encryption (spec section 6).  Everything on the control stream
+Control stream encryption (docs/compatibility.md#frp-encryption).  Everything on the control stream
 after ``Login`` (client to server) and after ``LoginResp`` (server to client) is
 encrypted; the same scheme optionally protects a work connection's tunnelled
 bytes when its proxy has ``use_encryption``.

@@ -1,7 +1,7 @@
 """Go's ``encoding/json`` with ``omitempty``, in miniature: what frp's message bodies are.
 
 frp marshals every message as a Go struct (golib ``msg/json``), so a body HaRP accepts or
-sends must follow Go's rules, not Python's (spec §4):
+sends must follow Go's rules, not Python's (docs/compatibility.md#frp-messages):
 
 * **encode**: empty strings, zero numbers, ``false``, empty maps and empty lists are
   omitted; nested structs are always present; keys come in Go struct field order (the

@@ -1,6 +1,6 @@
 """The FRP listener: the Factory and Protocols that put the FRP layers onto a TCP connection.
 
-Layering per accepted connection (spec §1, §2, §10)::
+Layering per accepted connection (docs/compatibility.md#frp-transport)::
 
     TCP ─► _Sniff ──(0x17: drop it │ 0x16: keep it)──► TLSMemoryBIOProtocol ─┐
               └──(plain, only with HP_FRP_DISABLE_TLS=true)─────────────────┤
@@ -12,7 +12,7 @@ Layering per accepted connection (spec §1, §2, §10)::
                                            FirstMessage ─► Control | parked work conn
 
 Why sniff instead of trusting configuration: frps reads the first byte to find TLS and
-relies on its own ``tcpMux`` matching the client's; sniffing both is what the spec found
+relies on its own ``tcpMux`` matching the client's; sniffing both proved more
 robust, and it lets one listener serve every frpc variant HaRP's users run.  The first
 byte may arrive in the same segment as the ClientHello, so the TLS layer is created
 after the fact and the buffered bytes are replayed into it (no ``startTLS``).
@@ -60,8 +60,9 @@ PLAINTEXT_WARNING: Final = (
     "cross the network unencrypted and can be read or hijacked by anyone on the path; "
     "only use this on a trusted network"
 )
-"""Logged once at start when the FRP listener runs without TLS (spec §9: the token is
-checked in Login's ``metas``, and frp's own cipher uses a key derived from ``""``)."""
+"""Logged once at start when the FRP listener runs without TLS: the token is checked in
+Login's ``metas``, and frp's own cipher uses a key derived from ``""``
+(docs/compatibility.md#frp-login, docs/compatibility.md#frp-encryption)."""
 
 HANDSHAKE_TIMEOUT: Final = FIRST_MESSAGE_TIMEOUT
 """From accept until we know what the connection carries (TLS handshake included)."""

@@ -4,7 +4,7 @@ Named after frps's ``server/service.go``.  :class:`FrpServer` holds run_id →
 :class:`~harp.frp.control.Control`, the ban table and the
 :class:`~harp.frp.tunnels.TunnelRegistry`.  Every stream -- a yamux stream or a direct
 connection -- starts with a :class:`FirstMessage` dispatcher, because frpc says what a
-stream is by its first message, not by any id (spec §1):
+stream is by its first message, not by any id (docs/compatibility.md#frp-transport):
 
 * ``Login`` → authentication (``metas.token`` against the shared key, constant-time;
   banned addresses refused; failures counted for the ban table, IPv6 included) and a new
@@ -181,9 +181,9 @@ class FrpServer:
         that client.  So the work connection must come the way frpc sends it: on the
         control's own yamux session, or -- without tcpMux, one TCP connection each --
         from the control's address.  A privilege_key, sent only by clients with the
-        ``NewWorkConns`` scope, must match too (spec §5).  Refusals count towards a ban
-        like failed logins.  An unknown run_id is only closed: after a control ends, its
-        client may still answer a ReqWorkConn that was in flight.
+        ``NewWorkConns`` scope, must match too (docs/compatibility.md#frp-login).  Refusals
+        count towards a ban like failed logins.  An unknown run_id is only closed: after a
+        control ends, its client may still answer a ReqWorkConn that was in flight.
         """
         control = self.controls.get(message.run_id)
         if control is None or not control.started or control.closed:

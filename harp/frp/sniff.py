@@ -23,7 +23,7 @@ hoping the client's ``tcpMux``/``tls.enable`` match ours:
    * anything else -- not frpc (e.g. the websocket transport's ``GET /~!frp``);
      close the connection.
 
-Twisted note (from the spec): the first byte often arrives in the same segment
+Twisted note: the first byte often arrives in the same segment
 as the ClientHello, so the caller buffers what it has received, classifies it
 here, and replays :func:`tls_bytes` into a ``TLSMemoryBIOProtocol`` instead of
 calling ``startTLS`` after a partial read.
@@ -104,7 +104,7 @@ def sniff_transport(data: bytes) -> TransportKind | None:
 
     Returns ``None`` while *data* is empty, so the caller can simply call this
     on every ``dataReceived`` until it gets an answer.  Only ``data[0]`` is
-    inspected: the spec's server reads exactly one byte, so a decision never
+    inspected: frps reads exactly one byte, so a decision never
     depends on how TCP segmented the ClientHello.
     """
     if not data:

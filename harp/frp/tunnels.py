@@ -9,7 +9,7 @@ For every ``tcp`` proxy an frpc client registers, the registry
   back-pressure both ways, an idle limit);
 * offers :meth:`TunnelRegistry.endpoint_for`, an ``IStreamClientEndpoint`` that the
   HTTP proxy's connection pool uses to reach ``127.0.0.1:port`` *through the tunnel
-  directly*, without a loopback hop (spec README, deliberate difference 2).
+  directly*, without a loopback hop (docs/differences.md#2).
 
 The registry knows nothing about controls, yamux or messages: a proxy is registered with
 a :class:`WorkConnSource` (the client's control), which hands out ready work

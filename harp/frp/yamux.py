@@ -16,7 +16,7 @@ protocol::
     # whenever the application calls send()/consume()/close_stream()/
     # reset_stream()/ping()/go_away(), write session.data_to_send() afterwards.
 
-The frames it reads and writes (spec section 3) are :mod:`harp.frp.yamux_frame`.
+The frames it reads and writes (docs/compatibility.md#frp-yamux) are :mod:`harp.frp.yamux_frame`.
 
 What the session does on its own, and why:
 
@@ -49,9 +49,9 @@ its bytes arrive, so memory stays bounded by the window, not by frame size.
 
 Closing: :meth:`Session.close_stream` sends FIN once all queued data has gone
 out; a stream is forgotten once both sides have sent FIN, or after a RST either
-way.  frp itself closes both directions when either ends, and the spec asks us
-to mirror that, so on :class:`StreamEnded` the caller normally closes its side
-too.  Timers (open/close timeouts, keepalive pings, dead-peer detection) belong
+way.  frp itself closes both directions when either ends, and we mirror that
+(docs/compatibility.md#frp-yamux), so on :class:`StreamEnded` the caller normally
+closes its side too.  Timers (open/close timeouts, keepalive pings, dead-peer detection) belong
 to the caller: :meth:`Session.ping` sends a ping and :class:`PingAcknowledged`
 reports the echo.
 """

@@ -1,6 +1,6 @@
 """yamux frames, sans I/O: the 12-byte header, frame types, flags and builders.
 
-Protocol summary (spec section 3): a 12-byte big-endian header ``version(0) |
+Protocol summary (docs/compatibility.md#frp-yamux): a 12-byte big-endian header ``version(0) |
 type | flags | stream id | length``; type 0 Data (length = payload bytes),
 1 WindowUpdate (length = window delta), 2 Ping (length = opaque, echoed),
 3 GoAway (length = error code); flags SYN/ACK/FIN/RST.

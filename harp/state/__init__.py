@@ -2,7 +2,7 @@
 
 One interface (:class:`State`) with the in-memory implementation as the embedded
 default.  Reads are synchronous on purpose: they sit on the per-request hot path, and a
-replicated backend (Redis, spec README difference 8) serves them from a local mirror
+replicated backend (Redis, docs/differences.md#8) serves them from a local mirror
 that it keeps current, writing through asynchronously.  The pipeline therefore never
 waits for shared state, only for Nextcloud and the upstream.
 """

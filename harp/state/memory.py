@@ -14,11 +14,11 @@ from harp.state import UserInfo
 
 log = HarpLogger("harp.state")
 
-#: How long "Nextcloud does not know this app" is believed (reference §5).
+#: How long "Nextcloud does not know this app" is believed (docs/compatibility.md#exapp-registry).
 NEGATIVE_TTL: Final = 15.0
 MAX_SESSIONS: Final = 100_000
 MAX_MISSING: Final = 10_000
-#: Ban keys (IPv4 addresses, IPv6 /64s) tracked at most (deliberate difference 6).
+#: Ban keys (IPv4 addresses, IPv6 /64s) tracked at most (docs/differences.md#6).
 MAX_BAN_KEYS: Final = 100_000
 
 

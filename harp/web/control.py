@@ -2,7 +2,7 @@
 
 Every call must carry the shared key in ``harp-shared-key`` (checked by the root before
 dispatching here).  Endpoints answer with the reference's JSON shapes
-(reference-behaviour §3.4) so AppAPI's checks (``/info`` version ≥ 0.3.0, heartbeat)
+(docs/compatibility.md#control-plane) so AppAPI's checks (``/info`` version ≥ 0.3.0, heartbeat)
 pass unchanged.
 """
 

@@ -43,7 +43,7 @@ def last_header(request: Request, name: bytes) -> bytes | None:
 
 
 class KeyCheck:
-    """Constant-time comparison with the shared key (spec README, difference 4)."""
+    """Constant-time comparison with the shared key (docs/differences.md#4)."""
 
     __slots__ = ("_key",)
 

@@ -1,4 +1,4 @@
-"""The request decision pipeline (reference-behaviour §3.1), as data in, verdict out.
+"""The request decision pipeline (docs/compatibility.md#request-pipeline): data in, verdict out.
 
 Each request meets every concern once, in the reference's order: client address →
 ban → dot-dot → app id → control plane → AppAPI-signed → record → route access →
@@ -49,7 +49,8 @@ def split_app_path(path: bytes) -> tuple[bytes, bytes] | None:
     """``(app id as in the URL, target path)``, or None without an app id.
 
     The id is *searched* (a prefix such as ``/nc/exapps/x`` still names ``x``), but the
-    ``/exapps/<id>`` prefix is stripped only when the path starts with it (audit notes).
+    ``/exapps/<id>`` prefix is stripped only when the path starts with it
+    (docs/compatibility.md#request-pipeline).
     """
     match = _APP_ID_RE.search(path)
     if match is None:
@@ -130,7 +131,7 @@ class Pipeline:
 
     def client_address(self, request: Request) -> str:
         """The address failures are charged to: every X-Forwarded-For line goes to the
-        resolver, which walks them from the right (deliberate difference 11)."""
+        resolver, which walks them from the right (docs/differences.md#11)."""
         peer = request.getClientAddress()
         host = getattr(peer, "host", None) or "unix"
         headers = request.requestHeaders
@@ -238,7 +239,8 @@ class Pipeline:
 
     @staticmethod
     def _is_signed(request: Request) -> bool:
-        """All six AppAPI headers present and the identity non-empty (audit notes)."""
+        """All six AppAPI headers present and the identity non-empty
+        (docs/compatibility.md#request-pipeline)."""
         headers = request.requestHeaders
         if not last_header(request, b"authorization-app-api"):
             return False
@@ -249,7 +251,8 @@ class Pipeline:
         key_valid: bool,
     ) -> Verdict:
         if not key_valid:
-            # The reference counts this against the raw peer; we count the true client.
+            # The reference counts this against the raw peer; we count the true client
+            # (docs/differences.md#19).
             self.fail(client, "bad shared key on signed request")
             return Drop("bad shared key on signed request")
         record = self.state.get_exapp(app_id)

@@ -1,7 +1,7 @@
 """The responses HaRP generates itself, with the reference's exact bodies.
 
 AppAPI and ExApp front-ends see these, so status lines and plain-text bodies match
-the reference (reference-behaviour §3.1, "Generated responses").
+the reference (docs/compatibility.md#generated-responses).
 """
 
 from __future__ import annotations

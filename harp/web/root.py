@@ -3,7 +3,7 @@
 The root is a leaf: it sees the raw path once and hands the request to the decision
 pipeline, instead of letting ``twisted.web`` walk a resource tree segment by segment
 (which would split and decode the path that the pipeline must inspect raw,
-reference-behaviour §3.1).  It then carries out the verdict: drop, a generated error,
+docs/compatibility.md#request-pipeline).  It then carries out the verdict: drop, a generated error,
 the control plane, or the proxy.
 """
 
@@ -36,7 +36,8 @@ class DockerPassthrough(Protocol):
 #: Largest body the control plane reads (ExApp records are a few KiB).
 CONTROL_BODY_LIMIT: Final = 1 << 20
 
-#: Set on every proxied request; AppAPI's real value is overwritten (reference §3.2).
+#: Set on every proxied request; AppAPI's real value is overwritten
+#: (docs/compatibility.md#forwarding-to-an-exapp).
 AA_VERSION: Final = b"32"
 
 
@@ -104,8 +105,8 @@ class Root(Resource):
     def _control_render(self, verdict: ControlPlaneCall, request: HarpRequest) -> None:
         if responses.gone(request):
             return
-        # Reference §3.3: a docker-engine-port header selects the raw Engine API
-        # passthrough, except for HaRP's own /docker/... endpoints.
+        # A docker-engine-port header selects the raw Engine API passthrough, except for
+        # HaRP's own /docker/... endpoints (docs/compatibility.md#control-plane).
         if (
             self.docker is not None
             and request.requestHeaders.hasHeader(b"docker-engine-port")
@@ -136,7 +137,7 @@ class Root(Resource):
 
         def unresolvable() -> None:
             # A signed call (e.g. /init) must never see a 404 of ours: Nextcloud would
-            # take it for "init done" (audit notes).
+            # take it for "init done" (docs/differences.md#18).
             responses.finish(request, responses.error(request, 503 if verdict.signed else 404))
 
         protocol = upgrade_protocol(request)

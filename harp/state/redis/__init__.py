@@ -1,6 +1,6 @@
 """Shared state in Redis, so that N HaRP replicas behind a load balancer act as one.
 
-Spec README deliberate difference 8.  Reads stay synchronous (see :mod:`harp.state`): every
+docs/differences.md#8.  Reads stay synchronous (see :mod:`harp.state`): every
 replica keeps a complete local mirror and the request pipeline only ever looks at it.  Redis
 is where writes go through to and where the other replicas learn about them:
 

@@ -95,7 +95,8 @@ class RedisState(SharedBansState):
         self._dirty: set[str] = set()  # apps changed while a write could not reach Redis
         # Local tombstones: app -> seq of the delete write in flight (-1: not sent yet).
         # An app deleted here stays deleted in the mirror -- whatever a snapshot or another
-        # replica's re-seeding says -- until the delete has reached Redis (README hole 15).
+        # replica's re-seeding says -- until the delete has reached Redis
+        # (docs/security.md#known-limits-what-is-still-weak).
         self._tombstones: dict[str, int] = {}
         self._epoch: str | None = None
         self._buffer: list[Event] | None = None  # events seen while a sync is running
