@@ -1,4 +1,4 @@
-"""Benchmark: nginx direct vs. through HaRP, per scenario of issue 13, as one table.
+"""Benchmark: nginx direct vs. through HaRP, per scenario, as one table.
 
     python -m bench [--duration 10] [--reps 3] [--scenario public] [--markdown]
 
@@ -7,7 +7,7 @@ socket), a fake Nextcloud and the real ``twistd harp`` (``HP_LOG_LEVEL=warning``
 ``wrk -t2 -c50 --latency`` (c8 for 100 MB, c500 for the latency row) against nginx directly and
 through HaRP, interleaved (direct, HaRP, direct, HaRP, ...) for ``--reps`` rounds, and prints
 medians: req/s (MB/s for the bulk rows), the ratio HaRP ÷ direct (median of the per-round
-ratios), the reference HaRP's ratio from the issue and ours ÷ that, HaRP's p50/p99, the CPU%
+ratios), the reference HaRP's published ratio and ours ÷ that, HaRP's p50/p99, the CPU%
 of HaRP's processes during its runs (100 = one core) and their RSS after.  Before all that,
 2 000 idle connections: the fresh HaRP's RSS growth per connection.
 

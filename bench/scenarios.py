@@ -1,7 +1,7 @@
-"""The scenarios of issue 13's table, each as "this path direct" vs "that path through HaRP".
+"""The benchmark scenarios, each as "this path direct" vs "that path through HaRP".
 
 ``ref_ratio`` is the reference HaRP's ratio (through the proxy ÷ direct to nginx) measured on
-the same 2-core machine and published in the issue; ``ref_p99_ms`` its p99 where published.
+the same 2-core machine and published with its benchmark; ``ref_p99_ms`` its p99 where published.
 """
 
 from __future__ import annotations

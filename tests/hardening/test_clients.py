@@ -4,13 +4,13 @@ Raw-socket checks against the real ``twistd harp`` with the fake Nextcloud and a
 :class:`~tests.hardening.helpers.RecordingUpstream` as the ExApp (routes ``/public``
 PUBLIC, ``/user`` USER):
 
-* hole 5 -- behind a trusted proxy that *appends* to X-Forwarded-For (nginx
+* docs/differences.md#11 -- behind a trusted proxy that *appends* to X-Forwarded-For (nginx
   ``$proxy_add_x_forwarded_for``), the left part is the client's own writing: it must not
-  let the client dodge its ban or choose whom to ban (deliberate difference 11);
-* hole 12 -- an IPv6 client rotating through its /64 is banned as one;
-* hole 13 -- fresh random cookies cannot make one client cost unlimited user lookups;
-* hole 14 -- a user-info redirect (Nextcloud's answer to a made-up session cookie) makes
-  the request anonymous instead of a 401 after a redirect loop.
+  let the client dodge its ban or choose whom to ban;
+* docs/differences.md#21 -- an IPv6 client rotating through its /64 is banned as one;
+* docs/differences.md#17 -- fresh random cookies cannot make one client cost unlimited user lookups;
+* docs/differences.md#17 -- a user-info redirect (Nextcloud's answer to a made-up session cookie)
+  makes the request anonymous instead of a 401 after a redirect loop.
 
 HaRP only ever sees loopback peers here, so the "trusted proxy" is ``127.0.0.1``
 (``HP_TRUSTED_PROXY_IPS=127.0.0.1``) and the public client addresses, IPv4 and IPv6, travel
@@ -76,7 +76,7 @@ def via_proxy(*chain: str) -> list[tuple[str, str]]:
     return [("X-Forwarded-For", ", ".join(chain))]
 
 
-# --- hole 5: X-Forwarded-For is walked from the right
+# --- X-Forwarded-For is walked from the right
 
 
 def test_hole5_spoofed_left_part_cannot_dodge_a_ban(harp: HarpProcess,
@@ -121,7 +121,7 @@ def test_hole5_direct_client_headers_are_ignored(harp: HarpProcess, record_case:
     assert observed == "drop"
 
 
-# --- hole 12: IPv6 failures count per /64
+# --- IPv6 failures count per /64
 
 
 def test_hole12_ipv6_client_rotating_its_64_is_banned(harp: HarpProcess,
@@ -141,7 +141,7 @@ def test_hole12_ipv6_client_rotating_its_64_is_banned(harp: HarpProcess,
     assert neighbour == "200"
 
 
-# --- hole 13: uncached user lookups are rate-limited per client
+# --- uncached user lookups are rate-limited per client
 
 
 def test_hole13_random_cookies_cannot_flood_nextcloud(
@@ -181,7 +181,7 @@ def test_hole13_random_cookies_cannot_flood_nextcloud(
     assert get(harp, "/user", cookie, source=SOURCES.new()) == "200"
 
 
-# --- hole 14: redirects from Nextcloud are never followed
+# --- redirects from Nextcloud are never followed
 
 
 def test_hole14_user_info_redirect_means_anonymous(

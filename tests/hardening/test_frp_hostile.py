@@ -1,17 +1,17 @@
-"""Hostile FRP peers against the real ``twistd harp`` (holes 6 and 13 of the hardening issue).
+"""Hostile FRP peers against the real ``twistd harp`` (docs/security.md#limits).
 
 Every test starts its own HaRP (bans and memory must not leak between cases) and speaks
 FRP by hand: yamux headers (12 bytes, big-endian), FRP messages (type byte, int64 length,
 JSON), and for the control stream after Login frp's AES-128-CFB with the key derived from
-the empty token (spec §3, §4, §5, §6).  Nothing of ``harp`` is imported, so the bytes
+the empty token (docs/compatibility.md#frp-protocol).  Nothing of ``harp`` is imported, so the bytes
 are what any client could send.
 
-* **Floods without reading** (hole 6): the client sends yamux Pings, or FRP ``Ping``
-  messages on a tcpMux=false control, as fast as the socket takes them, and never reads
-  an answer (its receive buffer is tiny).  HaRP's RSS is sampled throughout; its growth
+* **Floods without reading** (docs/security.md#limits, FRP output backlog): the client sends yamux
+  Pings, or FRP ``Ping`` messages on a tcpMux=false control, as fast as the socket takes them, and
+  never reads an answer (its receive buffer is tiny).  HaRP's RSS is sampled throughout; its growth
   must stay bounded and HaRP must end the connection.
-* **Foreign work connections** (hole 13): a second yamux session that sends
-  ``NewWorkConn`` with a logged-in client's run_id must be refused, and each refusal
+* **Foreign work connections** (docs/security.md#what-authenticates-what): a second yamux session
+  that sends ``NewWorkConn`` with a logged-in client's run_id must be refused, and each refusal
   counts towards a ban like a failed login.
 * **Plaintext warning**: ``HP_FRP_DISABLE_TLS=true`` says so at start, even when
   ``HP_LOG_LEVEL=error``.
@@ -227,7 +227,7 @@ def _start(harp_factory: type[HarpProcess], tmp_path: Path, **env: str) -> HarpP
 PINGS = b"".join(yamux_frame(PING, SYN, 0, n) for n in range(64 * 1024 // 12))
 
 
-# ------------------------------------------------------------------------------ hole 6
+# ------------------------------------------------------------- floods without reading
 
 
 def test_yamux_ping_flood_before_login_over_tls(
@@ -237,7 +237,8 @@ def test_yamux_ping_flood_before_login_over_tls(
     harp = _start(harp_factory, tmp_path)
     certs = Path(harp.env["HP_CERTS_DIR"]) / "frp"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False  # frpc without trustedCaFile does not check either (spec §2)
+    ctx.check_hostname = False  # frpc without trustedCaFile does not check either
+    # (docs/compatibility.md#frp-transport)
     ctx.verify_mode = ssl.CERT_NONE
     ctx.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
     baseline = settle(harp)
@@ -294,7 +295,7 @@ def test_frp_ping_message_flood_logged_in_without_mux(
     assert result.dropped, result.describe()
 
 
-# ------------------------------------------------------------------------------ hole 13
+# ------------------------------------------------------------ foreign work connections
 
 
 def test_work_conn_on_a_foreign_session_is_refused_and_counted(

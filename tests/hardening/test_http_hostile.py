@@ -10,7 +10,7 @@ never hit another case.  Each case asserts HaRP's answer (a status or a silent d
 
 "Refused" means a 400 (or 408/413/431 where the input is too big or too slow) or a
 silent drop: the project drops malformed requests silently like the reference
-(reference-behaviour §3.1), so both spellings of "no" are accepted.
+(docs/compatibility.md#generated-responses), so both spellings of "no" are accepted.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def test_control_get_and_keepalive_post(env: Env) -> None:
     assert posted[0].target == f"/y?m={mark}"
 
 
-# --- hole 1: upgrades
+# --- upgrades
 
 
 WS_HEADERS = [("Connection", "Upgrade"), ("Upgrade", "websocket"),
@@ -264,7 +264,7 @@ def test_hole1_upgrade_with_body_refused(env: Env) -> None:
     assert refused(result) and not reached
 
 
-# --- hole 2: small bodies on a cold upstream pool
+# --- small bodies on a cold upstream pool
 
 
 @pytest.fixture
@@ -325,7 +325,7 @@ def test_hole2_post_right_after_upstream_closed_keepalive(env: Env) -> None:
     assert all(outcome == "200" and body for outcome, body in observed), observed
 
 
-# --- hole 3: request targets that are not origin-form
+# --- request targets that are not origin-form
 
 
 @pytest.mark.parametrize("target", [
@@ -339,7 +339,7 @@ def test_hole3_non_origin_form_targets(env: Env, target: str) -> None:
     assert refused(result) and not reached
 
 
-# --- hole 4: reserved ExApp paths in other spellings, and dot-dot
+# --- reserved ExApp paths in other spellings, and dot-dot
 
 
 @pytest.mark.parametrize("path", [
@@ -367,7 +367,7 @@ def test_hole4_dotdot_any_spelling(env: Env, path: str) -> None:
     assert result.outcome == "drop" and not reached
 
 
-# --- hole 7: HaRP's own headers stay with HaRP
+# --- HaRP's own headers stay with HaRP
 
 
 @pytest.mark.parametrize("kind", ["signed", "unsigned with key"])
@@ -393,7 +393,7 @@ def test_hole7_harp_headers_not_forwarded(env: Env, kind: str) -> None:
     assert not leaked and not key_leaked
 
 
-# --- hole 8: control and non-ASCII bytes in the request target
+# --- control and non-ASCII bytes in the request target
 
 
 CONTROL_TARGETS = {
@@ -440,7 +440,7 @@ def test_hole8_control_bytes_count_for_bans(env: Env) -> None:
     assert after.outcome == "drop", "control-byte requests did not count as failures"
 
 
-# --- hole 9: Transfer-Encoding other than a lone "chunked"
+# --- Transfer-Encoding other than a lone "chunked"
 
 
 SMUGGLED = "GET /exapps/app/smuggled?m={m} HTTP/1.1\r\nHost: harp.test\r\nX-Smuggled: {m}\r\n\r\n"
@@ -463,7 +463,7 @@ def test_hole9_odd_transfer_encodings(env: Env, te: list[str]) -> None:
     assert refused(result) and not reached
 
 
-# --- hole 13: a body that trickles in
+# --- a body that trickles in
 
 
 def test_hole13_slow_body_is_cut(env: Env) -> None:

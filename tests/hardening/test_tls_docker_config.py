@@ -1,13 +1,13 @@
-"""Hardening holes 10, 11, 14 and 15, end to end against the real ``twistd harp``.
+"""TLS, Docker passthrough and start-up hardening, end to end against the real ``twistd harp``.
 
-* hole 10 — TLS policy of the HTTPS frontend, probed with Debian's ``openssl s_client`` and
-  Python's ``ssl``: no static-RSA/CBC suite, no TLS 1.1, ALPN ``h2`` only still connects.
-* hole 11 — the Docker passthrough forwards only AppAPI's query parameters: an
+* TLS policy (docs/security.md#tls) of the HTTPS frontend, probed with Debian's ``openssl s_client``
+  and Python's ``ssl``: no static-RSA/CBC suite, no TLS 1.1, ALPN ``h2`` only still connects.
+* the Docker passthrough (docs/differences.md#22) forwards only AppAPI's query parameters: an
   ``images/create?fromSrc=<url>`` in any spelling never makes the engine fetch the URL.
-* hole 14 — ``install_certificates`` puts the FRP files into a stopped container before
+* ``install_certificates`` puts the FRP files into a stopped container before
   it first runs (the test container records what it found at its first start).
-* hole 15 — six replicas on one empty ``HP_CERTS_DIR`` all start and share one valid FRP
-  PKI; a malformed IPv6 URL is one line and exit code 2.
+* six replicas (docs/security.md#pki) on one empty ``HP_CERTS_DIR`` all start and share one valid
+  FRP PKI; a malformed IPv6 URL is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ __all__ = ["docker_engine"]  # the session fixture, re-exported for pytest
 RecordCase = Callable[..., None]
 
 
-# =========================================================================== hole 10: TLS
+# =========================================================================== TLS
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_policy_survives_sighup_reload(
     assert h2
 
 
-# ============================================================ hole 11: passthrough queries
+# ============================================================ passthrough queries
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +350,7 @@ def test_appapi_pull_still_works(
     assert status == 404  # forwarded (the engine's answer), not refused by the allow-list
 
 
-# ============================================== hole 14: install_certificates file order
+# ============================================== install_certificates file order
 
 #: Records, at the container's first start only, whether the FRP files were there.
 RECORDER = (
@@ -435,7 +435,7 @@ def test_frp_certs_in_place_before_first_start(
         assert bundle is not None and b"BEGIN CERTIFICATE" in bundle  # the update ran
 
 
-# ================================================================ hole 15: PKI race, URLs
+# ================================================================ PKI race, URLs
 
 
 @pytest.fixture

@@ -82,7 +82,8 @@ def ok(result: Response | str) -> Response:
 
 
 def record_for(app: ExAppProcess, **changes: Any) -> dict[str, Any]:
-    """The ExApp record (reference §5) Nextcloud would hold for ``app``, with :data:`ROUTES`."""
+    """The ExApp record (docs/compatibility.md#exapp-registry) Nextcloud would hold for ``app``,
+    with :data:`ROUTES`."""
     record = {
         "exapp_token": app.secret, "exapp_version": app.version, "host": "127.0.0.1",
         "port": app.port, "routes": ROUTES,

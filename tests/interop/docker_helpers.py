@@ -5,8 +5,9 @@ test session by :func:`docker_engine` — or found already running, e.g. started
 run — together with a local registry holding the test image (static busybox, 2 MB).  A
 missing engine fails the test under ``HARP_REQUIRE_PEERS=1`` and skips it otherwise.
 
-Requests to HaRP are made the way AppAPI's Guzzle client makes them (appapi-client §1.1):
-``harp-shared-key``, ``docker-engine-port`` and the leftover Basic ``Authorization``.
+Requests to HaRP are made the way AppAPI's Guzzle client makes them
+(docs/compatibility.md#control-plane): ``harp-shared-key``, ``docker-engine-port`` and the leftover
+Basic ``Authorization``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """HaRP's Docker side against a real engine on the local socket (engine port 24000).
 
 One ``twistd harp`` with ``HP_DOCKER_SOCKET`` pointing at the session's engine serves the
-module.  The deploy test replays AppAPI's deploy sequence (appapi-client §2.2) with the
-requests Nextcloud sends; the allow-list tests prove that nothing but AppAPI's five raw
-calls reaches the engine, whatever the spelling of the path.
+module.  The deploy test replays AppAPI's deploy sequence
+(docs/compatibility.md#docker-lifecycle-endpoints) with the requests Nextcloud sends; the allow-list
+tests prove that nothing but AppAPI's five raw calls reaches the engine, whatever the spelling of
+the path.
 
 dockerd 20.10 (the default peer) serves API ≤ 1.41 and answers ``/v1.44/...`` with 400, so the
 raw calls use the ``v1.41`` prefix (AppAPI ≤ 32.0.2, or its ``docker_api_version`` setting);
@@ -357,7 +358,8 @@ DENIED_RAW = [
     ("GET", "/v1.41/images/x%2F%2F..json/json"),
     ("GET", "/v1.41/_ping%3F/containers/json"),
 ]
-#: Dot-dot segments: the pipeline drops these before the control plane (reference §3.1).
+#: Dot-dot segments: the pipeline drops these before the control plane
+#: (docs/compatibility.md#request-pipeline).
 DROPPED_RAW = [
     ("POST", "/v1.41/images/create/../../containers/create?name=nc_app_evil"),
     ("POST", "/v1.41/images/create/%2e%2e/%2E%2E/containers/create?name=nc_app_evil"),

@@ -1,10 +1,11 @@
 """Remote Docker engines over FRP: two real frpc 0.65 clients in front of the engine socket.
 
 Each frpc registers one ``tcp`` proxy in 24001-24099 with the ``unix_domain_socket`` plugin
-on the engine socket — exactly the remote-engine setup of reference §6 — over mutual TLS
-with HaRP's generated client certificate.  HaRP serves the local socket on 24000 at the
-same time.  The last test kills one frpc in the middle of a (throttled) image pull: the
-client must get an error promptly, and the other engines must keep working.
+on the engine socket — exactly the remote-engine setup of
+docs/compatibility.md#docker-engine-selection — over mutual TLS with HaRP's generated client
+certificate.  HaRP serves the local socket on 24000 at the same time.  The last test kills one frpc
+in the middle of a (throttled) image pull: the client must get an error promptly, and the other
+engines must keep working.
 """
 
 from __future__ import annotations

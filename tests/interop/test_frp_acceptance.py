@@ -1,14 +1,15 @@
-"""Black-box acceptance tests of HaRP's FRP server (issue 5), against the real frpc 0.65.
+"""Black-box acceptance tests of HaRP's FRP server, against the real frpc 0.65.
 
 Only HaRP's observable behaviour is used: the environment it starts with, the PKI it writes under
 ``$HP_CERTS_DIR/frp``, the tunnel ports it binds on 127.0.0.1, its HTTP frontend and registry push,
-what frpc logs, and ``/proc/<pid>`` of the twistd process. Contract: shared/spec/frp-protocol.md
-§2, §5, §8, §10 and reference-behaviour.md §6, §7, §11.
+what frpc logs, and ``/proc/<pid>`` of the twistd process. Contract:
+docs/compatibility.md#frp-protocol, docs/compatibility.md#brute-force-protection and
+docs/compatibility.md#exapp-container-contract.
 
 The backend behind frpc is either ``DataServer`` (a unix-socket HTTP server, see frp_helpers) or
 the nc_py_api test ExApp listening on a unix socket like a deployed ExApp. Remote ports are the
-ones the spec names (23000 for an ExApp, 24001 for a remote engine); tests that need more ports
-use 24002-24004. HaRP's own listeners use free ports.
+ones the reference's setups use (23000 for an ExApp, 24001 for a remote engine); tests that need
+more ports use 24002-24004. HaRP's own listeners use free ports.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ from tests.peers.frpc import FrpcProcess, FrpcProxy
 
 pytestmark = pytest.mark.interop
 
-ENGINE_PORT = 24001  # a remote Docker engine's tunnel (reference §6)
-EXAPP_PORT = 23000  # an ExApp's APP_PORT (reference §11)
+ENGINE_PORT = 24001  # a remote Docker engine's tunnel
+EXAPP_PORT = 23000  # an ExApp's APP_PORT
 MB = 1_000_000
 
 LOGIN_FAILED = r"(?m)login to the server failed: (.*?)(?:\. With loginFailExit|$)"
-# The two texts frps sends for a bad token: the reference (plugin answers HTTP 400, spec §9) and
-# frps's own token check (spec §5). Either is "the error as frps sends it".
+# The two texts frps sends for a bad token: the reference (plugin answers HTTP 400) and
+# frps's own token check (docs/compatibility.md#frp-login). Either is "the error as frps sends it".
 BAD_TOKEN_ERRORS = (
     "send Login request to plugin error",
     "token in login doesn't match token from configuration",
@@ -192,7 +193,7 @@ def tail(harp: HarpProcess, lines: int = 40) -> str:
 
 
 def need_free(*ports: int) -> None:
-    """The spec's fixed remote ports must be free (another test run may briefly hold them)."""
+    """The fixed remote ports must be free (another test run may briefly hold them)."""
     for port in ports:
         if not wait_port_bindable(port, 30):
             pytest.fail(f"127.0.0.1:{port} is in use by another program; cannot run this test")
@@ -209,7 +210,7 @@ def started(frpc: FrpcProcess, harp: HarpProcess, name: str, timeout: float = 30
         hint = ""
         if "port unavailable" in match.group(1):
             # HaRP could not bind the port: some other program (e.g. a concurrent test run
-            # using the spec's fixed ports) holds it.
+            # using the fixed ports) holds it.
             hint = " (the port is held by another program; is another test run active?)"
         raise AssertionError(f"[{name}] {match.group(1)}{hint}\n--- HaRP log tail:\n{tail(harp)}")
 
@@ -234,7 +235,8 @@ def login_error(frpc: FrpcProcess, harp: HarpProcess, timeout: float = 30) -> st
 
 
 def push_record(harp: HarpProcess, app_id: str, record: dict[str, Any]) -> None:
-    """Register an ExApp record the way AppAPI does on enable (reference §5)."""
+    """Register an ExApp record the way AppAPI does on enable
+    (docs/compatibility.md#exapp-registry)."""
     conn = http.client.HTTPConnection("127.0.0.1", harp.http_port, timeout=10)
     try:
         conn.request("POST", f"/exapps/app_api/exapp_storage/{app_id}",
@@ -273,7 +275,7 @@ def test_tunnel_100mb_both_ways_byte_exact(env: FrpEnv) -> None:
     server = env.data_server()
     frpc = env.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
     started(frpc, harp, "engine-1")
-    # Bound on the loopback interface only (reference §1, "loopback only since #81").
+    # Bound on the loopback interface only (docs/compatibility.md#frp-proxies).
     assert _listening(ENGINE_PORT) == ["127.0.0.1"], _listening(ENGINE_PORT)
     assert hello(ENGINE_PORT, "first") == hello_body("first")
 
@@ -488,7 +490,8 @@ def test_reject_used_port_and_used_name(env: FrpEnv) -> None:
 
 
 def test_one_port_per_client(env: FrpEnv) -> None:
-    """maxPortsPerClient = 1 (reference §6): the second proxy of one client is refused."""
+    """maxPortsPerClient = 1 (docs/compatibility.md#frp-proxies): the second proxy of one client is
+    refused."""
     need_free(24003, 24004)
     harp = env.harp()
     server = env.data_server()
@@ -516,7 +519,8 @@ def test_bad_token_logins_ban_the_address(env: FrpEnv) -> None:
     good = env.frpc(harp, proxies)
     good.start()
     assert login_error(good, harp) == "banned"
-    # The ban is per address and shared with the HTTP side (reference §7).
+    # The ban is per address and shared with the HTTP side
+    # (docs/compatibility.md#brute-force-protection).
     key = {"harp-shared-key": harp.env["HP_SHARED_KEY"]}
     assert dropped_or_status(harp.http_port, "/exapps/app_api/info", key) is None
     assert dropped_or_status(harp.http_port, "/exapps/app_api/info", key, "127.0.0.2") == 200

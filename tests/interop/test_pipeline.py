@@ -45,7 +45,7 @@ def harp_settings() -> dict[str, str]:
     return {"HP_SESSION_LIFETIME": "10"}
 
 
-# --- the access matrix of reference-behaviour §12, through the real nc_py_api app
+# --- the access matrix of docs/compatibility.md#request-pipeline, through the real nc_py_api app
 
 ANON: dict[str, str] = {}
 CREDENTIALS = {

@@ -1,4 +1,4 @@
-"""Several real ``twistd harp`` replicas sharing one real Redis (spec README difference 8).
+"""Several real ``twistd harp`` replicas sharing one real Redis (docs/differences.md#8).
 
 Peers: Debian's ``redis-server`` (started here on a free port, no persistence, with a
 password so that we can check it never reaches a log), the fake Nextcloud and the real
@@ -270,7 +270,7 @@ def test_redis_outage_degrades_to_local_state_then_resyncs(
 def test_delete_during_outage_is_not_undone_by_reseeding(
     cluster: Cluster, exapp: ExAppProcess, redis: RedisServer, key: str,
 ) -> None:
-    """Hole 15: A deletes an app while Redis is down; Redis comes back empty and B, which
+    """A deletes an app while Redis is down; Redis comes back empty and B, which
     still has the app in its mirror, re-seeds.  The app must stay deleted everywhere."""
     app = "doomed-app"
     a, b = cluster.replicas[:2]

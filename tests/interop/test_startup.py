@@ -76,7 +76,7 @@ BAD_CASES = {
     "bad trusted proxy": ({"HP_TRUSTED_PROXY_IPS": "10.0.0.0/8,not-an-ip"}, "HP_TRUSTED_PROXY_IPS"),
     "bad validity": ({"HP_FRP_CERT_VALIDITY_DAYS": "0"}, "HP_FRP_CERT_VALIDITY_DAYS"),
     "bad redis url": ({"HP_REDIS_URL": "http://user:pw@x"}, "HP_REDIS_URL"),
-    # hardening hole 15: urlsplit's ValueError used to end start-up with a traceback, exit 1
+    # urlsplit's ValueError used to end start-up with a traceback, exit 1
     "NC url malformed IPv6": ({"NC_INSTANCE_URL": "http://[::1"}, "NC_INSTANCE_URL"),
     "NC url bad port": ({"NC_INSTANCE_URL": "http://127.0.0.1:99999"}, "NC_INSTANCE_URL"),
     "workers zero": ({"HP_WORKERS": "0"}, "HP_WORKERS"),
@@ -176,7 +176,7 @@ def test_frp_certificates_generated_and_kept(
     frp.mkdir(parents=True)  # an existing *empty* directory must get certificates too
     harp = harp_factory(env).start()
     names = ["ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key"]
-    # .harp-pki.lock: the generation lock (hardening hole 15), kept on purpose
+    # .harp-pki.lock: the generation lock (docs/security.md#pki), kept on purpose
     assert sorted(n for n in os.listdir(frp) if not n.startswith(".")) == sorted(names)
     assert set(os.listdir(frp)) <= {*names, ".harp-pki.lock"}
     for key in ("ca.key", "server.key", "client.key"):

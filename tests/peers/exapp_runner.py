@@ -221,7 +221,8 @@ class ExAppProcess(Peer):
         version: str | None = None,
         aa_version: str = "32",
     ) -> dict[str, str]:
-        """The four headers HaRP sets towards an ExApp (reference §5.3), overridable for tests."""
+        """The four headers HaRP sets towards an ExApp
+        (docs/compatibility.md#forwarding-to-an-exapp), overridable for tests."""
         token = f"{user}:{self.secret if secret is None else secret}"
         return {
             "AA-VERSION": aa_version,

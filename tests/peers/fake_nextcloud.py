@@ -2,10 +2,12 @@
 
 Why a fake and not the real thing: a real Nextcloud needs PHP, a database and an installed app_api,
 which the test machines do not have. HaRP, however, only ever calls two endpoints of app_api's
-``HarpController`` (see ``appapi-client.md`` §4), so a faithful imitation of exactly those two is
-enough to test HaRP's registry, user resolution, caching and error handling over real sockets:
+``HarpController`` (see docs/compatibility.md#nextcloud-lookups), so a faithful imitation of exactly
+those two is enough to test HaRP's registry, user resolution, caching and error handling over real
+sockets:
 
-* ``GET /index.php/apps/app_api/harp/exapp-meta?appId=<id>``: the ExApp record (reference §5);
+* ``GET /index.php/apps/app_api/harp/exapp-meta?appId=<id>``: the ExApp record
+  (docs/compatibility.md#exapp-registry);
 * ``GET /index.php/apps/app_api/harp/user-info?appId=<id>``: who the forwarded cookies or
   ``Authorization`` header belong to, and their access level.
 

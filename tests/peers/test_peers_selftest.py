@@ -1,8 +1,9 @@
 """Self-tests of the test peers, so a failing HaRP test can be trusted to be HaRP's fault.
 
 Each peer is exercised on its own, over real loopback sockets: the fake Nextcloud answers the
-exapp-meta/user-info matrix of appapi-client.md §4, the nc_py_api ExApp accepts correct identity
-headers and rejects wrong ones, and FrpcProcess renders configs that the real frpc accepts.
+exapp-meta/user-info matrix of docs/compatibility.md#nextcloud-lookups, the nc_py_api ExApp accepts
+correct identity headers and rejects wrong ones, and FrpcProcess renders configs that the real frpc
+accepts.
 """
 
 from __future__ import annotations

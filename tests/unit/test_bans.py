@@ -219,7 +219,8 @@ def test_resolver_trusted_peer_single_element() -> None:
 
 
 def test_resolver_walks_from_the_right_past_trusted_hops() -> None:
-    """Hole 5: the client writes the left part; the right-most untrusted hop is the client."""
+    """docs/differences.md#11: the client writes the left part; the right-most untrusted hop is the
+    client."""
     r = _resolver("10.0.0.0/8")
     # nginx $proxy_add_x_forwarded_for: "<what the client sent>, <client's real address>"
     assert r.resolve("10.1.2.3", _xff(b"6.6.6.6, 1.2.3.4"), None) == "1.2.3.4"
@@ -574,7 +575,7 @@ def test_ban_key(addr: str, key: str) -> None:
 
 
 def test_ipv6_failures_count_per_64(clock: FakeClock) -> None:
-    """Hole 12: rotating through one /64 does not reset the count."""
+    """docs/differences.md#21: rotating through one /64 does not reset the count."""
     table = FailureTable(count=3, window=300, clock=clock)
     assert table.record("2001:db8:1:2::1") is False
     assert table.record("2001:db8:1:2::2") is False
@@ -594,7 +595,8 @@ def test_ipv4_mapped_counts_as_ipv4_not_as_a_64(clock: FakeClock) -> None:
 
 
 def test_flood_of_fresh_addresses_never_evicts_a_ban(clock: FakeClock) -> None:
-    """Hole 12: the attacker's ban survives a flood of single failures from elsewhere."""
+    """docs/differences.md#21: the attacker's ban survives a flood of single failures from
+    elsewhere."""
     table = FailureTable(count=3, window=300, max_addresses=10, clock=clock)
     for _ in range(3):
         table.record("192.0.2.66")
@@ -734,10 +736,10 @@ def test_default_clock() -> None:
     assert table.is_banned("1.2.3.4")
 
 
-# A naive model of spec §7: every failure kept forever in a list, the ban decided by counting
-# `now - t < window` over all of them; plus the address bound (evict the oldest key that is not
-# held for a ban, never a ban; a key banned once stays held until it fails again unbanned or
-# its last failure expires) and sweep.
+# A naive model of docs/compatibility.md#brute-force-protection: every failure kept forever in a
+# list, the ban decided by counting `now - t < window` over all of them; plus the address bound
+# (evict the oldest key that is not held for a ban, never a ban; a key banned once stays held until
+# it fails again unbanned or its last failure expires) and sweep.
 _ADDRS = [
     ("1.2.3.4", "1.2.3.4"),
     ("::ffff:1.2.3.4", "1.2.3.4"),

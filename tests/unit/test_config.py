@@ -139,7 +139,7 @@ def test_redis_url() -> None:
     ],
 )
 def test_malformed_urls_are_config_errors(var: str, value: str) -> None:
-    """Hardening hole 15: ``urlsplit`` raised ValueError, i.e. a traceback and exit 1."""
+    """``urlsplit`` used to raise ValueError, i.e. a traceback and exit 1."""
     with pytest.raises(ConfigError) as info:
         Settings.from_env({**BASE, var: value})
     line = str(info.value)

@@ -1,6 +1,6 @@
 """Property tests: every configuration value parser either accepts a string or raises
 :class:`ConfigError` — never another exception, which would end start-up with a
-traceback and exit code 1 instead of one line and exit code 2 (hardening hole 15).
+traceback and exit code 1 instead of one line and exit code 2 (docs/configuration.md).
 
 ``HP_TRUSTED_PROXY_IPS`` is parsed in :mod:`harp.client_address` and tested in test_bans.py.
 """

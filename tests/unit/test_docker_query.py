@@ -1,4 +1,4 @@
-"""The passthrough's query allow-list (hardening hole 11): strict parsing, decoded names."""
+"""The passthrough's query allow-list (docs/differences.md#22): strict parsing, decoded names."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ LOGS = b"/v1.44/containers/nc_app_x/logs"
 @pytest.mark.parametrize(
     ("method", "path", "query", "forwarded"),
     [
-        # exactly what AppAPI sends (appapi-client §1.2 #5, #13), canonical form forwarded
+        # exactly what AppAPI sends, canonical form forwarded
+        # (docs/compatibility.md#docker-allow-list)
         (b"POST", PULL, b"fromImage=ghcr.io%2Fnextcloud%2Fx%3Arelease-cpu",
          b"fromImage=ghcr.io%2Fnextcloud%2Fx%3Arelease-cpu"),
         (b"POST", PULL, b"fromImage=127.0.0.1:5000/nextcloud/x:release",

@@ -1,5 +1,5 @@
 """Unit tests for harp.nextcloud.NextcloudClient without a network: redirects are never
-followed (hole 14) and uncached user lookups are rate-limited per client (hole 13)."""
+followed and uncached user lookups are rate-limited per client (docs/differences.md#17)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FRP PKI generation under concurrency (hardening hole 15) and its bookkeeping files."""
+"""FRP PKI generation under concurrency (docs/security.md#pki) and its bookkeeping files."""
 
 from __future__ import annotations
 

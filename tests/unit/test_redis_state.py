@@ -186,7 +186,7 @@ def test_snapshot_replaces_mirror_but_keeps_newer_own_writes(state: RedisState) 
     assert state.records["same"] is same
 
 
-# --- hole 12: bans by /64 across replicas
+# --- bans by /64 across replicas (docs/differences.md#21)
 
 
 def test_ipv6_failures_and_remote_bans_are_per_64(state: RedisState, clock: FakeClock) -> None:
@@ -214,7 +214,7 @@ def test_full_remote_ban_table_keeps_live_bans(clock: FakeClock) -> None:
     assert state.is_banned("192.0.2.4")
 
 
-# --- hole 15: a delete made while Redis was unreachable is not undone by re-seeding
+# --- a delete made while Redis was unreachable is not undone by re-seeding
 
 
 def test_local_tombstone_survives_snapshot_and_foreign_puts(state: RedisState) -> None:

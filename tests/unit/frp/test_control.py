@@ -3,7 +3,7 @@
 No sockets and no real time: the server runs on a ``StringTransport`` and a
 ``MemoryReactorClock`` (whose ``listenTCP`` only records the call), and the client is
 the sans-I/O :class:`harp.frp.yamux.Session` plus the message codec -- the same bytes frpc
-sends (spec §5 byte-level exchange).  This pins the control logic (auth, bans with IPv6,
+sends (docs/compatibility.md#frp-login).  This pins the control logic (auth, bans with IPv6,
 proxy rules and error texts, pool, cleanup, re-login) and the in-process endpoint.
 """
 

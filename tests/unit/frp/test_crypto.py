@@ -1,4 +1,5 @@
-"""Key derivation, auth key and the AES-128-CFB streams (spec sections 5 and 6)."""
+"""Key derivation, auth key and the AES-128-CFB streams
+(docs/compatibility.md#frp-login, docs/compatibility.md#frp-encryption)."""
 
 from __future__ import annotations
 

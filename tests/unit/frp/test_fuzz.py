@@ -10,7 +10,8 @@ hostile peer can aim at:
 * yamux headers **round-trip** and random 12-byte headers fail only with
   :class:`~harp.frp.yamux_frame.YamuxProtocolError`;
 * a yamux session **never answers more than it was sent** (plus one GoAway): the bound
-  that makes the output guard of :mod:`harp.frp.backlog` sufficient (spec §3);
+  that makes the output guard of :mod:`harp.frp.backlog` sufficient
+  (docs/compatibility.md#frp-yamux);
 * random bytes after a valid first byte never raise out of the Twisted protocol.
 
 Each test stays well under a second or two: ``max_examples`` <= 200, no deadline.

@@ -1,4 +1,5 @@
-"""FRP messages: framing (codec), structs (msg) and their Go JSON bodies (spec section 4)."""
+"""FRP messages: framing (codec), structs (msg) and their Go JSON bodies
+(docs/compatibility.md#frp-messages)."""
 
 from __future__ import annotations
 

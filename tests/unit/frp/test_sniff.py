@@ -1,4 +1,4 @@
-"""First-byte classification (spec section 2, observed first bytes)."""
+"""First-byte classification (docs/compatibility.md#frp-transport)."""
 
 from __future__ import annotations
 

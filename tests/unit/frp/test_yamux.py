@@ -1,4 +1,4 @@
-"""yamux frame codec and sans-I/O session (spec section 3)."""
+"""yamux frame codec and sans-I/O session (docs/compatibility.md#frp-yamux)."""
 
 from __future__ import annotations
 
