@@ -4,7 +4,8 @@ Named after frps's ``server/control.go``.  The :class:`Control` is created by
 :meth:`harp.frp.service.FrpServer.login` and from then on owns the control stream:
 plaintext ``LoginResp``, AES-128-CFB both ways, ``pool_count`` x ``ReqWorkConn``,
 ``NewProxy``/``CloseProxy``, ``Ping``/``Pong``.  Error texts sent to frpc are frps's own
-(docs/compatibility.md#frp-login, #frp-proxies), so frpc logs what operators know.
+(docs/compatibility.md#frp-login, docs/compatibility.md#frp-proxies), so frpc logs
+what operators know.
 
 When a control ends (its stream closed, a heartbeat missed, the same run_id logged in
 again, or the service stopping) everything of that client goes: its proxies' ports,
