@@ -22,7 +22,9 @@ from typing import Final
 import pytest
 
 ROOT: Final = Path(__file__).resolve().parents[2]
-SCANNED: Final = ("harp", "twisted", "tests", "bench", "tools", "docs", "README.md")
+SCANNED: Final = (
+    "harp", "twisted", "tests", "bench", "tools", "docs", "README.md", "Dockerfile", ".ci",
+)
 SKIP_DIRS: Final = frozenset({"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"})
 SKIP_SUFFIXES: Final = frozenset({".pyc", ".pem", ".crt", ".key", ".tar", ".gz", ".png"})
 
