@@ -39,7 +39,8 @@ _OUTSIDE: Final = re.compile(
             r"\breference-behaviou?r\b",
             r"\baudit[ -]notes?\b",
             r"\b" + _SPEC + r"\s*(?:§|section|readme|difference)",
-            r"\bthe " + _SPEC + r"\b",
+            # "the spec says ...", but not a Kubernetes object's "spec"
+            r"\bthe " + _SPEC + r"(?:'s)?\s+(?:found|names|says|asks|requires)\b",
             r"\b(?:deliberate\s+)?differences?\s+#?\d",
             r"\bhardening\s+(?:holes?|issue)\b",
             r"\bholes?\s+\d",
