@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReact
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Request
 
-from harp import docker, logs
+from harp import docker, logs, writes
 from harp.client_address import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.frp.listener import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
@@ -351,11 +351,15 @@ def make_service_from_env(env: Mapping[str, str]) -> MultiService:
         settings = Settings.from_env(env)
         if settings.verbose_start:
             print_config(settings)
-        return make_service(settings, env)
+        service = make_service(settings, env)
     except ConfigError as exc:
         sys.stderr.write(f"harp: configuration error: {exc.line()}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+    from twisted.internet import reactor
+
+    writes.install(reactor)
+    return service
 
 
 def print_config(settings: Settings) -> None:

@@ -7,7 +7,8 @@ is handed to a relay (only on ``101``) or stays HTTP (docs/security.md, upgrades
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 #: A response head larger than this is a broken upstream, not a slow one.
@@ -25,16 +26,26 @@ class ResponseHead:
     headers: tuple[tuple[bytes, bytes], ...]
     #: The head exactly as received, terminating blank line included.
     raw: bytes
+    #: ``headers`` by name, built once by the parser: the framing and hop-by-hop
+    #: questions asked of every response (Content-Length, Transfer-Encoding,
+    #: Connection) are then one dict look-up each instead of a scan.
+    index: dict[bytes, list[bytes]] = field(default_factory=dict, compare=False, repr=False)
 
-    def values(self, name: bytes) -> list[bytes]:
+    def values(self, name: bytes) -> Sequence[bytes]:
         """All values of header ``name`` (lower-case), in order."""
-        return [value for key, value in self.headers if key == name]
+        index = self.index
+        if index or not self.headers:
+            return index.get(name, ())
+        return [value for key, value in self.headers if key == name]  # built by hand
 
     def tokens(self, name: bytes) -> set[bytes]:
         """The comma-separated, lower-cased tokens of every ``name`` header."""
+        values = self.values(name)
+        if not values:
+            return set()
         return {
             token.strip().lower()
-            for value in self.values(name)
+            for value in values
             for token in value.split(b",")
             if token.strip()
         }
@@ -60,12 +71,20 @@ def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
         raise BadResponse("bad status line")
     headers: list[tuple[bytes, bytes]] = []
+    index: dict[bytes, list[bytes]] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name != name.strip() or b" " in name:
             raise BadResponse("bad header line")
-        headers.append((name.lower(), value.strip(b" \t")))
-    return ResponseHead(int(code), reason, tuple(headers), raw), buffer[end + 4 :]
+        name = name.lower()
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        known = index.get(name)
+        if known is None:
+            index[name] = [value]
+        else:
+            known.append(value)
+    return ResponseHead(int(code), reason, tuple(headers), raw, index), buffer[end + 4 :]
 
 
 def body_framing(head: ResponseHead, method: bytes) -> tuple[str, int]:

@@ -61,7 +61,24 @@ class Root(Resource):
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         client = self.pipeline.client_address(request)
-        decided = Deferred.fromCoroutine(self.pipeline.decide(request, client))
+        deciding = self.pipeline.decide(request, client)
+        # Most requests are decided without waiting (banned, public route, cached session,
+        # known ExApp): run the coroutine's first step here and act at once, sparing the
+        # Deferred and context machinery of fromCoroutine (docs/performance.md).  Only a
+        # decision that waits on Nextcloud is handed to Twisted, which resumes it where it
+        # stopped: awaiting a Deferred re-yields it until it has a result.
+        try:
+            deciding.send(None)
+        except StopIteration as decided_now:
+            try:
+                self._act(decided_now.value, request)
+            except Exception:
+                self._internal_error(Failure(), request)
+            return NOT_DONE_YET
+        except Exception:
+            self._internal_error(Failure(), request)
+            return NOT_DONE_YET
+        decided = Deferred.fromCoroutine(deciding)
         decided.addCallback(self._act, request)
         decided.addErrback(self._internal_error, request)
         return NOT_DONE_YET

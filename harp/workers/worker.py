@@ -48,7 +48,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp import logs
+from harp import logs, writes
 from harp.config import ConfigError, Settings
 from harp.exapps import ExAppRecord
 from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -328,6 +328,7 @@ def main(argv: list[str]) -> int:
     except TLSConfigError as exc:
         log.error("worker {n}: cannot load the HTTPS certificate: {e}", n=index, e=str(exc))
         return 2
+    writes.install(reactor)
     reactor.callWhenRunning(worker.start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return worker.exit_code

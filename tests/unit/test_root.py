@@ -313,3 +313,30 @@ def test_client_gone_before_the_verdict_gets_nothing(
     channel.connectionLost(Failure(ConnectionDone()))
     later.callback(P.Reply(404, "no app id in path"))
     assert transport.value() == b""
+
+
+@pytest.mark.parametrize("outcome", ["verdict", "failure"])
+def test_decision_that_waits_is_resumed_where_it_stopped(
+    server: Server, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """Root runs the decision's first step itself; one that waits is finished by Twisted."""
+    first: Deferred[str] = Deferred()
+    second: Deferred[P.Verdict] = Deferred()
+    seen: list[str] = []
+
+    async def two_waits(request: Request, client: str) -> P.Verdict:
+        seen.append(await first)
+        return await second
+
+    monkeypatch.setattr(server.pipeline, "decide", two_waits)
+    channel, transport = server.connect()
+    channel.dataReceived(get(b"/elsewhere") + b"\r\n")
+    assert transport.value() == b""
+    first.callback("looked up")
+    assert seen == ["looked up"] and transport.value() == b""
+    if outcome == "verdict":
+        second.callback(P.Reply(404, "no app id in path"))
+        assert Parsed(transport.value()).status == 404
+    else:
+        second.errback(RuntimeError("Nextcloud client bug"))
+        assert Parsed(transport.value()).status == 503

@@ -1,0 +1,155 @@
+"""The write coalescer on a real epoll reactor and real loopback sockets.
+
+Why: :mod:`harp.writes` changes when Twisted sends — once per reactor turn instead of
+after an epoll round trip — so the ways a connection's writing ends must still hold:
+everything arrives in order, a send that falls short is finished when the socket drains,
+a close after a write sends the write first, a producer is resumed, and a connection
+that is still connecting (where "writable" means "connected") is left to the reactor.
+Each case runs on its own reactor instance, so the process's global reactor is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import epollreactor, tcp
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.python.failure import Failure
+
+from harp import writes
+
+BIG = 8 * 1024 * 1024
+
+
+class Collect(Protocol):
+    """Reads everything, then reports it when the peer closes."""
+
+    def __init__(self, done: Callable[[bytes], None]) -> None:
+        self.chunks: list[bytes] = []
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.done(b"".join(self.chunks))
+
+
+def run(server_behaviour: Callable[[Protocol], None],
+        client_hello: bytes = b"") -> tuple[bytes, writes.WriteCoalescer, int]:
+    """Serve one connection with ``server_behaviour``; return what the client read."""
+    reactor: Any = epollreactor.EPollReactor()
+    coalescer = writes.install(reactor)
+    assert coalescer is not None
+    assert writes.install(reactor) is coalescer  # installing twice changes nothing
+    received: list[bytes] = []
+    sends = [0]
+    original = tcp.Connection.writeSomeData
+
+    def counted(self: tcp.Connection, data: bytes) -> Any:
+        sends[0] += 1
+        return original(self, data)
+
+    class Serve(Protocol):
+        def connectionMade(self) -> None:
+            server_behaviour(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Serve), interface="127.0.0.1")
+
+    def finished(data: bytes) -> None:
+        received.append(data)
+        reactor.stop()
+
+    class Client(Collect):
+        def connectionMade(self) -> None:
+            if client_hello:
+                self.transport.write(client_hello)  # written while just connected
+
+    factory = ClientFactory()
+    factory.protocol = lambda: Client(finished)  # type: ignore[assignment,misc]
+    reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+    reactor.callLater(20, reactor.stop)
+    tcp.Connection.writeSomeData = counted  # type: ignore[method-assign]
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        tcp.Connection.writeSomeData = original  # type: ignore[method-assign]
+        port.stopListening()
+    assert received, "the client never saw the connection end"
+    return received[0], coalescer, sends[0]
+
+
+def test_writes_of_one_turn_leave_in_one_send_and_arrive_before_the_close() -> None:
+    def answer(protocol: Protocol) -> None:
+        assert protocol.transport is not None
+        for part in (b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\n", b"ok"):
+            protocol.transport.write(part)
+        protocol.transport.loseConnection()
+
+    data, coalescer, sends = run(answer)
+    assert data == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert sends == 1  # the server's three writes (the client wrote nothing)
+    assert not coalescer._pending and not coalescer._registered
+
+
+def test_a_send_that_falls_short_is_finished_when_the_socket_drains() -> None:
+    payload = bytes(range(256)) * (BIG // 256)
+
+    def flood(protocol: Protocol) -> None:
+        assert protocol.transport is not None
+        protocol.transport.write(payload)
+        protocol.transport.loseConnection()
+
+    data, coalescer, sends = run(flood)
+    assert data == payload
+    assert sends > 1  # the kernel took it in parts: epoll reported the drain
+    assert not coalescer._registered  # and the connection left epoll's write set
+
+
+def test_a_producer_is_resumed_and_its_writes_are_kept_in_order() -> None:
+    chunks = [bytes([n]) * 300_000 for n in range(20)]
+
+    class Pull:
+        """A pull producer: one chunk per resumeProducing, then close."""
+
+        def __init__(self, transport: Any) -> None:
+            self.transport = transport
+            self.left = list(chunks)
+
+        def resumeProducing(self) -> None:
+            if self.left:
+                self.transport.write(self.left.pop(0))
+            else:
+                self.transport.unregisterProducer()
+                self.transport.loseConnection()
+
+        def stopProducing(self) -> None:
+            self.left = []
+
+    def produce(protocol: Protocol) -> None:
+        transport: Any = protocol.transport
+        transport.registerProducer(Pull(transport), False)
+
+    data, _, _ = run(produce)
+    assert data == b"".join(chunks)
+
+
+def test_a_connecting_client_writes_once_connected() -> None:
+    seen: list[bytes] = []
+
+    def read_then_close(protocol: Protocol) -> None:
+        def got(data: bytes) -> None:
+            seen.append(data)
+            assert protocol.transport is not None
+            protocol.transport.write(b"thanks")
+            protocol.transport.loseConnection()
+
+        protocol.dataReceived = got  # type: ignore[method-assign]
+
+    data, _, _ = run(read_then_close, client_hello=b"hello")
+    assert (b"".join(seen), data) == (b"hello", b"thanks")
+
+
+def test_reactors_without_poll_dispatch_are_left_alone() -> None:
+    assert writes.install(object()) is None
