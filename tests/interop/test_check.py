@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -101,13 +101,6 @@ def setup(
             frpc.stop()
 
 
-def certs_copy(setup: Setup, tmp_path: Path) -> Path:
-    """A copy of HaRP's certificate directory the test may spoil."""
-    copy = tmp_path / "certs"
-    shutil.copytree(setup.harp.env["HP_CERTS_DIR"], copy)
-    return copy
-
-
 def test_all_green(setup: Setup) -> None:
     out = setup.check("--app-id", APP)
     assert out.code == 0, out
@@ -180,35 +173,38 @@ def test_not_a_nextcloud(setup: Setup, other_server: str) -> None:
     assert out.status("shared-key") == "SKIP", out
 
 
-def test_missing_frp_certificate(setup: Setup, tmp_path: Path) -> None:
-    certs = certs_copy(setup, tmp_path)
+def _drop_client_key(certs: Path, tmp_path: Path) -> None:
     (certs / "frp" / "client.key").unlink()
-    out = setup.check(HP_CERTS_DIR=str(certs))
-    out.only("frp-certs")
-    assert out.status("frp-certs") == "FAIL", out
-    assert "missing: client.key" in out.lines["frp-certs"], out
 
 
-def test_mismatched_https_certificate(setup: Setup, tmp_path: Path) -> None:
-    certs = certs_copy(setup, tmp_path)
+def _key_of_another_certificate(certs: Path, tmp_path: Path) -> None:
     self_signed_pem(tmp_path / "other.pem", "other", days=365)
     cert_part = (certs / "cert.pem").read_bytes().split(b"-----BEGIN PRIVATE KEY-----")[0]
     key_part = (tmp_path / "other.pem").read_bytes().split(b"-----END CERTIFICATE-----\n")[1]
     (certs / "cert.pem").write_bytes(cert_part + key_part)
-    out = setup.check(HP_CERTS_DIR=str(certs))
-    out.only("https-cert")
-    assert out.status("https-cert") == "FAIL", out
-    assert "does not belong to the certificate" in out.lines["https-cert"], out
 
 
-def test_https_certificate_near_expiry(setup: Setup, tmp_path: Path) -> None:
-    certs = certs_copy(setup, tmp_path)
+def _five_days_left(certs: Path, tmp_path: Path) -> None:
     self_signed_pem(certs / "cert.pem", "harp.example", days=5)
+
+
+@pytest.mark.parametrize(("spoil", "name", "status", "words"), [
+    (_drop_client_key, "frp-certs", "FAIL", "missing: client.key"),
+    (_key_of_another_certificate, "https-cert", "FAIL", "does not belong to the certificate"),
+    (_five_days_left, "https-cert", "WARN", "expires in 4 days"),
+], ids=["missing", "mismatched", "near-expiry"])
+def test_certificate_problems(
+    setup: Setup, tmp_path: Path, spoil: Callable[[Path, Path], None], name: str,
+    status: str, words: str,
+) -> None:
+    """A copy of HaRP's certificate directory, spoiled one way, named by one line."""
+    certs = tmp_path / "certs"
+    shutil.copytree(setup.harp.env["HP_CERTS_DIR"], certs)
+    spoil(certs, tmp_path)
     out = setup.check(HP_CERTS_DIR=str(certs))
-    out.only("https-cert")
-    assert out.status("https-cert") == "WARN", out
-    assert "expires in 4 days" in out.lines["https-cert"], out
-    assert "SIGHUP" in out.lines["https-cert"], out
+    out.only(name)
+    assert out.status(name) == status and words in out.lines[name], out
+    assert "-- fix: " in out.lines[name], out
 
 
 def test_docker_engine_unreachable(setup: Setup, tmp_path: Path) -> None:
