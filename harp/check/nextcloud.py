@@ -9,7 +9,9 @@ ExApp it has not seen yet (docs/compatibility.md).  AppAPI answers it with
   it does not know (so installed apps cannot be guessed).
 
 So an AppAPI answer proves "this is a Nextcloud with AppAPI"; anything else (a 404 page,
-HTML, a redirect) is some other server or a wrong URL.  The key itself can only be
+HTML, a redirect) is some other server or a wrong URL.  Then ``/status.php`` (which every
+Nextcloud answers with its version) tells "a Nextcloud without AppAPI" (app_api disabled
+or older than 32) from "not a Nextcloud at all".  The key itself can only be
 confirmed with the id of an installed ExApp (``--app-id``): without one, a 401 is
 reported as "not confirmed", never as "wrong", because it is not known to be wrong.
 Each wrong key counts toward Nextcloud's brute-force throttling, hence one request.
@@ -53,6 +55,8 @@ class Probe:
     error: str = ""
     #: Local wall-clock time (epoch seconds) half-way through the request.
     local_time: float = 0.0
+    #: ``/status.php``'s answer, asked only when the first answer was not AppAPI's.
+    status_php: http.Reply | None = None
 
 
 def probe(base_url: str, shared_key: str, app_id: str | None) -> Probe:
@@ -63,7 +67,22 @@ def probe(base_url: str, shared_key: str, app_id: str | None) -> Probe:
         reply = http.get(url, {"harp-shared-key": shared_key, "Accept": "application/json"})
     except http.Unreachable as exc:
         return Probe(shown, None, exc.reason)
-    return Probe(shown, reply, local_time=(started + time.time()) / 2)
+    local_time = (started + time.time()) / 2
+    status_php = None
+    if not is_appapi(reply) and not 300 <= reply.status < 400:
+        try:
+            status_php = http.get(base_url + "/status.php", {"Accept": "application/json"})
+        except http.Unreachable:
+            pass
+    return Probe(shown, reply, local_time=local_time, status_php=status_php)
+
+
+def nextcloud_version(reply: http.Reply | None) -> str | None:
+    """The version ``/status.php`` states, if the answer is a Nextcloud's."""
+    body = _json(reply) if reply is not None and reply.status == 200 else None
+    if isinstance(body, dict) and "installed" in body and "versionstring" in body:
+        return str(body["versionstring"])
+    return None
 
 
 def _json(reply: http.Reply) -> object:
@@ -115,6 +134,13 @@ def reachable(found: Probe) -> Result:
     if reply.status >= 500:
         return failed(REACH, f"{where}: an error inside Nextcloud", "see Nextcloud's log")
     kind = reply.headers.get("content-type", "no content type").split(";")[0]
+    version = nextcloud_version(found.status_php)
+    if version is not None:
+        return failed(
+            REACH, f"{where} ({kind}): Nextcloud {version} answers, but not its AppAPI",
+            "enable the AppAPI app (occ app:enable app_api); HaRP needs Nextcloud 32 or "
+            "newer",
+        )
     return failed(
         REACH, f"{where} ({kind}): not a Nextcloud with AppAPI",
         "NC_INSTANCE_URL must be Nextcloud's base URL as HaRP reaches it (no /index.php), "

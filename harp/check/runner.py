@@ -1,7 +1,7 @@
 """Run every check in order, print one line each, and decide the exit status.
 
 The order follows the path of a request: configuration, certificates, HaRP's own ports,
-Nextcloud (reachable, key, clock), Docker engines.  Later checks use what earlier ones
+Nextcloud (reachable, key, clock), Redis, Docker engines.  Later checks use what earlier ones
 found (no point probing FRP engines through a HaRP that is not running).
 
 Exit status: 0 when every check passed or had nothing to check, 1 when any warned or
@@ -15,7 +15,7 @@ import datetime
 from collections.abc import Iterator, Mapping
 from typing import TextIO
 
-from harp.check import certs, engines, frontends, nextcloud
+from harp.check import certs, engines, frontends, nextcloud, redis
 from harp.check.result import Result, Status, failed, passed
 from harp.config import ConfigError, Settings
 
@@ -43,6 +43,7 @@ def checks(settings: Settings, app_id: str | None, docker_api: str) -> Iterator[
     yield nextcloud.reachable(found)
     yield nextcloud.shared_key(found, app_id)
     yield nextcloud.clock(found)
+    yield redis.redis_state(settings.redis_url)
     local = engines.local_engine(settings.docker_socket, docker_api)
     yield local
     yield engines.frp_engines(

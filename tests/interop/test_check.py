@@ -25,10 +25,11 @@ import pytest
 from tests.conftest import HarpProcess, free_port, self_signed_pem
 from tests.interop.docker_helpers import Engine, docker_engine, harp_env_for, running_harp
 from tests.interop.test_docker_frp import START_OK, engine_ports, start_frpc
+from tests.interop.test_redis_state import PASSWORD, RedisServer, redis
 from tests.peers.fake_nextcloud import FakeNextcloud
 
 pytestmark = pytest.mark.interop
-__all__ = ["docker_engine"]
+__all__ = ["docker_engine", "redis"]
 
 APP = "checkapp"
 #: The test engine is Debian's Docker 20.10 (API 1.41), what AppAPI before 32.0.3 calls.
@@ -105,9 +106,10 @@ def test_all_green(setup: Setup) -> None:
     out = setup.check("--app-id", APP)
     assert out.code == 0, out
     expected = ["config", "https-cert", "frp-certs", "harp-http", "harp-https", "harp-frp",
-                "nextcloud", "shared-key", "clock", "docker", "frp-engines"]
+                "nextcloud", "shared-key", "clock", "redis", "docker", "frp-engines"]
     assert list(out.lines) == expected, out
-    assert all(out.status(name) == "PASS" for name in expected), out
+    assert all(out.status(name) == "PASS" for name in expected if name != "redis"), out
+    assert out.status("redis") == "SKIP", out  # this HaRP keeps its state in memory
     assert f"{setup.engine_port} (" in out.lines["frp-engines"], out
     assert "API 1." in out.lines["docker"], out
 
@@ -244,3 +246,23 @@ def test_bad_configuration_is_one_line_and_exit_2(setup: Setup) -> None:
     out = setup.check(HP_EXAPPS_ADDRESS="nonsense")
     assert out.code == 2, out
     assert list(out.lines) == ["config"] and "HP_EXAPPS_ADDRESS" in out.lines["config"], out
+
+
+def test_redis_answers(setup: Setup, redis: RedisServer) -> None:
+    out = setup.check("--app-id", APP, HP_REDIS_URL=redis.url)
+    assert out.code == 0, out
+    assert out.status("redis") == "PASS" and f"127.0.0.1:{redis.port}/0" in out.lines["redis"]
+    assert PASSWORD not in out.text + out.stderr
+
+
+def test_redis_wrong_password(setup: Setup, redis: RedisServer) -> None:
+    out = setup.check(HP_REDIS_URL=redis.url.replace(PASSWORD, "wrong-password"))
+    out.only("redis")
+    assert "refuses the login" in out.lines["redis"], out
+    assert "wrong-password" not in out.text + out.stderr
+
+
+def test_redis_unreachable(setup: Setup) -> None:
+    out = setup.check(HP_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    out.only("redis")
+    assert "cannot reach" in out.lines["redis"] and "refused" in out.lines["redis"], out

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from harp import pki
-from harp.check import certs, engines, frontends, nextcloud, runner
+from harp.check import certs, engines, frontends, nextcloud, redis, runner
 from harp.check.http import Reply
 from harp.check.nextcloud import Probe
 from harp.check.result import Status, failed, passed
+from harp.config.redis_url import parse_redis_url
 from tests.conftest import self_signed_pem
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -164,6 +165,15 @@ def test_nextcloud_other_answers(reply: Reply, words: str) -> None:
     assert nextcloud.shared_key(found, "x").status is Status.SKIP
 
 
+def test_nextcloud_without_appapi() -> None:
+    status = _json(200, {"installed": True, "versionstring": "31.0.4", "productname": "N"})
+    found = Probe("u", Reply(404, {"content-type": "text/html"}), status_php=status)
+    result = nextcloud.reachable(found)
+    assert result.status is Status.FAIL
+    assert "Nextcloud 31.0.4 answers, but not its AppAPI" in result.detail
+    assert "app_api" in result.fix
+
+
 def test_nextcloud_unreachable() -> None:
     found = _probe(None, "connection refused (nothing listens there)")
     result = nextcloud.reachable(found)
@@ -228,6 +238,40 @@ def test_judge_engines() -> None:
 
 def test_local_engine_missing_socket_is_skipped(tmp_path: Path) -> None:
     assert engines.local_engine(tmp_path / "docker.sock").status is Status.SKIP
+
+
+# ----------------------------------------------------------------------- redis
+
+
+def test_redis_login_commands() -> None:
+    url = parse_redis_url("redis://bob:s3cret@127.0.0.1:6379/2")
+    assert url is not None
+    assert redis.login(url) == [
+        b"*3\r\n$4\r\nAUTH\r\n$3\r\nbob\r\n$6\r\ns3cret\r\n",
+        b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n",
+        b"*1\r\n$4\r\nPING\r\n",
+    ]
+    bare = parse_redis_url("unix:///run/redis.sock")
+    assert bare is not None and redis.login(bare) == [redis.command("PING")]
+
+
+@pytest.mark.parametrize(("replies", "status", "words"), [
+    ([b"+OK\r\n", b"+PONG\r\n"], Status.PASS, "Redis answers"),
+    ([b"-WRONGPASS invalid username-password pair\r\n", b"-NOAUTH x\r\n"], Status.FAIL,
+     "refuses the login: WRONGPASS"),
+    ([b"-NOAUTH Authentication required.\r\n"], Status.FAIL, "refuses the login"),
+    ([b"+OK\r\n", b"-ERR DB index is out of range\r\n", b"+PONG\r\n"], Status.FAIL,
+     "DB index"),
+    ([b"HTTP/1.1 400 Bad Request\r\n"], Status.FAIL, "does not answer like Redis"),
+    ([b""], Status.FAIL, "does not answer like Redis"),
+])
+def test_redis_judge(replies: list[bytes], status: Status, words: str) -> None:
+    result = redis.judge("redis://h:1", replies)
+    assert result.status is status and words in result.detail, result
+
+
+def test_redis_unset_is_skipped() -> None:
+    assert redis.redis_state(None).status is Status.SKIP
 
 
 # ---------------------------------------------------------------------- runner
