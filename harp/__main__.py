@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("healthcheck", help="exit 0 if the local HaRP answers /heartbeat")
     check_parser = commands.add_parser(
         "check", help="self-test: configuration, certificates, ports, Nextcloud, Docker",
+        description="Check this HaRP's setup with the daemon's own environment, one line "
+        "per check with the fix when it fails. Run it where HaRP runs (docker exec harp "
+        "python -m harp check). Exit code 0 = all passed, 1 = something to fix, 2 = bad "
+        "configuration.",
     )
     check_parser.add_argument(
         "--app-id", metavar="ID",

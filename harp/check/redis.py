@@ -61,14 +61,7 @@ def judge(where: str, replies: list[bytes]) -> Result:
 
 def _connect(url: RedisURL) -> socket.socket:
     if url.path is not None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(http.TIMEOUT)
-        try:
-            sock.connect(url.path)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return http.unix_connect(url.path)
     sock = socket.create_connection((url.host or "", url.port), http.TIMEOUT)
     if url.tls:
         return ssl.create_default_context().wrap_socket(sock, server_hostname=url.host)
