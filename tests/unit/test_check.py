@@ -15,6 +15,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from harp import pki
 from harp.check import certs, engines, frontends, nextcloud, redis, runner
@@ -26,6 +27,7 @@ from tests.conftest import self_signed_pem
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
+SECOND = datetime.timedelta(seconds=1)
 RECORD = {"exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": 23000,
           "routes": []}
 
@@ -42,13 +44,15 @@ def test_https_pem_good_near_expiry_expired_and_not_yet_valid(tmp_path: Path) ->
     pem = tmp_path / "cert.pem"
     self_signed_pem(pem, "harp.example", days=90)
     data = pem.read_bytes()
-    assert certs.judge_https_pem(data, "cert.pem", NOW).status is Status.PASS
-    near = certs.judge_https_pem(data, "cert.pem", NOW + 70 * DAY)
+    cert = x509.load_pem_x509_certificate(data)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    assert certs.judge_https_pem(data, "cert.pem", start + DAY).status is Status.PASS
+    near = certs.judge_https_pem(data, "cert.pem", end - 19.5 * DAY)
     assert near.status is Status.WARN and "expires in 19 days" in near.detail
     assert "SIGHUP" in near.fix
-    expired = certs.judge_https_pem(data, "cert.pem", NOW + 91 * DAY)
+    expired = certs.judge_https_pem(data, "cert.pem", end + SECOND)
     assert expired.status is Status.FAIL and "expired" in expired.detail
-    early = certs.judge_https_pem(data, "cert.pem", NOW - DAY)
+    early = certs.judge_https_pem(data, "cert.pem", start - SECOND)
     assert early.status is Status.FAIL and "not valid before" in early.detail
 
 
