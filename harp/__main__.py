@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from harp import check, frpc_config
+from harp.check.engines import APPAPI_API_VERSION
 from harp.config import ConfigError, Settings
 from harp.frpc_config import FrpcConfig, FrpcConfigError, TlsFiles
 
@@ -77,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         help="an installed ExApp: only with one can Nextcloud confirm the shared key",
     )
     check_parser.add_argument(
-        "--docker-api-version", default="1.44", metavar="X.Y", type=_api_version,
+        "--docker-api-version", default=APPAPI_API_VERSION, metavar="X.Y", type=_api_version,
         help="the Docker API version AppAPI calls (app_api's docker_api_version; "
-        "default 1.44, 1.41 before app_api 32.0.3)",
+        f"default {APPAPI_API_VERSION}, 1.41 before app_api 32.0.3)",
     )
 
     frpc = commands.add_parser(

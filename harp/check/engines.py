@@ -140,7 +140,7 @@ def frp_engines(
     wanted: str = APPAPI_API_VERSION,
 ) -> Result:
     if not harp_running:
-        return skipped(REMOTE, "not checked: HaRP is not running (see harp-http)")
+        return skipped(REMOTE, "not checked: HaRP's control plane did not answer (see harp-http)")
     key = {"harp-shared-key": settings.shared_key}
     candidates = list(REMOTE_PORTS) if local_present else [LOCAL_PORT, *REMOTE_PORTS]
     ports = [port for port in candidates if listening(port)]

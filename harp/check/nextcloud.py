@@ -114,9 +114,11 @@ def reachable(found: Probe) -> Result:
             "check NC_INSTANCE_URL and that this machine (or container) can reach it: "
             "DNS, firewall, Docker network"
         )
-        if "TLS" in found.error:
+        if "not trusted" in found.error:
             fix = ("give Nextcloud a certificate this machine trusts, or add its CA to the "
                    "system trust store")
+        elif "TLS handshake" in found.error:
+            fix = "check the scheme (https:// or http://) and the port in NC_INSTANCE_URL"
         return failed(REACH, f"cannot reach {found.url}: {found.error}", fix)
     if is_appapi(reply):
         return passed(REACH, f"AppAPI answers at {found.url.split('?')[0]}")

@@ -185,6 +185,8 @@ def test_nextcloud_unreachable() -> None:
     assert "NC_INSTANCE_URL" in result.fix
     untrusted = nextcloud.reachable(_probe(None, "its TLS certificate is not trusted (x)"))
     assert "trust" in untrusted.fix
+    plain = nextcloud.reachable(_probe(None, "the TLS handshake failed (WRONG_VERSION_NUMBER)"))
+    assert "scheme" in plain.fix
     assert nextcloud.clock(found).status is Status.SKIP
 
 
