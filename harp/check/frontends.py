@@ -46,8 +46,9 @@ def judge_info(name: str, where: str, reply: http.Reply) -> Result:
     if reply.status == 401:
         return failed(
             name, f"the HaRP on {where} refuses HP_SHARED_KEY: it runs with another key",
-            "give the daemon and this check the same HP_SHARED_KEY (or HP_SHARED_KEY_FILE), "
-            "then restart HaRP",
+            "give the daemon and this check the same HP_SHARED_KEY (or HP_SHARED_KEY_FILE); "
+            "each refused request counts toward HaRP's ban of this address "
+            "(HP_BLACKLIST_COUNT), so fix this before running the check again",
         )
     return failed(
         name, f"{where} answers HTTP {reply.status}, but not as HaRP",
