@@ -9,6 +9,9 @@ client certificates) the ``frpc.toml`` a remote Docker engine or an ExApp needs 
 this HaRP, built from the same environment HaRP runs with, so that the key and the TLS
 mode always match the server (docs/differences.md#10).  Exit code 0 = done, 1 = files could
 not be read or written, 2 = bad configuration or arguments.
+
+``check`` runs the operator self-test of :mod:`harp.check` (docs/operations.md): one
+line per check, exit code 0 = all passed, 1 = something to fix, 2 = bad configuration.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from harp import frpc_config
+from harp import check, frpc_config
+from harp.check.engines import APPAPI_API_VERSION
 from harp.config import ConfigError, Settings
 from harp.frpc_config import FrpcConfig, FrpcConfigError, TlsFiles
 
@@ -48,12 +52,36 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
 
 
+def _api_version(text: str) -> str:
+    """argparse type: a Docker API version such as ``1.44``."""
+    major, dot, minor = text.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version like 1.44")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harp", description="HaRP operator commands (HaRP itself: twistd harp)."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("healthcheck", help="exit 0 if the local HaRP answers /heartbeat")
+    check_parser = commands.add_parser(
+        "check", help="self-test: configuration, certificates, ports, Nextcloud, Docker",
+        description="Check this HaRP's setup with the daemon's own environment, one line "
+        "per check with the fix when it fails. Run it where HaRP runs (docker exec harp "
+        "python -m harp check). Exit code 0 = all passed, 1 = something to fix, 2 = bad "
+        "configuration.",
+    )
+    check_parser.add_argument(
+        "--app-id", metavar="ID",
+        help="an installed ExApp: only with one can Nextcloud confirm the shared key",
+    )
+    check_parser.add_argument(
+        "--docker-api-version", default=APPAPI_API_VERSION, metavar="X.Y", type=_api_version,
+        help="the Docker API version AppAPI calls (app_api's docker_api_version; "
+        f"default {APPAPI_API_VERSION}, 1.41 before app_api 32.0.3)",
+    )
 
     frpc = commands.add_parser(
         "frpc-config",
@@ -182,6 +210,8 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "check":  # reports a bad configuration as one of its lines
+        return check.run(os.environ, sys.stdout, args.app_id, args.docker_api_version)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:

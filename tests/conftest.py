@@ -70,8 +70,9 @@ def harp_factory(tmp_path: Path) -> Iterator[type[HarpProcess]]:
         proc.stop()
 
 
-def self_signed_pem(path: Path, common_name: str) -> int:
-    """Write a self-signed cert + key PEM (like an operator's cert.pem); its serial."""
+def self_signed_pem(path: Path, common_name: str, days: float = 1) -> int:
+    """Write a self-signed cert + key PEM (like an operator's cert.pem), valid for
+    ``days``; its serial."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -80,7 +81,7 @@ def self_signed_pem(path: Path, common_name: str) -> int:
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(serial)
         .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .sign(key, hashes.SHA256())
     )
     path.write_bytes(

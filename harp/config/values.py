@@ -60,7 +60,7 @@ class ConfigError(Exception):
 
     def line(self) -> str:
         if self.value is None:
-            shown = "is not set"
+            shown = " is not set"
         elif self.secret:
             shown = f"={REDACTED}"
         else:

@@ -34,6 +34,8 @@ from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 
+from harp.check.engines import listening
+
 # ------------------------------------------------------------------------ deterministic data
 
 # A prime length, so that the repetition never lines up with power-of-two buffer sizes and a
@@ -367,13 +369,7 @@ def wait_port_accepting(port: int, timeout: float) -> bool:
 
 def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a listener could bind host:port now (SO_REUSEADDR, like Twisted's listenTCP)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
+    return not listening(port, host)
 
 
 def wait_port_bindable(port: int, timeout: float) -> bool:

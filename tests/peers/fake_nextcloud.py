@@ -120,6 +120,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: pytest shows ``calls`` on failure, stderr noise helps nobody."""
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header, off by ``clock_offset`` (a Nextcloud with a wrong clock)."""
+        now = time.time() if timestamp is None else timestamp
+        return super().date_time_string(now + self.server.owner.clock_offset)
+
     def _drain_body(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > 0:
@@ -165,6 +170,8 @@ class FakeNextcloud(Peer):
         #: URL, as a real Nextcloud does after dropping a session it cannot restore (a client
         #: that follows it loops until it gives up).
         self.redirect_unknown_sessions: bool = False
+        #: seconds added to the ``Date`` of every answer (``harp check``'s clock test).
+        self.clock_offset: float = 0.0
         self._host = host
         self._port = port
         self._sessions: dict[str, _Identity] = {}
