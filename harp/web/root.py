@@ -59,7 +59,7 @@ class Root(Resource):
         self.docker = docker
 
     def render(self, request: Request) -> int:  # type: ignore[override]
-        client = self.pipeline.client_address(request)
+        client = self.pipeline.client_address(request, cast(HarpRequest, request).started)
         decided = Deferred.fromCoroutine(self.pipeline.decide(request, client))
         decided.addCallback(self._act, request)
         decided.addErrback(self._internal_error, request)
@@ -74,7 +74,11 @@ class Root(Resource):
         elif isinstance(verdict, Reply):
             # Do not make the client upload a body nobody will read.
             request.close_early()
-            responses.finish(request, responses.error(request, verdict.status))
+            responses.finish(
+                request,
+                responses.error(request, verdict.status) if verdict.body is None
+                else responses.send(request, verdict.status, verdict.body),
+            )
         elif isinstance(verdict, ControlPlaneCall):
             self._control(verdict, request)
         elif isinstance(verdict, Drop):
