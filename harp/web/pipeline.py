@@ -14,7 +14,7 @@ import base64
 import re
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from twisted.web.server import Request
 
@@ -24,6 +24,7 @@ from harp.logs import HarpLogger, Throttle
 from harp.nextcloud import NextcloudClient, NextcloudError
 from harp.state import ANONYMOUS, State
 from harp.web.headers import KeyCheck, last_header
+from harp.web.site import HarpRequest
 from harp.web.target import endpoint_key, normalise_path, valid_target
 
 log = HarpLogger("harp.pipeline")
@@ -42,6 +43,9 @@ CONTROL_APP: Final = b"app_api"
 #: about forwarding headers from a peer outside ``HP_TRUSTED_PROXY_IPS``.
 STRIPPED_WARNING_INTERVAL: Final = 60.0
 UNTRUSTED_WARNING_INTERVAL: Final = 3600.0
+#: Seconds between two warnings about failing Nextcloud lookups (each failed request
+#: says it in its access line).
+NEXTCLOUD_WARNING_INTERVAL: Final = 60.0
 
 #: The 404 body for a request that reached HaRP without its ``/exapps`` prefix.  The
 #: status is the one any path without an app id gets (reference behaviour); the body
@@ -150,6 +154,7 @@ class Pipeline:
         self.resolver = resolver
         self._untrusted_warning = Throttle(UNTRUSTED_WARNING_INTERVAL)
         self._stripped_warning = Throttle(STRIPPED_WARNING_INTERVAL)
+        self._nextcloud_warning = Throttle(NEXTCLOUD_WARNING_INTERVAL)
 
     def client_address(self, request: Request, now: float | None = None) -> str:
         """The address failures are charged to: every X-Forwarded-For line goes to the
@@ -221,6 +226,16 @@ class Pipeline:
             )
         return True
 
+    def nextcloud_failed(self, request: Request, what: str, app_id: str, error: str) -> None:
+        """A Nextcloud lookup failed: said in the request's access line, and as a warning
+        at most once a minute (an outage would otherwise warn once per request)."""
+        cast(HarpRequest, request).detail = f"{what} failed: {error}"
+        if self._nextcloud_warning.fire(time.monotonic()):
+            log.warn(
+                "{what} for {app} failed: {error} (repeated failures in the next minute are "
+                "only in the access lines)", what=what, app=app_id, error=error,
+            )
+
     def fail(self, client: str, why: str) -> None:
         """Count a brute-force failure; log the ban when it starts."""
         if self.state.record_failure(client):
@@ -278,7 +293,7 @@ class Pipeline:
                 try:
                     record = await self.nextcloud.exapp_meta(app_id)
                 except NextcloudError as exc:
-                    log.warn("exapp-meta for {app} failed: {error}", app=app_id, error=str(exc))
+                    self.nextcloud_failed(request, "exapp-meta", app_id, str(exc))
                     return Reply(404, "ExApp metadata unavailable")
             if record is None:
                 if not key_valid:
@@ -304,7 +319,7 @@ class Pipeline:
                 else:
                     log.debug("user lookup limit reached for {client}", client=client)
             except NextcloudError as exc:
-                log.warn("user-info for {app} failed: {error}", app=app_id, error=str(exc))
+                self.nextcloud_failed(request, "user-info", app_id, str(exc))
                 return Reply(401, "user lookup failed")
 
         route = match_route(record.routes, target.decode("latin-1"))

@@ -147,6 +147,7 @@ class _Forward:
             return
         host, port = self.key
         if failure.check(DNSLookupError) and self.on_unresolvable is not None:
+            cast(HarpRequest, self.request).detail = f"upstream host {host} does not resolve"
             self._end()
             if not responses.gone(self.request):
                 self.on_unresolvable()
@@ -227,6 +228,9 @@ class _Forward:
             self._end()
             responses.abort(self.request)
         else:
+            cast(HarpRequest, self.request).detail = (
+                f"no answer from the upstream within {self.proxy.server_timeout:g}s"
+            )
             self._fail_with(504, GATEWAY_TIMEOUT)
 
     def _client_gone(self) -> None:

@@ -157,3 +157,19 @@ def test_stripped_prefix_answered_with_the_fix_and_warned_once(
     warnings = [line for line in out.splitlines() if STRIPPED_WARNING in line]
     assert len(warnings) == 1, warnings
     assert "#warn]" in warnings[0] and "proxy_pass http://harp:8780;" in warnings[0]
+
+
+def test_nextcloud_outage_warned_once_and_said_in_each_access_line(
+    harp: HarpProcess, nextcloud: FakeNextcloud
+) -> None:
+    nextcloud.mode = "error500"
+    try:
+        for n in range(6):  # uncached apps: one failing lookup each
+            assert ok(request(harp.http_port, f"/exapps/gone-{n}/x")).status == 404
+    finally:
+        nextcloud.mode = "ok"
+    out = harp.wait_for_output(access("/exapps/gone-5/x", "404"))
+    failed = re.findall(r"GET /exapps/gone-\d/x 404 app=- .*exapp-meta failed: ", out)
+    assert len(failed) == 6, failed
+    warnings = [line for line in out.splitlines() if "exapp-meta for gone-" in line]
+    assert len(warnings) == 1 and "#warn]" in warnings[0], warnings
