@@ -57,7 +57,7 @@ STRIPPED_BODY: Final = (
     b"`location /exapps/`).\n"
     b"Fix: pass the path on unchanged, e.g. `proxy_pass http://harp:8780;` (no path after "
     b"the port) or `proxy_pass http://harp:8780/exapps/;`.\n"
-    b"See docs/deployment.md, \"Keep the /exapps/ prefix\".\n"
+    b"See docs/deployment.md in HaRP's repository.\n"
 )
 
 

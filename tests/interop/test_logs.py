@@ -16,6 +16,7 @@ See docs/operations.md, "Logs":
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,21 @@ def harp_settings() -> dict[str, str]:
     return {"HP_TRUSTED_PROXY_IPS": TRUSTED}
 
 
+def wait_for_output(harp: HarpProcess, pattern: str, count: int = 1, timeout: float = 15.0) -> str:
+    """HaRP's output once ``pattern`` matched ``count`` times in it.
+
+    A log line follows the event it describes (an access line is written after the
+    response went out, a WebSocket's when its tunnel closed), so the test waits for it.
+    """
+    compiled = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while len(compiled.findall(out := harp.output())) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} x {pattern!r} not logged in {timeout}s:\n{out[-3000:]}")
+        time.sleep(0.05)
+    return out
+
+
 def access(path: str, status: str = r"\S+") -> str:
     """A regex for the access line of ``path`` answered with ``status``."""
     return rf"\[harp\.access#info\] \S+ [A-Z]+ {re.escape(path)} {status} app="
@@ -77,7 +93,7 @@ def test_one_access_line_per_request_and_no_twisted_noise(
             assert ok(request(port, f"/exapps/{APP}/user", headers=cookie)).status == 200
         assert ok(request(port, "/exapps/refused/public")).status == 503
         websocket_echo(port, 3)
-        out = harp.wait_for_output(access(f"/exapps/{APP}/ws"))
+        out = wait_for_output(harp, access(f"/exapps/{APP}/ws"))
         # The last line to come is the WebSocket's: every other one is in by now.
         assert len(re.findall(access(f"/exapps/{APP}/public", "200"), out)) == 4
         assert len(re.findall(access(f"/exapps/{APP}/user", "200"), out)) == 3
@@ -97,7 +113,7 @@ def test_one_access_line_per_request_and_no_twisted_noise(
 
 def test_websocket_access_line_when_the_tunnel_closes(harp: HarpProcess) -> None:
     websocket_echo(harp.http_port, 2)
-    out = harp.wait_for_output(access(f"/exapps/{APP}/ws"))
+    out = wait_for_output(harp, access(f"/exapps/{APP}/ws"))
     line = re.search(
         access(f"/exapps/{APP}/ws", "101") + rf"{APP} [\d.]+ms \(tunnel (\d+) B up, (\d+) B down\)",
         out,
@@ -109,7 +125,7 @@ def test_websocket_access_line_when_the_tunnel_closes(harp: HarpProcess) -> None
     with pytest.raises(InvalidStatus):
         with ws_connect(f"ws://127.0.0.1:{harp.http_port}/exapps/{APP}/nows", open_timeout=10):
             pass
-    out = harp.wait_for_output(access(f"/exapps/{APP}/nows", r"[1-5]\d\d"))
+    out = wait_for_output(harp, access(f"/exapps/{APP}/nows", r"[1-5]\d\d"))
     assert len(re.findall(access(f"/exapps/{APP}/nows"), out)) == 1
     assert len(re.findall(access(f"/exapps/{APP}/ws"), out)) == 1
 
@@ -122,7 +138,7 @@ def test_forwarding_headers_from_an_untrusted_peer_warned_once(harp: HarpProcess
     for n in range(20):
         headers = {"X-Forwarded-For": f"198.51.100.{n + 1}"} if n % 2 else {"X-Real-IP": "1.2.3.4"}
         assert ok(request(port, path, headers=headers, source=UNTRUSTED)).status == 200
-    out = harp.wait_for_output(rf"\] {UNTRUSTED} GET {re.escape(path)} 200", count=20)
+    out = wait_for_output(harp, rf"\] {UNTRUSTED} GET {re.escape(path)} 200", count=20)
     warnings = [line for line in out.splitlines() if "is not in HP_TRUSTED_PROXY_IPS" in line]
     assert len(warnings) == 1, warnings
     assert "#warn]" in warnings[0]
@@ -153,7 +169,7 @@ def test_stripped_prefix_answered_with_the_fix_and_warned_once(
         answer = ok(request(port, path))
         assert (answer.status, answer.body) == (404, b"404 Not Found"), path
     assert ok(request(port, f"/exapps/{APP}/public")).status == 200
-    out = harp.wait_for_output(access("/another-app/heartbeat", "404"), count=5)
+    out = wait_for_output(harp, access("/another-app/heartbeat", "404"), count=5)
     warnings = [line for line in out.splitlines() if STRIPPED_WARNING in line]
     assert len(warnings) == 1, warnings
     assert "#warn]" in warnings[0] and "proxy_pass http://harp:8780;" in warnings[0]
@@ -168,7 +184,7 @@ def test_nextcloud_outage_warned_once_and_said_in_each_access_line(
             assert ok(request(harp.http_port, f"/exapps/gone-{n}/x")).status == 404
     finally:
         nextcloud.mode = "ok"
-    out = harp.wait_for_output(access("/exapps/gone-5/x", "404"))
+    out = wait_for_output(harp, access("/exapps/gone-5/x", "404"))
     failed = re.findall(r"GET /exapps/gone-\d/x 404 app=- .*exapp-meta failed: ", out)
     assert len(failed) == 6, failed
     warnings = [line for line in out.splitlines() if "exapp-meta for gone-" in line]

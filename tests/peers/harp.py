@@ -15,7 +15,6 @@ Typical use::
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import socket
 import subprocess
@@ -144,24 +143,6 @@ class HarpProcess(Peer):
     def output(self) -> str:
         """Everything the process logged so far (stdout and stderr)."""
         return read_log(self.log_path)
-
-    def wait_for_output(self, pattern: str, count: int = 1, timeout: float = 15.0) -> str:
-        """Wait until the regex ``pattern`` matches ``count`` times in the output; the output.
-
-        Log lines follow the event they describe (an access line is written after the
-        response went out), so a test reading the log waits for them.
-        """
-        compiled = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            out = self.output()
-            if len(compiled.findall(out)) >= count:
-                return out
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{count} x {pattern!r} not logged within {timeout}s:\n{out[-3000:]}"
-                )
-            time.sleep(0.05)
 
     def stop(self) -> int:
         """SIGTERM (HaRP's orderly shutdown), SIGKILL after 10 s; the exit code."""
