@@ -4,6 +4,17 @@ twistd owns the log observer (stdout with ``-n``), so the level cannot be set on
 from a plugin.  Instead every HaRP module logs through :class:`HarpLogger`, which drops
 an event below the configured level *before* building it: a debug call on the
 per-request hot path then costs one dict lookup and a comparison.
+
+What an operator reads at ``info`` is one access line per request and the events that
+need them (docs/operations.md, "Logs").  Two helpers keep it that way:
+
+- :class:`_LevelFilter` treats Twisted's per-connection chatter ("Starting factory",
+  "Stopping factory", a port opening or closing) as debug, whatever level Twisted
+  gives it: every Nextcloud lookup, upstream or tunnel connection would otherwise
+  add a line.
+- :class:`Throttle` lets a warning about a lasting condition (a misconfigured reverse
+  proxy) be said once per interval instead of once per request, at the cost of one
+  comparison per request while it is quiet.
 """
 
 from __future__ import annotations
@@ -31,6 +42,9 @@ _PRIORITY: Final = {
 }
 _BY_NAME: Final = {"debug": 0, "info": 1, "warning": 2, "error": 3}
 _threshold = [_BY_NAME["info"]]
+
+#: Twisted's own per-connection events, shown only at debug.
+_NOISE_FORMATS: Final = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
 
 
 def set_level(name: str) -> None:
@@ -81,7 +95,57 @@ class _LevelFilter:
         namespace = event.get("log_namespace") or ""
         if namespace.startswith("harp"):
             return PredicateResult.maybe
+        if is_noise(event):
+            return PredicateResult.maybe if _threshold[0] == 0 else PredicateResult.no
         level = event.get("log_level")
         if level is None or _PRIORITY.get(level, 4) >= _threshold[0]:
             return PredicateResult.maybe
         return PredicateResult.no
+
+
+def level_filter() -> ILogFilterPredicate:
+    """The predicate :func:`govern_all_loggers` installs, for observers set up elsewhere
+    (a worker process builds its own)."""
+    return _LevelFilter()
+
+
+def is_noise(event: LogEvent) -> bool:
+    """Is *event* Twisted's per-connection chatter (a debug matter, whatever its level)?
+
+    A factory starting or stopping (each outgoing connection of an HTTP client pool
+    has its own factory), and the legacy lines of a listening port opening
+    (``<factory> starting on <port>``) or closing (``(TCP Port <port> Closed)``), which
+    FRP tunnel ports do per registered proxy.  HaRP logs its own listeners by name.
+    """
+    if event.get("log_format") in _NOISE_FORMATS:
+        return True
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    text = event.get("log_text")
+    if not isinstance(text, str):
+        return False
+    return " starting on " in text or (text.startswith("(") and text.endswith(" Closed)"))
+
+
+class Throttle:
+    """At most one "go" per *interval* seconds: for warnings about a lasting condition.
+
+    Pure (the caller passes the time, e.g. the request's start, which it already has).
+    On the hot path the caller first compares ``now >= throttle.next_at`` inline, so a
+    quiet throttle costs one comparison; only then does it check the condition and
+    call :meth:`fire`.
+    """
+
+    __slots__ = ("interval", "next_at")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        #: The earliest time the next warning may be given (monotonic seconds).
+        self.next_at = float("-inf")
+
+    def fire(self, now: float) -> bool:
+        """True (and quiet for *interval* from *now*) if a warning is due at *now*."""
+        if now < self.next_at:
+            return False
+        self.next_at = now + self.interval
+        return True

@@ -21,6 +21,9 @@ proxy needs on top of it:
 - **Either end closes both** (HAProxy's and frp's full close).  Producers are
   unregistered first: a transport still holding a paused producer would wait for it
   instead of closing.
+- **An account.**  Bytes passed each way are counted (two integer additions per
+  chunk) and *on_closed* is told once when the relay ends, however it ends: a
+  WebSocket's access line is written then (docs/operations.md, "Logs").
 
 The relay owns no protocol: its owner's protocols feed it (``from_client``,
 ``from_upstream``, ``client_lost``, ``upstream_lost``), because each side's protocol
@@ -76,13 +79,18 @@ class Relay:
         clock: IReactorTime,
         idle: float | None,
         on_idle: Callable[[], None],
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.upstream: RelaySide | None = None
         self.clock = clock
         self.idle = idle
         self.on_idle = on_idle
+        self.on_closed = on_closed
         self.closed = False
+        #: Bytes passed on from the client to the upstream, and back.
+        self.bytes_up = 0
+        self.bytes_down = 0
         self._early: list[bytes] = []
         self._timer: IDelayedCall | None = None
         client.pauseProducing()  # nowhere to send the client's bytes yet
@@ -97,6 +105,7 @@ class Relay:
         self.client.registerProducer(upstream, True)
         early, self._early = self._early, []
         for data in early:
+            self.bytes_up += len(data)
             upstream.write(data)
         if self.idle is not None:
             self._timer = self.clock.callLater(self.idle, self._idle)
@@ -111,12 +120,14 @@ class Relay:
             self._early.append(data)
             return
         self._touch()
+        self.bytes_up += len(data)
         self.upstream.write(data)
 
     def from_upstream(self, data: bytes) -> None:
         if self.closed:
             return
         self._touch()
+        self.bytes_down += len(data)
         self.client.write(data)
 
     # --- ends
@@ -155,6 +166,9 @@ class Relay:
         self._early.clear()
         cancel(self._timer)
         self._timer = None
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
         return True
 
     def _touch(self) -> None:

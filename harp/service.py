@@ -110,7 +110,15 @@ class ListenerService(Service):
 
 
 class LogLevelService(Service):
-    """Applies ``HP_LOG_LEVEL`` to Twisted's own loggers once twistd's observers exist."""
+    """Applies ``HP_LOG_LEVEL`` to Twisted's own loggers once twistd's observers exist.
+
+    twistd installs them after ``makeService`` and before ``privilegedStartService``;
+    this service comes first, so even the listeners' "starting on" lines are governed.
+    """
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        logs.govern_all_loggers()
 
     def startService(self) -> None:
         super().startService()

@@ -13,7 +13,7 @@ with the checked path and the canonical query, without HaRP's secrets.
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Final
+from typing import Final, cast
 
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
@@ -28,11 +28,9 @@ from harp.docker.engines import (
     refuse_selection,
     requested_port,
 )
-from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.proxy import ExAppProxy
-
-log = HarpLogger("harp.docker")
+from harp.web.site import HarpRequest
 
 #: Never sent to an engine: HaRP's shared key (also inside AppAPI's Basic auth) is no
 #: business of a remote engine's frpc host.
@@ -52,9 +50,10 @@ class DockerPassthrough:
             port = requested_port(request)
             allowed = allowed_request(request.method, rest, query)
             if allowed is None:
-                log.info("docker passthrough denied: {method} {path}",
-                         method=request.method.decode("latin-1"),
-                         path=_printable(rest + (b"?" + query if query else b"")))
+                # Said in the request's access line (docs/operations.md, "Logs").
+                cast(HarpRequest, request).detail = "not in the Docker allow-list: " + _printable(
+                    rest + (b"?" + query if query else b"")
+                )
                 responses.finish(request, responses.error(request, 403))
                 return
             self.endpoints.require(port)

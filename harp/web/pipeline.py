@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from twisted.web.server import Request
 
 from harp.client_address import ClientAddressResolver
 from harp.exapps import PUBLIC, ExAppRecord, Route, synthesized
-from harp.logs import HarpLogger
+from harp.logs import HarpLogger, Throttle
 from harp.nextcloud import NextcloudClient, NextcloudError
 from harp.state import ANONYMOUS, State
 from harp.web.headers import KeyCheck, last_header
+from harp.web.site import HarpRequest
 from harp.web.target import endpoint_key, normalise_path, valid_target
 
 log = HarpLogger("harp.pipeline")
@@ -36,6 +38,27 @@ _SIGNED_HEADERS: Final = (
 #: ExApp endpoints only AppAPI may call (signed requests).
 _APPAPI_ONLY: Final = frozenset({b"/heartbeat", b"/init", b"/enabled"})
 CONTROL_APP: Final = b"app_api"
+
+#: Seconds between two warnings about requests that lost their ``/exapps`` prefix, and
+#: about forwarding headers from a peer outside ``HP_TRUSTED_PROXY_IPS``.
+STRIPPED_WARNING_INTERVAL: Final = 60.0
+UNTRUSTED_WARNING_INTERVAL: Final = 3600.0
+#: Seconds between two warnings about failing Nextcloud lookups (each failed request
+#: says it in its access line).
+NEXTCLOUD_WARNING_INTERVAL: Final = 60.0
+
+#: The 404 body for a request that reached HaRP without its ``/exapps`` prefix.  The
+#: status is the one any path without an app id gets (reference behaviour); the body
+#: starts like the generic one and then says what is wrong and how to fix it.
+STRIPPED_BODY: Final = (
+    b"404 Not Found\n\n"
+    b"HaRP received this request without the /exapps/ prefix: the reverse proxy in front "
+    b"of HaRP strips it (e.g. nginx `proxy_pass http://harp:8780/;` under "
+    b"`location /exapps/`).\n"
+    b"Fix: pass the path on unchanged, e.g. `proxy_pass http://harp:8780;` (no path after "
+    b"the port) or `proxy_pass http://harp:8780/exapps/;`.\n"
+    b"See docs/deployment.md in HaRP's repository.\n"
+)
 
 
 def has_dotdot(path: bytes) -> bool:
@@ -91,6 +114,8 @@ class Reply:
 
     status: int
     reason: str
+    #: A body of its own instead of the generic one for ``status``.
+    body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +153,89 @@ class Pipeline:
         self.nextcloud = nextcloud
         self.key_ok = key_ok
         self.resolver = resolver
+        self._untrusted_warning = Throttle(UNTRUSTED_WARNING_INTERVAL)
+        self._stripped_warning = Throttle(STRIPPED_WARNING_INTERVAL)
+        self._nextcloud_warning = Throttle(NEXTCLOUD_WARNING_INTERVAL)
 
-    def client_address(self, request: Request) -> str:
+    def client_address(self, request: Request, now: float | None = None) -> str:
         """The address failures are charged to: every X-Forwarded-For line goes to the
-        resolver, which walks them from the right (docs/differences.md#11)."""
+        resolver, which walks them from the right (docs/differences.md#11).
+
+        With ``now`` (the request's start, monotonic), forwarding headers from a peer
+        outside ``HP_TRUSTED_PROXY_IPS`` are reported once an hour; while that warning
+        is quiet this costs one comparison.
+        """
         peer = request.getClientAddress()
         host = getattr(peer, "host", None) or "unix"
         headers = request.requestHeaders
         xff = headers.getRawHeaders(b"x-forwarded-for")
         xri = headers.getRawHeaders(b"x-real-ip")
-        return self.resolver.resolve(host, xff, xri[-1] if xri else None)
+        client = self.resolver.resolve(host, xff, xri[-1] if xri else None)
+        # An untrusted peer is always charged itself; a trusted one almost never is.
+        if (
+            now is not None and now >= self._untrusted_warning.next_at and client == host
+            and (xff or xri)
+        ):
+            self._untrusted_forwarding(host, now)
+        return client
+
+    def _untrusted_forwarding(self, peer: str, now: float) -> None:
+        if self.resolver.is_trusted(peer) or not self._untrusted_warning.fire(now):
+            return
+        log.warn(
+            "requests from {peer} carry X-Forwarded-For or X-Real-IP, but {peer} is not in "
+            "HP_TRUSTED_PROXY_IPS: HaRP ignores those headers and charges every failure to "
+            "{peer}, so all users behind that proxy share one ban bucket and one attacker "
+            "can get everybody locked out, Nextcloud's own control calls included.  If "
+            "{peer} is your reverse proxy, set HP_TRUSTED_PROXY_IPS={peer} (comma-separated "
+            "addresses or CIDR networks, see docs/configuration.md).  "
+            "This warning repeats at most once an hour.",
+            peer=peer,
+        )
+
+    def stripped_prefix(self, request: Request, path: bytes) -> bool:
+        """Does a path without an app id look like ``/exapps/...`` with the prefix cut off?
+
+        Asked only for a path already refused for lacking ``exapps/<id>`` (never on the
+        way of a real ExApp request), and only believed for a first segment that names
+        the control plane (``/app_api/...``), an ExApp HaRP already holds a record of,
+        or the ExApp that the request's own ``EX-APP-ID`` header names (AppAPI's
+        calls).  No Nextcloud lookup: that would let any client make HaRP ask Nextcloud
+        about made-up names.  A made-up path of that shape only gets the explanatory
+        body instead of the generic one, with the same status.
+        """
+        first = path[1:].split(b"/", 1)[0]
+        if not first or first == b"exapps":
+            return False
+        if first != CONTROL_APP:
+            app_id = first.decode("latin-1").lower()
+            named = last_header(request, b"ex-app-id")
+            if self.state.get_exapp(app_id) is None and (
+                named is None or named.decode("latin-1").lower() != app_id
+            ):
+                return False
+        if self._stripped_warning.fire(time.monotonic()):
+            log.warn(
+                "{method} {path} from {peer}: requests arrive without the /exapps/ prefix, "
+                "so every ExApp request fails with 404.  The reverse proxy in front of HaRP "
+                "strips it (e.g. nginx `proxy_pass http://harp:8780/;` under "
+                "`location /exapps/`); pass the path on unchanged: "
+                "`proxy_pass http://harp:8780;` or `proxy_pass http://harp:8780/exapps/;` "
+                "(docs/deployment.md).  This warning repeats at most once a minute.",
+                method=request.method.decode("latin-1"), path=path.decode("latin-1"),
+                peer=getattr(request.getClientAddress(), "host", "-"),
+            )
+        return True
+
+    def nextcloud_failed(self, request: Request, what: str, app_id: str, error: str) -> None:
+        """A Nextcloud lookup failed: said in the request's access line, and as a warning
+        at most once a minute (an outage would otherwise warn once per request)."""
+        cast(HarpRequest, request).detail = f"{what} failed: {error}"
+        if self._nextcloud_warning.fire(time.monotonic()):
+            log.warn(
+                "{what} for {app} failed: {error} (repeated failures in the next minute are "
+                "only in the access lines)", what=what, app=app_id, error=error,
+            )
 
     def fail(self, client: str, why: str) -> None:
         """Count a brute-force failure; log the ban when it starts."""
@@ -174,6 +272,8 @@ class Pipeline:
         if split is None:
             if not key_valid:
                 self.fail(client, "no app id")
+            if self.stripped_prefix(request, path):
+                return Reply(404, "no /exapps/ prefix", STRIPPED_BODY)
             return Reply(404, "no app id in path")
         app_raw, target = split
         if app_raw == CONTROL_APP:
@@ -194,7 +294,7 @@ class Pipeline:
                 try:
                     record = await self.nextcloud.exapp_meta(app_id)
                 except NextcloudError as exc:
-                    log.warn("exapp-meta for {app} failed: {error}", app=app_id, error=str(exc))
+                    self.nextcloud_failed(request, "exapp-meta", app_id, str(exc))
                     return Reply(404, "ExApp metadata unavailable")
             if record is None:
                 if not key_valid:
@@ -220,7 +320,7 @@ class Pipeline:
                 else:
                     log.debug("user lookup limit reached for {client}", client=client)
             except NextcloudError as exc:
-                log.warn("user-info for {app} failed: {error}", app=app_id, error=str(exc))
+                self.nextcloud_failed(request, "user-info", app_id, str(exc))
                 return Reply(401, "user lookup failed")
 
         route = match_route(record.routes, target.decode("latin-1"))

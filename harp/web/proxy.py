@@ -147,17 +147,18 @@ class _Forward:
             return
         host, port = self.key
         if failure.check(DNSLookupError) and self.on_unresolvable is not None:
+            cast(HarpRequest, self.request).detail = f"upstream host {host} does not resolve"
             self._end()
             if not responses.gone(self.request):
                 self.on_unresolvable()
             return
+        # Said in the request's access line (docs/operations.md, "Logs").
+        request = cast(HarpRequest, self.request)
         if failure.check(ConnectError, TimeoutError, CancelledError, DNSLookupError):
-            log.info("upstream {host}:{port} unreachable: {error}", host=host, port=port,
-                     error=failure.getErrorMessage())
+            request.detail = f"upstream {host}:{port} unreachable: {failure.getErrorMessage()}"
             self._fail_with(503, None)
         else:
-            log.info("upstream {host}:{port} failed: {error}", host=host, port=port,
-                     error=failure.getErrorMessage())
+            request.detail = f"upstream {host}:{port} failed: {failure.getErrorMessage()}"
             self._fail_with(502, BAD_GATEWAY)
 
     # --- ExchangeHandler
@@ -205,7 +206,7 @@ class _Forward:
             self._connect()
             return
         host, port = self.key
-        log.info("upstream {host}:{port} failed: {error}", host=host, port=port, error=reason)
+        cast(HarpRequest, self.request).detail = f"upstream {host}:{port} failed: {reason}"
         if before_response and not self.request.startedWriting:
             self._fail_with(502, BAD_GATEWAY)
         else:
@@ -221,11 +222,15 @@ class _Forward:
         self.timed_out = True
         self._drop_upstream()
         if self.request.startedWriting:
-            log.info("upstream idle for {idle}s mid-response: aborting",
-                     idle=self.proxy.server_timeout)
+            cast(HarpRequest, self.request).detail = (
+                f"upstream idle for {self.proxy.server_timeout:g}s mid-response"
+            )
             self._end()
             responses.abort(self.request)
         else:
+            cast(HarpRequest, self.request).detail = (
+                f"no answer from the upstream within {self.proxy.server_timeout:g}s"
+            )
             self._fail_with(504, GATEWAY_TIMEOUT)
 
     def _client_gone(self) -> None:

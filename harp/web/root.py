@@ -60,7 +60,7 @@ class Root(Resource):
         self.docker = docker
 
     def render(self, request: Request) -> int:  # type: ignore[override]
-        client = self.pipeline.client_address(request)
+        client = self.pipeline.client_address(request, cast(HarpRequest, request).started)
         deciding = self.pipeline.decide(request, client)
         # Most requests are decided without waiting (banned, public route, cached session,
         # known ExApp): run the coroutine's first step here and act at once, sparing the
@@ -92,7 +92,11 @@ class Root(Resource):
         elif isinstance(verdict, Reply):
             # Do not make the client upload a body nobody will read.
             request.close_early()
-            responses.finish(request, responses.error(request, verdict.status))
+            responses.finish(
+                request,
+                responses.error(request, verdict.status) if verdict.body is None
+                else responses.send(request, verdict.status, verdict.body),
+            )
         elif isinstance(verdict, ControlPlaneCall):
             self._control(verdict, request)
         elif isinstance(verdict, Drop):

@@ -234,7 +234,14 @@ class HarpRequest(Request):
     _finish_pending = False
     started: float = 0.0
     app_id: str = "-"
+    #: Why HaRP dropped the request (no response): the access line says ``drop``.
     note: str = ""
+    #: What went wrong besides the status (an unreachable upstream...), for the access line.
+    detail: str = ""
+    #: Set once the access line is written: exactly one per request.
+    logged = False
+    #: For an upgraded connection: (seconds until the 101, bytes up, bytes down).
+    tunnel: tuple[float, int, int] | None = None
     # A proxied response without Content-Type must stay without one.
     defaultContentType = None
 
@@ -280,7 +287,8 @@ class HarpRequest(Request):
             return
         received = self._body_bytes - self._rate_mark
         if not self._paused and received < MIN_BODY_RATE * channel.head_timeout:
-            log.info("request body slower than {rate} B/s: closing", rate=MIN_BODY_RATE)
+            # The access line says it (written when the connection closes).
+            log.debug("request body slower than {rate} B/s: closing", rate=MIN_BODY_RATE)
             self.note = "slow request body"
             channel.body_too_slow(bool(self.startedWriting))
             return
@@ -358,6 +366,14 @@ class HarpRequest(Request):
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None and not self.finished:
             on_lost()
+        if not self.finished and not self.logged and self.started:
+            # Ended without finish() (client gone, response aborted, connection cut):
+            # still one access line.  A request whose head never completed has none.
+            if not self.note and not self.detail:
+                self.detail = "client gone"
+            site = getattr(self, "site", None)
+            if site is not None:
+                site.log(self)
 
     def pause_client(self) -> None:
         self._paused = True
@@ -400,26 +416,61 @@ class HarpSite(Site):
 
 
     def log(self, request: http.Request) -> None:
-        if not isinstance(request, HarpRequest):
+        """The request's one access line (docs/operations.md, "Logs") and its metrics.
+
+        Called by ``finish()``, by the root for a dropped request, by the request when
+        its connection ends without a finished response, and by an upgrade when its
+        tunnel closes; whichever comes first writes the line.
+        """
+        if not isinstance(request, HarpRequest) or request.logged:
             return
+        request.logged = True
         elapsed = time.monotonic() - request.started
+        tunnel = request.tunnel
         if request.note:
             self.metrics.drop(request.note)
-        else:
+        elif tunnel is not None:
+            # The time to the 101, not the tunnel's life, belongs with response times.
+            self.metrics.response(101, tunnel[0])
+        elif not request._disconnected:
+            # From finish() (which sets ``finished`` only after logging); a request whose
+            # connection ended first sent no complete response to count.
             self.metrics.response(request.code, elapsed)
         if not logs.enabled(LogLevel.info):
             return
         client = request.getClientAddress()
         log.info(
-            "{client} {method} {path} {status} app={app} {ms:.1f}ms{note}",
+            "{client} {method} {path} {status} app={app} {ms:.1f}ms{extra}",
             client=getattr(client, "host", "-"),
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
-            status="drop" if request.note else request.code,
+            status=_status(request),
             app=request.app_id,
             ms=elapsed * 1000,
-            note=f" ({request.note})" if request.note else "",
+            extra=_extra(request),
         )
+
+
+def _status(request: HarpRequest) -> str | int:
+    """``drop`` (closed unanswered on purpose), the status sent, or ``-`` (none sent)."""
+    if request.note:
+        return "drop"
+    if request.tunnel is not None:
+        return 101
+    return request.code if request.startedWriting else "-"
+
+
+def _extra(request: HarpRequest) -> str:
+    """The access line's tail: a tunnel's bytes, and why a request ended as it did."""
+    parts = []
+    tunnel = request.tunnel
+    if tunnel is not None:
+        parts.append(f"tunnel {tunnel[1]} B up, {tunnel[2]} B down")
+    if request.note:
+        parts.append(request.note)
+    if request.detail:
+        parts.append(request.detail)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 class _Refuse(BaseProtocol):

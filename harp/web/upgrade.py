@@ -17,10 +17,16 @@ States: ``connecting`` → ``head`` → ``switched`` | ``refused`` → ``closed`
 ``switched`` the ExApp has ``HP_TIMEOUT_SERVER`` per step; once switched, the relay's
 idle limit is ``HP_TIMEOUT_TUNNEL`` (default: the server timeout; 0 = never), so an
 idle WebSocket is not cut at the client timeout.
+
+The access line of a switched connection is written when the tunnel closes, not when
+the ``101`` is relayed: only then are its length and the bytes it carried known, and
+one line per request must say how it ended (docs/operations.md, "Logs").  The switch
+itself is logged at debug.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -94,14 +100,16 @@ class WebSocketUpgrade:
         self.chunks: _ChunkedTransferDecoder | None = None
 
     def start(self, endpoint: IStreamClientEndpoint) -> None:
-        connecting = endpoint.connect(Factory.forProtocol(lambda: _Upstream(self)))
+        factory = Factory.forProtocol(lambda: _Upstream(self))
+        factory.noisy = False  # a "Starting factory" line per WebSocket otherwise
+        connecting = endpoint.connect(factory)
         connecting.addErrback(self._connect_failed)
         self.request.notifyFinish().addErrback(lambda _: self._client_gone())
 
     def _connect_failed(self, failure: Failure) -> None:
         if self.state == "connecting":
             self.state = "closed"
-            log.info("upgrade: upstream unreachable: {error}", error=failure.getErrorMessage())
+            self.request.detail = f"upstream unreachable: {failure.getErrorMessage()}"
             self.on_failure(503)
 
     @property
@@ -139,7 +147,7 @@ class WebSocketUpgrade:
         elif state == "head":
             self.state = "closed"
             self._cancel_timer()
-            log.info("upgrade: upstream closed before answering")
+            self.request.detail = "upstream closed before answering"
             self.on_failure(502)
         elif state == "refused":
             if self.framing == "close":
@@ -179,7 +187,14 @@ class WebSocketUpgrade:
         self.state = "switched"
         self._cancel_timer()
         client = self.client
-        self.relay = relay = Relay(client, self.clock, self.idle, self._idle)
+        request = self.request
+        request.code = head.status
+        switched = time.monotonic() - request.started
+        log.debug("upgrade: {path} switched to {protocol}", path=request.path,
+                  protocol=self.protocol)
+        self.relay = relay = Relay(
+            client, self.clock, self.idle, self._idle, lambda: self._tunnel_closed(switched)
+        )
         # From here on the client connection is the relay's, not HTTP's.
         self.channel.hand_over(relay)
         client.write(head.raw)
@@ -188,8 +203,17 @@ class WebSocketUpgrade:
         if rest:
             relay.from_upstream(rest)
 
+    def _tunnel_closed(self, switched: float) -> None:
+        """The relay ended: write the request's access line, with what it carried."""
+        relay, request = self.relay, self.request
+        assert relay is not None
+        request.tunnel = (switched, relay.bytes_up, relay.bytes_down)
+        site = getattr(request, "site", None)
+        if site is not None:
+            site.log(request)
+
     def _idle(self) -> None:
-        log.info("upgraded connection idle for {idle}s: closing", idle=self.idle)
+        self.request.detail = f"idle for {self.idle:g}s"
         self.state = "closed"
         assert self.relay is not None
         self.relay.close()
@@ -252,7 +276,7 @@ class WebSocketUpgrade:
             request.finish()  # the client connection goes on with HTTP
 
     def _bad_gateway(self, why: str) -> None:
-        log.info("upgrade: bad answer from upstream: {why}", why=why)
+        self.request.detail = f"bad answer from upstream: {why}"
         self.state = "closed"
         self._cancel_timer()
         self._close_upstream()

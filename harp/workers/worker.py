@@ -290,7 +290,7 @@ def _observer(index: int, level: str, out: IO[str]) -> FilteringLogObserver:
     levels = {"debug": LogLevel.debug, "info": LogLevel.info, "warning": LogLevel.warn,
               "error": LogLevel.error}
     return FilteringLogObserver(
-        FileLogObserver(out, fmt), [LogLevelFilterPredicate(levels[level])]
+        FileLogObserver(out, fmt), [logs.level_filter(), LogLevelFilterPredicate(levels[level])]
     )
 
 

@@ -301,6 +301,10 @@ def test_killed_client_frees_its_port(
         harp_tls, proxies=[FrpcProxy("victim", remote_port=port, unix_path=backend.path)]
     )
     _expect_tunnel(again, harp_tls, "victim", port)
+    # A tunnel port opening and closing is Twisted's debug chatter, not an info line
+    # (docs/operations.md, "Logs"); HaRP runs at info here.
+    out = harp_tls.output()
+    assert f"starting on {port}" not in out and f"Port {port} Closed" not in out, out[-2000:]
 
 
 def test_ipv6_bad_token_logins_ban_the_address(

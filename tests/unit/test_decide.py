@@ -195,6 +195,73 @@ def test_no_app_id_is_404(world: World, key_headers: dict[bytes, bytes]) -> None
     assert world.charged() == (not key_headers)  # the key exempts a misrouted Nextcloud
 
 
+STRIPPED = P.Reply(404, "no /exapps/ prefix", P.STRIPPED_BODY)
+
+
+@pytest.mark.parametrize(
+    ("uri", "headers"),
+    [
+        (b"/app_api/info", WITH_KEY),  # Nextcloud's control call behind the stripping proxy
+        (b"/app_api/docker/exapp/exists", {}),
+        (b"/myapp/public", {}),  # an ExApp HaRP holds the record of
+        (b"/MyApp/public?x=1", {}),  # app ids are compared lower-cased
+        (b"//myapp", {}),  # `location /exapps` (no slash) with `proxy_pass http://h:8780/;`
+        (b"/other/heartbeat", {b"ex-app-id": b"Other"}),  # AppAPI names the app itself
+    ],
+)
+def test_stripped_prefix_gets_the_explaining_404(
+    world: World, uri: bytes, headers: dict[bytes, bytes]
+) -> None:
+    world.state.put_exapp(APP, record())
+    assert world.decide(uri, headers) == STRIPPED
+    assert world.charged() == (b"harp-shared-key" not in headers)  # counted as before
+    assert world.nextcloud.meta_calls == []  # never asks Nextcloud about a guess
+
+
+@pytest.mark.parametrize(
+    ("uri", "headers"),
+    [
+        (b"/myapp/public", {}),  # not held: could be anything
+        (b"/other/heartbeat", {b"ex-app-id": b"myapp"}),  # the header names another app
+        (b"/exapps", {}),
+        (b"/exapps/", {}),
+        (b"/", {}),
+        (b"/favicon.ico", {}),
+    ],
+)
+def test_other_paths_without_an_app_id_keep_the_generic_404(
+    world: World, uri: bytes, headers: dict[bytes, bytes]
+) -> None:
+    assert world.decide(uri, headers) == P.Reply(404, "no app id in path")
+
+
+def test_real_exapp_paths_never_meet_the_stripped_check(known: World) -> None:
+    known.state.put_exapp(APP, record())
+    for uri in (b"/exapps/myapp/public", b"/nc/exapps/myapp/public", b"/exapps/app_api/info"):
+        assert known.decide(uri, WITH_KEY) != STRIPPED, uri
+
+
+def test_untrusted_forwarding_is_checked_only_when_the_warning_is_due(world: World) -> None:
+    """The once-an-hour warning: quiet, it is one comparison per request."""
+    request = make_request(b"/exapps/myapp/public", {b"x-forwarded-for": b"198.51.100.7"})
+    throttle = world.pipeline._untrusted_warning
+    assert world.pipeline.client_address(request, 1000.0) == CLIENT
+    assert throttle.next_at == 1000.0 + P.UNTRUSTED_WARNING_INTERVAL  # fired
+    assert world.pipeline.client_address(request, 2000.0) == CLIENT
+    assert throttle.next_at == 1000.0 + P.UNTRUSTED_WARNING_INTERVAL  # quiet
+    plain = make_request(b"/exapps/myapp/public", {})
+    assert world.pipeline.client_address(plain, 10_000.0) == CLIENT
+    assert throttle.next_at == 1000.0 + P.UNTRUSTED_WARNING_INTERVAL  # nothing forwarded
+
+
+def test_trusted_proxy_forwarding_is_not_warned_about() -> None:
+    world = World()
+    world.pipeline.resolver = ClientAddressResolver(parse_trusted_proxies(CLIENT)[0])
+    request = make_request(b"/", {b"x-forwarded-for": b"garbage"})  # charged to the proxy
+    assert world.pipeline.client_address(request, 1000.0) == CLIENT
+    assert world.pipeline._untrusted_warning.next_at == float("-inf")
+
+
 # --- the control plane
 
 

@@ -89,3 +89,17 @@ def test_abort_drops_both() -> None:
     relay.abort()
     assert client.disconnected and upstream.disconnected
     assert not clock.getDelayedCalls()
+
+
+def test_bytes_counted_and_the_owner_told_once_of_the_end() -> None:
+    client, ended = StringTransport(), []
+    relay = Relay(client, Clock(), None, lambda: None, lambda: ended.append(True))
+    relay.from_client(b"early")
+    relay.connect(StringTransport())
+    relay.from_client(b"abc")
+    relay.from_upstream(b"1234567")
+    assert (relay.bytes_up, relay.bytes_down) == (8, 7)
+    relay.upstream_lost()
+    relay.client_lost()
+    relay.close()
+    assert ended == [True]

@@ -10,6 +10,7 @@ The proxy and the Docker passthrough are fakes that record what they were given.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,10 +18,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from harp import __version__
+from harp import __version__, logs
 from harp.client_address import ClientAddressResolver, parse_trusted_proxies
 from harp.exapps import parse_record
 from harp.state.memory import MemoryState
@@ -340,3 +342,55 @@ def test_decision_that_waits_is_resumed_where_it_stopped(
     else:
         second.errback(RuntimeError("Nextcloud client bug"))
         assert Parsed(transport.value()).status == 503
+
+
+# --- the access log: one line per request, however it ends
+
+
+@pytest.fixture
+def access_lines() -> Iterator[list[str]]:
+    """The access lines logged during the test, formatted."""
+    lines: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "harp.access":
+            lines.append(formatEvent(event))
+
+    logs.set_level("info")
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_answered_and_dropped_requests_have_one_line_each(
+    server: Server, access_lines: list[str]
+) -> None:
+    server.exchange(get(b"/exapps/myapp/page"))
+    dropped, _ = server.connect()
+    dropped.dataReceived(get(b"/exapps/x/../y") + b"\r\n")
+    dropped.connectionLost(Failure(ConnectionDone()))
+    assert len(access_lines) == 2, access_lines
+    assert access_lines[0].startswith(f"{CLIENT} GET /exapps/myapp/page 200 app=myapp ")
+    assert " GET /exapps/x/../y drop app=- " in access_lines[1]
+    assert access_lines[1].endswith("(dot-dot or malformed path)")
+
+
+def test_request_cut_short_still_gets_its_line(server: Server, access_lines: list[str]) -> None:
+    """The fake proxy never answers an upgrade: the client leaves first."""
+    channel, _ = server.connect()
+    upgrade = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    channel.dataReceived(get(b"/exapps/myapp/ws", upgrade) + b"\r\n")
+    assert server.proxy.upgraded and access_lines == []
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert len(access_lines) == 1, access_lines
+    assert " GET /exapps/myapp/ws - app=myapp " in access_lines[0]
+    assert access_lines[0].endswith("(client gone)")
+    assert server.site.metrics.responses == {}  # nothing was answered
+
+
+def test_stripped_prefix_answered_with_the_fix(server: Server) -> None:
+    transport = server.exchange(get(b"/myapp/page"))
+    answer = Parsed(transport.value())
+    assert (answer.status, answer.body) == (404, P.STRIPPED_BODY)
+    assert answer.headers[b"content-length"] == b"%d" % len(P.STRIPPED_BODY)
+    assert not transport.disconnecting
