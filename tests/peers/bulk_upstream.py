@@ -8,7 +8,8 @@ opens to it.
 - ``GET /bytes/<n>[?chunked=1]``  n deterministic bytes (``pattern(n)``), Content-Length
   or chunked framing.
 - ``POST|PUT /upload``             reads the body (Content-Length or chunked) and answers
-  ``{"length": n, "sha256": hex}``.
+  ``{"length": n, "sha256": hex}``; ``uploaded`` counts the body bytes received so far,
+  so a test can tell a streamed upload from one a proxy buffered first.
 - ``GET /sse?n=3&interval=0.5``    n server-sent events, ``interval`` seconds apart.
 - ``GET /headers``                 the request headers it received, as JSON.
 - ``GET /hang``                    never answers (until the server stops).
@@ -103,6 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
                 while remaining:
                     data = self.rfile.read(min(remaining, 1 << 16))
                     digest.update(data)
+                    self._count(len(data))
                     remaining -= len(data)
                 length += size
                 self.rfile.readline()
@@ -113,11 +115,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if not data:
                     break
                 digest.update(data)
+                self._count(len(data))
                 length += len(data)
                 remaining -= len(data)
         self._send(200, json.dumps({"length": length, "sha256": digest.hexdigest()}).encode())
 
     do_PUT = do_POST
+
+    def _count(self, n: int) -> None:
+        with self.server.owner.lock:
+            self.server.owner.uploaded += n
 
     def _bytes(self, n: int, chunked: bool) -> None:
         self.send_response(200)
@@ -174,6 +181,7 @@ class BulkUpstream(Peer):
         self.unix_path = unix_path
         self.lock = threading.Lock()
         self.connections = 0
+        self.uploaded = 0
         self.stopping = threading.Event()
         self._server: _TCPServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None
