@@ -6,9 +6,12 @@ serves Nextcloud: nginx gets a regex location for static files like Nextcloud's 
 (which a plain ``location /exapps/`` would lose ExApp URLs to), Caddy a catch-all answer.
 Through each server the tests check what operators report broken behind a proxy: ExApp
 pages (GET with a query, POST with a body), a WebSocket (``Upgrade``/``Connection``), an SSE
-stream arriving event by event, a 50 MB upload reaching the ExApp intact and while it is
-still being sent (with ``Content-Length``, and chunked), and bans charged to the client
-behind the proxy through ``HP_TRUSTED_PROXY_IPS`` and the proxy's ``X-Forwarded-For``.
+stream arriving event by event, a download held back while its reader pauses, a 50 MB
+upload reaching the ExApp intact and while it is still being sent (with
+``Content-Length``, and chunked), and bans charged to the client behind the proxy through
+``HP_TRUSTED_PROXY_IPS`` and the proxy's ``X-Forwarded-For``.  nginx runs twice: as the
+README has it, and reaching HaRP's HTTPS frontend as docs/deployment.md's separate-host
+recipe has it (the guide's ``proxy_pass`` replacement lines, certificate verified).
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ import http.client
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import peer_missing
+from tests.conftest import peer_missing, self_signed_pem
 from tests.interop.conftest import APP, ROUTES, ok, public_record, record_for, request
-from tests.peers.bulk_upstream import BulkUpstream
+from tests.peers.bulk_upstream import BulkUpstream, pattern_sha256
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
 from tests.peers.harp import HarpProcess
 from tests.peers.web_server import (
+    HARP_PLACEHOLDER,
     CaddyProcess,
     NginxProcess,
     ProxyUnavailable,
@@ -44,8 +48,15 @@ pytestmark = pytest.mark.interop
 MB = 1 << 20
 #: Where the web server connects from, as HaRP sees it: the one trusted proxy.
 PROXY_ADDRESS = "127.0.0.1"
+#: The web servers under test: nginx and Caddy as in the README, and nginx reaching HaRP's
+#: HTTPS frontend as in the guide's separate-host recipe.
+FRONTS = ["nginx", "caddy", "nginx-https"]
 #: Client addresses of the ban test, one pair per server so the bans never meet.
-CLIENTS = {"nginx": ("127.0.0.61", "127.0.0.71"), "caddy": ("127.0.0.62", "127.0.0.72")}
+CLIENTS = {name: (f"127.0.0.{61 + i}", f"127.0.0.{71 + i}") for i, name in enumerate(FRONTS)}
+#: The name in HaRP's certificate, and the guide's placeholders of the HTTPS variant.
+HARP_TLS_NAME = "harp.internal.example"
+HTTPS_UPSTREAM = f"{HARP_TLS_NAME}:8781"
+CA_PLACEHOLDER = "/etc/nginx/harp-ca.pem"
 
 #: What stands for Nextcloud's own site around the snippets: its answer marks a request the
 #: web server kept instead of passing to HaRP.
@@ -70,42 +81,72 @@ def nextcloud(nextcloud: FakeNextcloud, exapp: ExAppProcess,
 
 
 @pytest.fixture(scope="module")
-def harp_settings() -> dict[str, str]:
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HaRP's certificate directory: ``cert.pem`` (chain and key) turns HTTPS on."""
+    certs = tmp_path_factory.mktemp("certs")
+    self_signed_pem(certs / "cert.pem", HARP_TLS_NAME)
+    return certs
+
+
+@pytest.fixture(scope="module")
+def harp_settings(certs: Path) -> dict[str, str]:
     return {"HP_TRUSTED_PROXY_IPS": PROXY_ADDRESS, "HP_BLACKLIST_COUNT": "3",
-            "HP_BLACKLIST_WINDOW": "600"}
+            "HP_BLACKLIST_WINDOW": "600", "HP_CERTS_DIR": str(certs)}
 
 
-def start_front(kind: str, workdir: Path, harp: HarpProcess) -> NginxProcess | CaddyProcess:
-    address = f"127.0.0.1:{harp.http_port}"
+def https_server_part(harp: HarpProcess, certs: Path, workdir: Path) -> str:
+    """The README's server part with its ``proxy_pass`` line replaced by the guide's HTTPS
+    upstream lines, as the separate-host recipe says; the CA file is HaRP's certificate."""
+    pem = (certs / "cert.pem").read_text()
+    ca = workdir / "harp-ca.pem"
+    ca.write_text(pem[: pem.index("-----BEGIN PRIVATE KEY-----")])
+    upstream = fill(readme_snippet("nginx-https-upstream", "docs/deployment.md"),
+                    {HTTPS_UPSTREAM: f"127.0.0.1:{harp.https_port}", CA_PLACEHOLDER: str(ca)})
+    lines = readme_snippet("nginx-server").splitlines(keepends=True)
+    plain = [n for n, line in enumerate(lines) if f"proxy_pass http://{HARP_PLACEHOLDER};" in line]
+    assert len(plain) == 1, "the README's nginx snippet has no single plain proxy_pass line"
+    return "".join(lines[: plain[0]]) + upstream + "".join(lines[plain[0] + 1:])
+
+
+def start_front(kind: str, workdir: Path, harp: HarpProcess,
+                certs: Path) -> NginxProcess | CaddyProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    address = {HARP_PLACEHOLDER: f"127.0.0.1:{harp.http_port}"}
     try:
+        if kind == "caddy":
+            return CaddyProcess(workdir, fill(readme_snippet("caddy"), address)
+                                + NEXTCLOUD_CADDY).start()
         if kind == "nginx":
-            server = fill(readme_snippet("nginx-server"), address) + NEXTCLOUD_NGINX
-            return NginxProcess(workdir, readme_snippet("nginx-http"), server).start()
-        return CaddyProcess(workdir, fill(readme_snippet("caddy"), address)
-                            + NEXTCLOUD_CADDY).start()
+            server = fill(readme_snippet("nginx-server"), address)
+        else:
+            server = https_server_part(harp, certs, workdir)
+        return NginxProcess(workdir, readme_snippet("nginx-http"),
+                            server + NEXTCLOUD_NGINX).start()
     except ProxyUnavailable as exc:
         peer_missing(str(exc))
         raise AssertionError("unreachable") from exc
 
 
-@pytest.fixture(scope="module", params=["nginx", "caddy"])
+@pytest.fixture(scope="module", params=FRONTS)
 def front(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-          harp: HarpProcess) -> Iterator[NginxProcess | CaddyProcess]:
+          harp: HarpProcess, certs: Path) -> Iterator[NginxProcess | CaddyProcess]:
     """The web server under test, configured from the README, in front of ``harp``."""
     kind = str(request.param)
-    server = start_front(kind, tmp_path_factory.mktemp(kind), harp)
+    server = start_front(kind, tmp_path_factory.mktemp(kind), harp, certs)
+    server.kind = kind
     yield server
     server.stop()
 
 
 def test_guide_shows_the_readme_snippets() -> None:
-    """docs/deployment.md repeats the tested snippets word for word, never its own variant."""
+    """docs/deployment.md repeats the README's snippets word for word; its only snippet of
+    its own is the HTTPS upstream variant, which :func:`https_server_part` runs."""
     readme = snippets(Path("README.md"))
     assert {"nginx-http", "nginx-server", "caddy"} <= set(readme)
     guide = snippets(Path("docs/deployment.md"))
-    assert guide, "docs/deployment.md marks no snippet"
-    for name, text in guide.items():
-        assert readme.get(name) == text, f"docs/deployment.md snippet {name!r} drifted"
+    assert set(guide) == set(readme) | {"nginx-https-upstream"}
+    for name, text in readme.items():
+        assert guide[name] == text, f"docs/deployment.md snippet {name!r} drifted"
 
 
 def test_pages_get_and_post(front: NginxProcess | CaddyProcess, exapp: ExAppProcess) -> None:
@@ -158,6 +199,41 @@ def test_sse_arrives_event_by_event(front: NginxProcess | CaddyProcess) -> None:
     assert ended_at - first_at >= 0.5, ended_at - first_at
 
 
+def settled(read: Callable[[], int], quiet: float = 0.5, limit: float = 15) -> int:
+    """``read()`` once it has stopped changing for ``quiet`` seconds (or after ``limit``)."""
+    value, since, deadline = read(), time.monotonic(), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return value
+
+
+def test_download_waits_for_its_reader(front: NginxProcess | CaddyProcess,
+                                       bulk: BulkUpstream) -> None:
+    """A client that stops reading holds the upstream back, all the way through HaRP,
+    instead of the web server soaking the response up (nginx without ``proxy_buffering
+    off`` spools it into temporary files and lets the ExApp finish)."""
+    size = 128 * MB
+    before = bulk.downloaded
+    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=60)
+    try:
+        conn.request("GET", f"/exapps/bulk/bytes/{size}")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        digest = hashlib.sha256(resp.read(MB))
+        held = settled(lambda: bulk.downloaded) - before
+        while block := resp.read(1 << 16):
+            digest.update(block)
+    finally:
+        conn.close()
+    assert held < size, "the whole response left the upstream while the client read nothing"
+    assert digest.hexdigest() == pattern_sha256(size)
+
+
 def upload(port: int, size: int, chunked: bool, bulk: BulkUpstream) -> dict[str, object]:
     """POST ``size`` random bytes in 1 MiB pieces as they are produced; the upstream's
     ``{"length", "sha256"}``, ours, and whether the upload streamed.
@@ -207,8 +283,7 @@ def test_large_upload_streams_intact(front: NginxProcess | CaddyProcess, bulk: B
 
 
 def test_bans_charge_the_client_behind_the_proxy(front: NginxProcess | CaddyProcess) -> None:
-    kind = "nginx" if isinstance(front, NginxProcess) else "caddy"
-    attacker, neighbour = CLIENTS[kind]
+    attacker, neighbour = CLIENTS[front.kind]
     good = f"/exapps/{APP}/public"
     for i in range(3):
         # A forged X-Forwarded-For, new each time, must not let the client dodge its ban:

@@ -6,7 +6,8 @@ it exists to push volume and timing through HaRP and to count the connections Ha
 opens to it.
 
 - ``GET /bytes/<n>[?chunked=1]``  n deterministic bytes (``pattern(n)``), Content-Length
-  or chunked framing.
+  or chunked framing; ``downloaded`` counts the bytes handed to the socket so far, so a
+  test can tell a download that waits for its reader from one a proxy soaks up.
 - ``POST|PUT /upload``             reads the body (Content-Length or chunked) and answers
   ``{"length": n, "sha256": hex}``; ``uploaded`` counts the body bytes received so far,
   so a test can tell a streamed upload from one a proxy buffered first.
@@ -142,6 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.wfile.write(block)
             sent += len(block)
+            with self.server.owner.lock:
+                self.server.owner.downloaded += len(block)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
@@ -182,6 +185,7 @@ class BulkUpstream(Peer):
         self.lock = threading.Lock()
         self.connections = 0
         self.uploaded = 0
+        self.downloaded = 0
         self.stopping = threading.Event()
         self._server: _TCPServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None

@@ -5,9 +5,9 @@ wrong (a stripped ``/exapps/`` prefix, no WebSocket ``Upgrade`` handling, a buff
 stream, a body-size limit, one ban bucket for everybody behind the proxy), so the snippets
 the README shows must be the ones the tests run.  :func:`readme_snippet` takes a fenced
 block from between ``<!-- snippet:NAME -->`` and ``<!-- /snippet -->`` in a document and
-:func:`fill` replaces only the documented placeholder (HaRP's address), refusing a snippet
-that lost it; everything around the snippet (ports, pid, logs, temp directories) is the
-test's.
+:func:`fill` replaces only documented placeholders (HaRP's address, a certificate path),
+refusing a snippet that lost one; everything around the snippet (ports, pid, logs, temp
+directories) is the test's.
 
 Both servers run as unprivileged foreground processes on a free loopback port with every
 file under the given directory, never as the system service::
@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
@@ -54,19 +55,21 @@ def snippets(document: Path) -> dict[str, str]:
     return found
 
 
-def readme_snippet(name: str) -> str:
-    """The README's snippet ``name``; a missing one fails the test that needs it."""
-    found = snippets(Path("README.md"))
+def readme_snippet(name: str, document: str = "README.md") -> str:
+    """The README's snippet ``name`` (or ``document``'s); a missing one fails the test."""
+    found = snippets(Path(document))
     if name not in found:
-        raise AssertionError(f"README.md has no <!-- snippet:{name} --> block")
+        raise AssertionError(f"{document} has no <!-- snippet:{name} --> block")
     return found[name]
 
 
-def fill(snippet: str, harp_address: str) -> str:
-    """The snippet with the documented placeholder replaced by HaRP's real address."""
-    if HARP_PLACEHOLDER not in snippet:
-        raise AssertionError(f"snippet lost its placeholder {HARP_PLACEHOLDER}:\n{snippet}")
-    return snippet.replace(HARP_PLACEHOLDER, harp_address)
+def fill(snippet: str, values: Mapping[str, str]) -> str:
+    """The snippet with each documented placeholder (a key of ``values``) replaced."""
+    for placeholder, value in values.items():
+        if placeholder not in snippet:
+            raise AssertionError(f"snippet lost its placeholder {placeholder}:\n{snippet}")
+        snippet = snippet.replace(placeholder, value)
+    return snippet
 
 
 def find_program(name: str) -> str:
@@ -87,6 +90,8 @@ class _ServerProcess(ChildProcess):
         super().__init__(workdir / f"{self.program}.out")
         self.workdir = workdir
         self.port = free_port()
+        #: What the test calls this server (one program may run in several set-ups).
+        self.kind = self.program
 
     def command(self, binary: str) -> list[str]:
         """Write the configuration under ``workdir`` and return the command line."""
