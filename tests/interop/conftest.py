@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.peers.bulk_upstream import BulkUpstream
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
 from tests.peers.harp import HarpProcess, base_env, new_key
@@ -41,6 +42,9 @@ ROUTES = [
     {"url": "^/guarded$", "access_level": 0, "bruteforce_protection": [401]},
     {"url": "[invalid(", "access_level": 0},
 ]
+
+#: Routes that make every path of an app public: the data-path tests check no access levels.
+ALL_PUBLIC = [{"url": "^/", "access_level": 0}]
 
 #: What :func:`request` returns when HaRP closed the connection without a response.
 DROPPED = "dropped"
@@ -92,6 +96,13 @@ def record_for(app: ExAppProcess, **changes: Any) -> dict[str, Any]:
     return record
 
 
+def public_record(port: int) -> dict[str, Any]:
+    """The record of a plain upstream on 127.0.0.1:``port`` that checks no identity
+    headers (e.g. :class:`BulkUpstream`), every path public."""
+    return {"exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": port,
+            "routes": ALL_PUBLIC}
+
+
 def start_harp(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:
     """HaRP in front of ``nextcloud``: FRP without TLS (no PKI to generate) and a ban
     threshold no test reaches by accident; ``env`` overrides both."""
@@ -118,6 +129,14 @@ def exapp(tmp_path_factory: pytest.TempPathFactory, app_id: str) -> Iterator[ExA
     log = tmp_path_factory.mktemp("exapp") / "exapp.log"
     with ExAppProcess(app_id=app_id, log_path=log) as app:
         yield app
+
+
+@pytest.fixture(scope="module")
+def bulk() -> Iterator[BulkUpstream]:
+    """The bulk upstream (big bodies, SSE, upload digests); a module registers it in
+    ``nextcloud`` with :func:`public_record` when it needs it."""
+    with BulkUpstream() as upstream:
+        yield upstream
 
 
 @pytest.fixture(scope="module")

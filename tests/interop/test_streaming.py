@@ -19,7 +19,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import self_signed_pem
-from tests.interop.conftest import start_harp
+from tests.interop.conftest import ALL_PUBLIC, public_record, start_harp
 from tests.peers.base import free_port
 from tests.peers.bulk_upstream import BulkUpstream, pattern_sha256
 from tests.peers.exapp_runner import ExAppProcess
@@ -29,7 +29,6 @@ from tests.peers.harp import HarpProcess
 pytestmark = pytest.mark.interop
 
 MB = 1 << 20
-ALL_PUBLIC = [{"url": "^/", "access_level": 0}]
 
 
 def rss_kib(pid: int) -> int:
@@ -71,12 +70,6 @@ def app_id() -> str:
 
 
 @pytest.fixture(scope="module")
-def bulk() -> Iterator[BulkUpstream]:
-    with BulkUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def nextcloud(nextcloud: FakeNextcloud, exapp: ExAppProcess,
               bulk: BulkUpstream) -> FakeNextcloud:
     """The shared fake Nextcloud, knowing three all-public apps: the nc_py_api ExApp,
@@ -85,14 +78,8 @@ def nextcloud(nextcloud: FakeNextcloud, exapp: ExAppProcess,
         "exapp_token": exapp.secret, "exapp_version": exapp.version, "host": "127.0.0.1",
         "port": exapp.port, "routes": ALL_PUBLIC,
     }
-    nextcloud.apps["bulk"] = {
-        "exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": bulk.port,
-        "routes": ALL_PUBLIC,
-    }
-    nextcloud.apps["refused"] = {
-        "exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": free_port(),
-        "routes": ALL_PUBLIC,
-    }
+    nextcloud.apps["bulk"] = public_record(bulk.port)
+    nextcloud.apps["refused"] = public_record(free_port())
     return nextcloud
 
 

@@ -15,7 +15,7 @@ import socket
 import subprocess
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Any, Self
 
 #: The checkout: the twistd plugin directory and ``tools/`` live here.
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +42,43 @@ class Peer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class ChildProcess(Peer):
+    """A peer that is one child process, its stdout and stderr going to ``log_path``.
+
+    The subprocess peers (``twistd harp``, nginx, Caddy) start differently but are read and
+    stopped the same way: :meth:`output` for the log so far, :meth:`stop` for SIGTERM, then
+    SIGKILL, and the log file closed.
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def spawn(self, command: list[str], env: dict[str, str], cwd: Path,
+              **popen: Any) -> subprocess.Popen[bytes]:
+        """Start ``command`` with its output appended to the log; the process."""
+        self._log = open(self.log_path, "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, **popen
+        )
+        return self.proc
+
+    def output(self) -> str:
+        """Everything the process logged so far (stdout and stderr)."""
+        return read_log(self.log_path)
+
+    def stop(self) -> int:
+        """SIGTERM, SIGKILL after 10 s; the exit code (0 if never started)."""
+        if self.proc is None:
+            return 0
+        code = end_process(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
 
 
 def end_process(

@@ -6,9 +6,11 @@ it exists to push volume and timing through HaRP and to count the connections Ha
 opens to it.
 
 - ``GET /bytes/<n>[?chunked=1]``  n deterministic bytes (``pattern(n)``), Content-Length
-  or chunked framing.
+  or chunked framing; ``downloaded`` counts the bytes handed to the socket so far, so a
+  test can tell a download that waits for its reader from one a proxy soaks up.
 - ``POST|PUT /upload``             reads the body (Content-Length or chunked) and answers
-  ``{"length": n, "sha256": hex}``.
+  ``{"length": n, "sha256": hex}``; ``uploaded`` counts the body bytes received so far,
+  so a test can tell a streamed upload from one a proxy buffered first.
 - ``GET /sse?n=3&interval=0.5``    n server-sent events, ``interval`` seconds apart.
 - ``GET /headers``                 the request headers it received, as JSON.
 - ``GET /hang``                    never answers (until the server stops).
@@ -103,6 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
                 while remaining:
                     data = self.rfile.read(min(remaining, 1 << 16))
                     digest.update(data)
+                    self._count(len(data))
                     remaining -= len(data)
                 length += size
                 self.rfile.readline()
@@ -113,11 +116,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if not data:
                     break
                 digest.update(data)
+                self._count(len(data))
                 length += len(data)
                 remaining -= len(data)
         self._send(200, json.dumps({"length": length, "sha256": digest.hexdigest()}).encode())
 
     do_PUT = do_POST
+
+    def _count(self, n: int) -> None:
+        with self.server.owner.lock:
+            self.server.owner.uploaded += n
 
     def _bytes(self, n: int, chunked: bool) -> None:
         self.send_response(200)
@@ -135,6 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.wfile.write(block)
             sent += len(block)
+            with self.server.owner.lock:
+                self.server.owner.downloaded += len(block)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
@@ -174,6 +184,8 @@ class BulkUpstream(Peer):
         self.unix_path = unix_path
         self.lock = threading.Lock()
         self.connections = 0
+        self.uploaded = 0
+        self.downloaded = 0
         self.stopping = threading.Event()
         self._server: _TCPServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None

@@ -22,9 +22,9 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Self
+from typing import Self
 
-from tests.peers.base import REPO, Peer, end_process, free_port, read_log
+from tests.peers.base import REPO, ChildProcess, free_port
 
 
 def new_key() -> str:
@@ -83,15 +83,13 @@ def _command_and_env(env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]
     return command, full
 
 
-class HarpProcess(Peer):
+class HarpProcess(ChildProcess):
     """A real ``twistd -n harp`` child process configured by environment variables."""
 
     def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
+        super().__init__(workdir / f"harp-{int(time.time() * 1000)}.log")
         self.workdir = workdir
         self.env = dict(env)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / f"harp-{int(time.time() * 1000)}.log"
-        self._log: IO[bytes] | None = None
 
     @property
     def http_port(self) -> int:
@@ -107,10 +105,7 @@ class HarpProcess(Peer):
 
     def start(self, wait: bool = True) -> Self:
         command, env = _command_and_env(self.env)
-        self._log = open(self.log_path, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(
-            command, env=env, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.spawn(command, env, self.workdir)
         if wait:
             self.wait_listening()
         return self
@@ -140,19 +135,9 @@ class HarpProcess(Peer):
                         ) from None
                     time.sleep(0.05)
 
-    def output(self) -> str:
-        """Everything the process logged so far (stdout and stderr)."""
-        return read_log(self.log_path)
-
     def stop(self) -> int:
         """SIGTERM (HaRP's orderly shutdown), SIGKILL after 10 s; the exit code."""
-        if self.proc is None:
-            return 0
-        code = end_process(self.proc)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
+        return super().stop()
 
 
 def run_harp_once(env: Mapping[str, str], workdir: Path, timeout: float = 30) -> tuple[int, str]:
