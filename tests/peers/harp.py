@@ -83,15 +83,10 @@ def _command_and_env(env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]
     return command, full
 
 
-class HarpProcess(Peer):
-    """A real ``twistd -n harp`` child process configured by environment variables."""
+class HarpPorts:
+    """HaRP's ports, read from its environment (a process here, a container in tests/image)."""
 
-    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
-        self.workdir = workdir
-        self.env = dict(env)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / f"harp-{int(time.time() * 1000)}.log"
-        self._log: IO[bytes] | None = None
+    env: dict[str, str]
 
     @property
     def http_port(self) -> int:
@@ -104,6 +99,17 @@ class HarpProcess(Peer):
     @property
     def frp_port(self) -> int:
         return int(self.env["HP_FRP_ADDRESS"].rsplit(":", 1)[1])
+
+
+class HarpProcess(Peer, HarpPorts):
+    """A real ``twistd -n harp`` child process configured by environment variables."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
+        self.workdir = workdir
+        self.env = dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"harp-{int(time.time() * 1000)}.log"
+        self._log: IO[bytes] | None = None
 
     def start(self, wait: bool = True) -> Self:
         command, env = _command_and_env(self.env)
