@@ -152,6 +152,7 @@ def test_docker_stop_is_quick_and_clean(container: HarpContainer, docker: Docker
 
 
 CONTENT_CHECK = r"""
+command -v ls >/dev/null || echo "the check cannot see /usr/bin: PATH=$PATH"
 for tool in gcc cc c++ g++ make ld pip pip3 apt-get apt; do
   command -v "$tool" >/dev/null && echo "tool $tool"
 done
