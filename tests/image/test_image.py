@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,23 @@ def test_operator_commands_by_exec(container: HarpContainer, docker: Docker) -> 
     assert docker.run("exec", container.name, "python", "-m", "harp", "healthcheck") == ""
 
 
+def test_harp_check_in_container(
+    container: HarpContainer, docker: Docker, docker_engine: Engine
+) -> None:
+    """``docker exec harp python -m harp check`` (README): the self-test sees the container's
+    environment, its certificates volume, Nextcloud, the ExApp and the mounted Docker socket."""
+    api = docker_engine.api_json("GET", "/version")[1]["ApiVersion"]
+    done = subprocess.run(
+        [docker.binary, "exec", container.name, "python", "-m", "harp", "check",
+         "--app-id", APP, "--docker-api-version", api],
+        env=docker.env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    passed = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("PASS")}
+    assert {"config", "frp-certs", "harp-http", "harp-frp", "nextcloud", "shared-key",
+            "docker"} <= passed, done.stdout
+
+
 def test_certificates_survive_restart(container: HarpContainer, docker: Docker) -> None:
     before = fingerprints(container.certs_dir() / "frp")
     docker.run("restart", "-t", "30", container.name)
@@ -159,7 +177,7 @@ for tool in gcc cc c++ g++ make ld pip pip3 apt-get apt; do
 done
 python3 -c 'import pip' 2>/dev/null && echo "pip module"
 python3 -c 'import setuptools' 2>/dev/null && echo "setuptools module"
-for d in /root/.cache /src /wheels; do [ -e "$d" ] && echo "path $d"; done
+for d in "$HOME/.cache" /src /wheels; do [ -e "$d" ] && echo "path $d"; done
 [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null)" ] && echo "apt lists"
 [ -n "$(ls -A /var/cache/apt 2>/dev/null)" ] && echo "apt cache"
 find / -xdev \( -name '*.whl' -o -name '*.deb' \) -print | sed 's/^/file /'
