@@ -83,13 +83,10 @@ def _command_and_env(env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]
     return command, full
 
 
-class HarpProcess(ChildProcess):
-    """A real ``twistd -n harp`` child process configured by environment variables."""
+class HarpPorts:
+    """HaRP's ports, read from its environment (a process here, a container in tests/image)."""
 
-    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
-        super().__init__(workdir / f"harp-{int(time.time() * 1000)}.log")
-        self.workdir = workdir
-        self.env = dict(env)
+    env: dict[str, str]
 
     @property
     def http_port(self) -> int:
@@ -102,6 +99,15 @@ class HarpProcess(ChildProcess):
     @property
     def frp_port(self) -> int:
         return int(self.env["HP_FRP_ADDRESS"].rsplit(":", 1)[1])
+
+
+class HarpProcess(ChildProcess, HarpPorts):
+    """A real ``twistd -n harp`` child process configured by environment variables."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
+        super().__init__(workdir / f"harp-{int(time.time() * 1000)}.log")
+        self.workdir = workdir
+        self.env = dict(env)
 
     def start(self, wait: bool = True) -> Self:
         command, env = _command_and_env(self.env)
