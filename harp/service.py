@@ -179,7 +179,7 @@ def prepare_certificates(settings: Settings) -> ReloadableServerContext | None:
     if not settings.https_cert_path.exists():
         return None
     try:
-        return ReloadableServerContext(settings.https_cert_path)
+        return ReloadableServerContext(settings.https_cert_path, settings.http2)
     except TLSConfigError as exc:
         raise ConfigError(
             "HP_CERTS_DIR", str(settings.certs_dir), f"{exc}; fix or remove cert.pem"

@@ -31,8 +31,10 @@ TLS12_CIPHERS: Final = ":".join((
     "ECDHE-ECDSA-CHACHA20-POLY1305",
     "ECDHE-RSA-CHACHA20-POLY1305",
 ))
-#: ALPN protocols we serve, in our order of preference (HTTP/2 is not spoken).
-ALPN_PROTOCOLS: Final = (b"http/1.1", b"http/1.0")
+#: ALPN protocols we serve, in our order of preference: HTTP/2 first when enabled
+#: (``HP_HTTP2``), then HTTP/1.1, which WebSocket clients ask for.
+ALPN_PROTOCOLS: Final = (b"h2", b"http/1.1", b"http/1.0")
+ALPN_HTTP1: Final = (b"http/1.1", b"http/1.0")
 #: Not every OpenSSL/pyOpenSSL build exposes these; 0 leaves the option out.
 _OP_NO_RENEGOTIATION: Final[int] = getattr(SSL, "OP_NO_RENEGOTIATION", 0)
 
@@ -55,8 +57,11 @@ def apply_server_policy(ctx: SSL.Context) -> None:
     ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
 
 
-def load_server_context(pem: Path) -> SSL.Context:
-    """Build a server context (:func:`apply_server_policy`) from one PEM: chain and key."""
+def load_server_context(pem: Path, http2: bool = True) -> SSL.Context:
+    """Build a server context (:func:`apply_server_policy`) from one PEM: chain and key.
+
+    ``http2`` (``HP_HTTP2``) decides whether ``h2`` is offered by ALPN.
+    """
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     apply_server_policy(ctx)
     try:
@@ -69,26 +74,33 @@ def load_server_context(pem: Path) -> SSL.Context:
         ) from None
     except OSError as exc:
         raise TLSConfigError(f"{pem}: cannot be read ({exc.strerror})") from None
-    # We speak HTTP/1.x only; say so, so clients never try h2 on us.
-    ctx.set_alpn_select_callback(select_alpn)
+    ctx.set_alpn_select_callback(select_alpn if http2 else select_alpn_http1)
     return ctx
 
 
 def select_alpn(
-    conn: SSL.Connection, offered: list[bytes]
+    conn: SSL.Connection, offered: list[bytes], ours: tuple[bytes, ...] = ALPN_PROTOCOLS
 ) -> bytes | SSL._NoOverlappingProtocols:
-    """``http/1.1`` (or ``http/1.0``) when offered, else no ALPN at all.
+    """Our first protocol the client offered (``h2``, ``http/1.1``), else no ALPN at all.
 
-    A client offering only ``h2`` must not get a failed handshake: like a server without
-    ALPN, we finish it without selecting a protocol, and the client falls back to
-    HTTP/1.1 (curl, browsers and Go all do).  Selecting a protocol it did not offer would
-    violate RFC 7301, and a fatal alert would make HaRP unreachable for it.
+    A client offering only protocols we do not speak (``h2`` with ``HP_HTTP2=false``)
+    must not get a failed handshake: like a server without ALPN, we finish it without
+    selecting a protocol, and the client falls back to HTTP/1.1 (curl, browsers and Go
+    all do).  Selecting a protocol it did not offer would violate RFC 7301, and a fatal
+    alert would make HaRP unreachable for it.
     """
-    for protocol in ALPN_PROTOCOLS:
+    for protocol in ours:
         if protocol in offered:
             return protocol
     # pyOpenSSL (>= 20, we require 24.2) turns this into SSL_TLSEXT_ERR_NOACK.
     return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def select_alpn_http1(
+    conn: SSL.Connection, offered: list[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
+    """:func:`select_alpn` without ``h2`` (``HP_HTTP2=false``)."""
+    return select_alpn(conn, offered, ALPN_HTTP1)
 
 
 def _reason(exc: SSL.Error) -> str:
@@ -100,13 +112,14 @@ def _reason(exc: SSL.Error) -> str:
 class ReloadableServerContext:
     """Hands each new TLS connection the current context; :meth:`reload` swaps it."""
 
-    def __init__(self, pem: Path) -> None:
+    def __init__(self, pem: Path, http2: bool = True) -> None:
         self.path = pem
-        self._context = load_server_context(pem)
+        self.http2 = http2
+        self._context = load_server_context(pem, http2)
 
     def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
     def reload(self) -> None:
         """Load the file again; on error keep the current context and raise."""
-        self._context = load_server_context(self.path)
+        self._context = load_server_context(self.path, self.http2)

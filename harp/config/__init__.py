@@ -135,6 +135,8 @@ class Settings:
     redis_url: RedisURL | None = field(repr=False)
     #: ``HP_WORKERS``: serving processes; 1 = everything in this one process.
     workers: int = 1
+    #: ``HP_HTTP2``: offer HTTP/2 (ALPN ``h2``) on the HTTPS frontend.
+    http2: bool = True
     #: Non-fatal remarks made while parsing (e.g. host bits masked in a CIDR).
     warnings: tuple[str, ...] = ()
 
@@ -231,6 +233,7 @@ class Settings:
             docker_socket=Path(docker_socket),
             redis_url=parse_redis_url(env.get("HP_REDIS_URL", "")),
             workers=_workers(get("HP_WORKERS", "")),
+            http2=parse_bool("HP_HTTP2", get("HP_HTTP2", "true")),
             warnings=tuple(warnings),
         )
 
@@ -262,6 +265,7 @@ class Settings:
             ("HP_DOCKER_SOCKET", str(self.docker_socket)),
             ("HP_REDIS_URL", self.redis_url.redacted if self.redis_url else "(in memory)"),
             ("HP_WORKERS", str(self.workers)),
+            ("HP_HTTP2", str(self.http2).lower()),
         ]
 
 

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from harp.logs import HarpLogger
+from harp.web.h2 import HarpH2Stream
 from harp.web.headers import HOP_BY_HOP
 from harp.web.response_head import ResponseHead
 
@@ -60,11 +61,17 @@ def drop(request: Request) -> None:
     """Close the connection without any response: the reference's "silent drop".
 
     Used for banned clients and probes, so that they learn nothing about the proxy.
-    Also used to abort a response whose body cannot be completed.
+    Also used to abort a response whose body cannot be completed.  On HTTP/2 only the
+    request's stream is reset: the connection carries other clients' requests too
+    (behind a reverse proxy) or the same client's.
     """
     channel = request.channel
-    if channel is not None and channel.transport is not None:
+    if channel is None:
+        return
+    if channel.transport is not None:
         cast(ITCPTransport, channel.transport).abortConnection()
+    elif isinstance(channel, HarpH2Stream):
+        channel.abortConnection()  # an HTTP/2 stream: reset it, not the connection
 
 
 abort = drop

@@ -14,6 +14,8 @@ Three changes to ``twisted.web``'s defaults, each for a reverse proxy's needs:
   ``HP_TIMEOUT_CLIENT``.
 - **Hand-over.**  After an accepted ``Upgrade`` (WebSocket, :mod:`harp.web.upgrade`)
   the channel stops parsing HTTP and hands every byte to a :class:`~harp.relay.Relay`.
+  A TLS connection that negotiated ``h2`` by ALPN is handed, before its first byte is
+  parsed, to a :class:`~harp.web.h2.HarpH2Connection` (one ``HarpRequest`` per stream).
 
 The channel's private ``_command``/``_path``/``_version`` are read once, in
 ``allHeadersReceived``: that is the only place the request line is known before the
@@ -41,6 +43,7 @@ from harp.metrics import Metrics
 from harp.relay import Relay
 from harp.timers import cancel
 from harp.web.body import BodyPipe
+from harp.web.h2 import HarpH2Connection, HarpH2Stream
 from harp.web.limits import ConnectionLimit
 
 log = HarpLogger("harp.access")
@@ -90,6 +93,9 @@ class HarpChannel(http.HTTPChannel):
     relay: Relay | None = None
     discarding = False
     limit: ConnectionLimit | None = None
+    #: Set when TLS negotiated ``h2``: every byte belongs to it.
+    h2: HarpH2Connection | None = None
+    _alpn_checked = False
     _head_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -109,8 +115,34 @@ class HarpChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
             self.relay.from_client(data)
+        elif self.h2 is not None:
+            self.h2.dataReceived(data)
         elif not self.discarding:
+            if not self._alpn_checked:
+                # The first bytes arrive after the TLS handshake, so ALPN is settled.
+                self._alpn_checked = True
+                if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                    self._switch_to_h2().dataReceived(data)
+                    return
             super().dataReceived(data)
+
+    def _switch_to_h2(self) -> HarpH2Connection:
+        """Hand the connection to HTTP/2 (:mod:`harp.web.h2`) before any HTTP/1.1 parsing."""
+        self._cancel_head_timer()
+        self.setTimeout(None)
+        network: Any = self._networkProducer  # the TLS transport
+        network.unregisterProducer()
+        site = getattr(self, "site", None)  # set by Site.buildProtocol
+        h2 = HarpH2Connection(self.clock, self.head_timeout)
+        h2.requestFactory = self.requestFactory
+        h2.site = site
+        h2.factory = self.factory
+        h2.on_malformed = getattr(site, "on_malformed", None)
+        self.h2 = h2
+        h2.makeConnection(self.transport)
+        # The h2 connection now pauses and resumes on the transport's buffer.
+        network.registerProducer(h2, True)
+        return h2
 
     def rawDataReceived(self, data: bytes) -> None:
         # Body bytes that arrive in the same segment as the headers come here directly,
@@ -146,6 +178,8 @@ class HarpChannel(http.HTTPChannel):
         relay, self.relay = self.relay, None
         if relay is not None:
             relay.client_lost()
+        if self.h2 is not None:
+            self.h2.connectionLost(reason)
         super().connectionLost(reason)
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
@@ -268,7 +302,7 @@ class HarpRequest(Request):
 
     def _arm_rate_check(self) -> None:
         channel = self.channel
-        if isinstance(channel, HarpChannel) and channel.head_timeout:
+        if isinstance(channel, HarpChannel | HarpH2Stream) and channel.head_timeout:
             self._rate_mark = self._body_bytes
             self._rate_timer = channel.clock.callLater(channel.head_timeout, self._check_rate)
 
@@ -282,7 +316,7 @@ class HarpRequest(Request):
         channel = getattr(self, "channel", None)
         if (
             self.body_complete or self.finished or self._disconnected
-            or not isinstance(channel, HarpChannel)
+            or not isinstance(channel, HarpChannel | HarpH2Stream)
         ):
             return
         received = self._body_bytes - self._rate_mark
@@ -345,9 +379,10 @@ class HarpRequest(Request):
         if self.body_complete or not self.has_body:
             return
         self.closing_early = True
-        if not self.startedWriting:
-            self.setHeader(b"connection", b"close")
         channel = self.channel
+        # HTTP/2 needs no close: the stream is reset (NO_ERROR) once answered.
+        if not self.startedWriting and not isinstance(channel, HarpH2Stream):
+            self.setHeader(b"connection", b"close")
         if isinstance(channel, HarpChannel):
             channel.persistent = False
             channel.discarding = True
@@ -377,13 +412,19 @@ class HarpRequest(Request):
 
     def pause_client(self) -> None:
         self._paused = True
-        if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.pauseProducing()  # type: ignore[attr-defined]
+        channel = self.channel
+        if isinstance(channel, HarpH2Stream):
+            channel.pauseProducing()  # this stream's window stays closed
+        elif channel is not None and channel.transport is not None:
+            channel.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resume_client(self) -> None:
         self._paused = False
-        if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.resumeProducing()  # type: ignore[attr-defined]
+        channel = self.channel
+        if isinstance(channel, HarpH2Stream):
+            channel.resumeProducing()
+        elif channel is not None and channel.transport is not None:
+            channel.transport.resumeProducing()  # type: ignore[attr-defined]
 
 
 class HarpSite(Site):

@@ -211,7 +211,7 @@ class Worker:
         ClientPools(self.frontend.closers).setServiceParent(self.services)
         self.tls: ReloadableServerContext | None = None
         if any(listen.variable == "HP_EXAPPS_HTTPS_ADDRESS" for listen in listens):
-            self.tls = ReloadableServerContext(settings.https_cert_path)
+            self.tls = ReloadableServerContext(settings.https_cert_path, settings.http2)
             CertificateReloader(self.tls).setServiceParent(self.services)
         self.channel_fd = channel_fd
 
