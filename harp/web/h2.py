@@ -10,8 +10,9 @@ implementation, and why (docs/security.md, "HTTP/2"):
   only when its body is complete; :class:`HarpH2Stream` starts the pipeline as soon as
   the header block is in, like the HTTP/1.1 channel, and pauses the stream (its flow
   control window stays closed) while the upstream is slower than the client.
-- **Header rules of the HTTP/1.1 side.**  The same head size (16 KiB) and header count
-  (500) as ``twisted.web``'s HTTP/1.1 parser; ``:authority`` becomes ``Host`` and a
+- **Header rules of the HTTP/1.1 side.**  The same head size (16 KiB) as
+  ``twisted.web``'s HTTP/1.1 parser (which also bounds the count of fields, as HPACK
+  charges 32 bytes for each); ``:authority`` becomes ``Host`` and a
   ``Host`` that disagrees with it is malformed; HTTP/2 cookie crumbs are joined into one
   ``Cookie`` line for the HTTP/1.1 upstream (RFC 9113 §8.2.3).  Connection-specific
   headers never reach the upstream (the h2 package refuses them in requests) nor the
@@ -58,8 +59,6 @@ MAX_CONCURRENT_STREAMS: Final = 100
 #: SETTINGS_MAX_HEADER_LIST_SIZE, the decoded header block: ``twisted.web``'s HTTP/1.1
 #: limit for a request head (``HTTPChannel.totalHeadersSize``).
 MAX_HEADER_LIST_SIZE: Final = 16384
-#: Header fields per request, as the HTTP/1.1 parser (``HTTPChannel.maxHeaders``).
-MAX_HEADERS: Final = 500
 #: Peer stream resets allowed in a burst, and refilled per second.  Browsers reset a
 #: few streams when the user navigates away; a rapid-reset attack sends thousands.
 RESET_BURST: Final = 200
@@ -112,7 +111,13 @@ class HarpH2Connection(_http2.H2Connection):  # type: ignore[misc]
         super().connectionMade()
         self._arm_idle_timer()
 
+    #: GOAWAY sent by us: what still arrives is not read (h2 would answer it with a
+    #: second, PROTOCOL_ERROR, GOAWAY).
+    _closing = False
+
     def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
         try:
             super().dataReceived(data)
         except Exception:
@@ -150,6 +155,7 @@ class HarpH2Connection(_http2.H2Connection):  # type: ignore[misc]
         self._idle_timer = None
         if self.transport is None or self.streams:
             return
+        self._closing = True
         self.conn.close_connection()
         self._tryToWriteControlData()
         self._abortingCall = self.clock.callLater(self.abortTimeout, self.forceAbortClient)
@@ -193,6 +199,7 @@ class HarpH2Connection(_http2.H2Connection):  # type: ignore[misc]
         self._requestDone(event.stream_id)
         if not self._spend_reset_token():
             log.info("HTTP/2 client reset too many streams: closing")
+            self._closing = True
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             self._tryToWriteControlData()
             if self.transport is not None:
@@ -275,18 +282,24 @@ class _ClosingTransport:
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
+        self._registered = True  # by the channel that handed the connection over
         self.write = transport.write  # the hot path, without __getattr__
         directlyProvides(self, providedBy(transport))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._transport.unregisterProducer()
+
     def loseConnection(self) -> None:
-        self._transport.unregisterProducer()
+        self._unregister()
         self._transport.loseConnection()
 
     def abortConnection(self) -> None:
-        self._transport.unregisterProducer()
+        self._unregister()
         self._transport.abortConnection()
 
 
@@ -308,10 +321,11 @@ class HarpH2Stream(_http2.H2Stream):  # type: ignore[misc]
         return self._conn.clock
 
     def _convertHeaders(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """Fill the request's headers; length and processing wait for :meth:`start`."""
-        if len(headers) > MAX_HEADERS:
-            self.malformed = True
-            return
+        """Fill the request's headers; length and processing wait for :meth:`start`.
+
+        No count limit of its own: HPACK charges 32 bytes per field, so
+        :data:`MAX_HEADER_LIST_SIZE` admits fewer than the 500 fields of HTTP/1.1.
+        """
         out = self._request.requestHeaders
         hosts: list[bytes] = []
         cookies: list[bytes] = []

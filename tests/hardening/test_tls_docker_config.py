@@ -52,7 +52,9 @@ RecordCase = Callable[..., None]
 @pytest.fixture(scope="module")
 def https_harp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HarpProcess]:
     workdir = tmp_path_factory.mktemp("harp-tls")
-    env = base_env(workdir)
+    # HTTP/2 off: these cases check the HTTP/1.1-only ALPN answers (tests/interop/
+    # test_http2.py covers h2 on).
+    env = base_env(workdir, HP_HTTP2="false")
     certs = Path(env["HP_CERTS_DIR"])
     certs.mkdir(parents=True)
     self_signed_pem(certs / "cert.pem", "tls.example")

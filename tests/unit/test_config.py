@@ -167,6 +167,15 @@ def test_workers_default_to_the_usable_cpus_and_validate() -> None:
             Settings.from_env({**BASE, "HP_WORKERS": bad})
 
 
+def test_http2_defaults_on_and_validates() -> None:
+    assert Settings.from_env(BASE).http2 is True
+    off = Settings.from_env({**BASE, "HP_HTTP2": "false"})
+    assert off.http2 is False and ("HP_HTTP2", "false") in off.describe()
+    for bad in ("yes please", "2", "h2"):
+        with pytest.raises(ConfigError, match="HP_HTTP2"):
+            Settings.from_env({**BASE, "HP_HTTP2": bad})
+
+
 def test_available_cpus_honours_the_cgroup_quota(tmp_path: Path) -> None:
     import os
 
