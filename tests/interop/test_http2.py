@@ -35,8 +35,8 @@ from hyperframe.frame import (
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import peer_missing, self_signed_pem
-from tests.interop.conftest import APP, ROUTES, ok, record_for, request
-from tests.interop.test_streaming import ALL_PUBLIC, MB, RssSampler, rss_kib
+from tests.interop.conftest import APP, ROUTES, ok, public_record, record_for, request
+from tests.interop.test_streaming import MB, RssSampler, read_pattern_slowly, rss_kib
 from tests.peers.bulk_upstream import BulkUpstream, pattern_sha256
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
@@ -49,19 +49,10 @@ ENHANCE_YOUR_CALM = 0xB
 
 
 @pytest.fixture(scope="module")
-def bulk() -> Iterator[BulkUpstream]:
-    with BulkUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def nextcloud(nextcloud: FakeNextcloud, exapp: ExAppProcess,
               bulk: BulkUpstream) -> FakeNextcloud:
     nextcloud.apps[APP] = record_for(exapp, routes=[*ROUTES, {"url": "^/ws$", "access_level": 0}])
-    nextcloud.apps["bulk"] = {
-        "exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": bulk.port,
-        "routes": ALL_PUBLIC,
-    }
+    nextcloud.apps["bulk"] = public_record(bulk.port)
     nextcloud.add_session("sess-user", "usr", 1)
     return nextcloud
 
@@ -198,15 +189,7 @@ def test_large_download_bounded_memory(harp: HarpProcess) -> None:
     with RssSampler(harp.proc.pid) as sampler, h2_client() as client, \
             client.stream("GET", f"{base(harp)}/exapps/bulk/bytes/{100 * MB}") as resp:
         assert resp.http_version == "HTTP/2" and resp.status_code == 200
-        digest = hashlib.sha256()
-        received = 0
-        for block in resp.iter_raw(1 << 16):
-            digest.update(block)
-            received += len(block)
-            if received < 8 * MB:
-                time.sleep(0.001)  # a slowish reader at first: HaRP must not buffer
-    assert received == 100 * MB
-    assert digest.hexdigest() == pattern_sha256(100 * MB)
+        read_pattern_slowly(resp.iter_raw(1 << 16), 100 * MB)
     assert sampler.peak - baseline < 50 * 1024, (sampler.peak, baseline)
 
 

@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,19 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def read_pattern_slowly(blocks: Iterator[bytes], n: int) -> None:
+    """Read a ``/bytes/<n>`` download like a slowish client at first; check it."""
+    digest = hashlib.sha256()
+    received = 0
+    for block in blocks:
+        digest.update(block)
+        received += len(block)
+        if received < 8 * MB:
+            time.sleep(0.001)  # a slowish reader at first: HaRP must not buffer
+    assert received == n
+    assert digest.hexdigest() == pattern_sha256(n)
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +188,7 @@ def test_download_100mb_bounded_memory(harp: HarpProcess) -> None:
             c.request("GET", f"/exapps/bulk/bytes/{100 * MB}" + ("?chunked=1" if chunked else ""))
             resp = c.getresponse()
             assert resp.status == 200
-            digest = hashlib.sha256()
-            received = 0
-            while block := resp.read(1 << 16):
-                digest.update(block)
-                received += len(block)
-                if received < 8 * MB:
-                    time.sleep(0.001)  # a slowish reader at first: HaRP must not buffer
-        assert received == 100 * MB
-        assert digest.hexdigest() == pattern_sha256(100 * MB)
+            read_pattern_slowly(iter(partial(resp.read, 1 << 16), b""), 100 * MB)
         assert sampler.peak - baseline < 50 * 1024, (sampler.peak, baseline)
         c.close()
 
