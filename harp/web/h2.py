@@ -71,6 +71,12 @@ _RESPONSE_REFUSED: Final = frozenset({
 })
 
 
+#: RFC 9110 ``tchar``: what a method may consist of.  The h2 package refuses control
+#: bytes, CR and LF in every field, but a ``:method`` with a space would still break the
+#: HTTP/1.1 request line sent upstream.
+_TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789" + bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B))
+
+
 def _settings() -> h2.settings.Settings:
     codes = h2.settings.SettingCodes
     return h2.settings.Settings(client=False, initial_values={
@@ -368,7 +374,10 @@ class HarpH2Stream(_http2.H2Stream):  # type: ignore[misc]
                 length = int(lengths[0])
         elif ended:
             length = 0
-        if self.command is None or self.malformed:
+        command = self.command
+        if command is None or not command or command.translate(None, _TCHAR):
+            self.malformed = True
+        if self.malformed:
             self.malformed = True
             on_malformed = self._conn.on_malformed
             if on_malformed is not None:

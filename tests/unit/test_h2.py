@@ -144,6 +144,27 @@ def test_host_disagreeing_with_authority_ends_the_connection() -> None:
     assert goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
 
 
+def test_method_that_is_not_a_token_is_malformed() -> None:
+    pair = Pair(validate=False)
+    pair.client.send_headers(1, [
+        (b":method", b"GET /admin"), (b":scheme", b"https"), (b":authority", b"h"),
+        (b":path", b"/hold")], end_stream=True)
+    pair.flush()
+    assert not pair.resource.seen
+    assert len(pair.malformed) == 1
+    assert [e.stream_id for e in pair.of(h2.events.StreamReset)] == [1]
+
+
+@pytest.mark.parametrize("value", [b"a\r\nx-injected: 1", b"a\nb", b"a\x00b"])
+def test_line_breaks_in_a_field_end_the_connection(value: bytes) -> None:
+    """They would split the HTTP/1.1 request sent upstream (the h2 package refuses them)."""
+    pair = Pair(validate=False)
+    pair.request(1, b"/hold", extra=[(b"x-test", value)])
+    assert not pair.resource.seen
+    [goaway] = pair.of(h2.events.ConnectionTerminated)
+    assert goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
 def test_rapid_reset_ends_the_connection() -> None:
     pair = Pair()
     for i in range(harp_h2.RESET_BURST + 10):
