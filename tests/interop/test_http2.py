@@ -208,7 +208,8 @@ def test_curl_download_with_huge_window_bounded_memory(harp: HarpProcess) -> Non
             digest.update(block)
     assert proc.returncode == 0
     assert digest.hexdigest() == pattern_sha256(60 * MB)
-    assert sampler.peak - baseline < 50 * 1024, (sampler.peak, baseline)
+    # Without the cap HaRP held most of curl's 32 MiB window (about 29 MiB measured).
+    assert sampler.peak - baseline < 16 * 1024, (sampler.peak, baseline)
 
 
 def test_large_upload_streams(harp: HarpProcess) -> None:
