@@ -18,6 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from harp.tlsctx import select_alpn, select_alpn_http1
 from harp.web import h2 as harp_h2
+from harp.web.body import WINDOW
 from harp.web.site import HarpChannel, HarpRequest, HarpSite
 
 
@@ -108,6 +109,24 @@ def test_a_stream_is_processed_from_its_headers() -> None:
     assert request.clientproto == b"HTTP/2"
     assert request.getHeader(b"host") == b"harp.test"
     assert request.has_body and not request.body_complete
+
+
+def test_unread_body_closes_the_window() -> None:
+    """Nobody reads the body (the upstream is slow): the client is held at the body
+    pipe's WINDOW plus one HTTP/2 window, not allowed to push megabytes."""
+    pair = Pair()
+    pair.request(1, b"/hold", end=False)
+    sent = 0
+    while sent < 4 * WINDOW:
+        room = min(pair.client.local_flow_control_window(1), 16384)
+        if room <= 0:
+            break
+        pair.client.send_data(1, b"b" * room)
+        sent += room
+        pair.flush()
+    assert WINDOW <= sent <= WINDOW + 2 * 65535
+    [request] = pair.resource.seen
+    assert request.body is not None and request.body._buffered <= sent
 
 
 def test_slow_body_resets_the_stream_only() -> None:
