@@ -65,7 +65,7 @@ RESET_BURST: Final = 200
 RESET_RATE: Final = 33.0
 #: Response bytes queued per stream before its producer (the upstream) is paused.
 STREAM_SEND_BUFFER: Final = 128 * 1024
-#: Pseudo-headers and connection-specific fields an HTTP/2 response must not carry.
+#: Connection-specific fields an HTTP/2 response must not carry (RFC 9113 §8.2.2).
 _RESPONSE_REFUSED: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
 })
@@ -199,12 +199,17 @@ class HarpH2Connection(_http2.H2Connection):  # type: ignore[misc]
         if event.stream_id not in self.streams:
             return
         stream = self.streams[event.stream_id]
+        stream.remote_ended = True  # closed by the client: nothing to reset on our side
         stream.connectionLost(
             Failure(ConnectionLost(f"stream reset by the client ({event.error_code})"))
         )
         self._requestDone(event.stream_id)
         if not self._spend_reset_token():
             log.info("HTTP/2 client reset too many streams: closing")
+            if self.on_malformed is not None:
+                # One failure of its client (as a malformed HTTP/1.1 request), charged
+                # through the last request so that trusted proxies are honoured.
+                self.on_malformed(stream._request)
             self._closing = True
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             self._tryToWriteControlData()

@@ -196,6 +196,7 @@ def test_rapid_reset_ends_the_connection() -> None:
     [goaway] = pair.of(h2.events.ConnectionTerminated)
     assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert pair.transport.disconnecting
+    assert len(pair.malformed) == 1  # one failure for the client's ban counter
 
 
 def test_idle_connection_closes_after_the_client_timeout() -> None:
