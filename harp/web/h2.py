@@ -4,7 +4,7 @@ A TLS client that negotiates ``h2`` by ALPN (:mod:`harp.tlsctx`) has its connect
 handed from :class:`~harp.web.site.HarpChannel` to a :class:`HarpH2Connection`; every
 stream then carries one :class:`~harp.web.site.HarpRequest` through the same pipeline,
 proxy and access log as an HTTP/1.1 request.  What this module changes in Twisted's
-implementation, and why (docs/security.md, "HTTP/2"):
+implementation, and why (docs/security.md#http2):
 
 - **Decide on headers, stream the body.**  Twisted's ``H2Stream`` renders a request
   only when its body is complete; :class:`HarpH2Stream` starts the pipeline as soon as

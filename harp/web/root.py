@@ -197,7 +197,7 @@ def upgrade_protocol(request: Request) -> bytes | None:
     upgrade = headers.getRawHeaders(b"upgrade")
     if not upgrade or request.method != b"GET" or request.clientproto == b"HTTP/2":
         # HTTP/2 has no Upgrade (the h2 package refuses the header; checked again here):
-        # a WebSocket client uses an HTTP/1.1 connection (docs/security.md, "HTTP/2").
+        # a WebSocket client uses an HTTP/1.1 connection (docs/security.md#http2).
         return None
     if not any(
         token.strip().lower() == b"upgrade"
