@@ -35,6 +35,7 @@ from harp.config.values import (
     parse_nc_url,
     strip_quotes,
 )
+from harp.k8s.settings import K8sSettings, parse_k8s_settings
 
 __all__ = ["Address", "ConfigError", "RedisURL", "Settings", "available_cpus"]
 
@@ -137,6 +138,8 @@ class Settings:
     workers: int = 1
     #: Non-fatal remarks made while parsing (e.g. host bits masked in a CIDR).
     warnings: tuple[str, ...] = ()
+    #: ``HP_K8S_*``: the Kubernetes backend (docs/kubernetes.md).
+    k8s: K8sSettings = field(default_factory=K8sSettings)
 
     @property
     def frp_certs_dir(self) -> Path:
@@ -232,6 +235,7 @@ class Settings:
             redis_url=parse_redis_url(env.get("HP_REDIS_URL", "")),
             workers=_workers(get("HP_WORKERS", "")),
             warnings=tuple(warnings),
+            k8s=parse_k8s_settings(env),
         )
 
     def describe(self) -> list[tuple[str, str]]:
@@ -262,6 +266,7 @@ class Settings:
             ("HP_DOCKER_SOCKET", str(self.docker_socket)),
             ("HP_REDIS_URL", self.redis_url.redacted if self.redis_url else "(in memory)"),
             ("HP_WORKERS", str(self.workers)),
+            *self.k8s.describe(),
         ]
 
 
