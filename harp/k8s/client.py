@@ -38,6 +38,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from harp.config.values import ConfigError
+from harp.docker.client import EngineError
 from harp.k8s.settings import K8sSettings
 from harp.logs import HarpLogger
 
@@ -56,14 +57,12 @@ NO_TOKEN: Final = "Kubernetes token is not configured."  # noqa: S105 -- a messa
 UNREACHABLE: Final = "Error communicating with Kubernetes API"
 
 
-class K8sError(Exception):
-    """A Kubernetes exchange HaRP cannot answer usefully: 503 with ``message``."""
+class K8sError(EngineError):
+    """A Kubernetes exchange HaRP cannot answer usefully: 503 with ``message``.
 
-    status = 503
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    An :class:`~harp.docker.client.EngineError` (a backend's failure, its ``status`` and
+    ``message`` what HaRP answers), so both backends' endpoints answer it the same way.
+    """
 
 
 class K8sUnavailable(K8sError):

@@ -54,11 +54,9 @@ class CreateSpec:
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> CreateSpec:
         exapp = ExAppName.parse(payload)
-        image = payload.get("image", payload.get("image_id"))
-        if not isinstance(image, str) or not image:
-            raise _invalid("image", "field required (a non-empty image reference)")
-        if not valid_image_ref(image):
-            raise _invalid("image", "not a valid image reference")
+        image = payload.get("image", payload.get("image_id"))  # AppAPI sends "image"
+        if not (isinstance(image, str) and valid_image_ref(image)):
+            raise _invalid("image", "field required: a valid image reference")
         env = _list(payload, "environment_variables")
         if not all(isinstance(item, str) for item in env):
             raise _invalid("environment_variables", "must be a list of strings")

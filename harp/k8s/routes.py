@@ -14,10 +14,10 @@ daemon pointed at a HaRP without Kubernetes gets those clear 503s rather than 40
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Final, Protocol, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 from twisted.web.server import NOT_DONE_YET, Request
 
 from harp.docker.lifecycle import Outcome
@@ -28,9 +28,9 @@ from harp.docker.names import (
     RemovePayload,
     parse_json_object,
 )
-from harp.docker.routes import _reply
+from harp.docker.routes import _as_coroutine, _failed, _reply
 from harp.exapps import ExAppRecord
-from harp.k8s.client import K8sClient, K8sError
+from harp.k8s.client import K8sClient
 from harp.k8s.discovery import Discovery
 from harp.k8s.lifecycle import K8sLifecycle
 from harp.k8s.payloads import CreateSpec, ExposeSpec
@@ -109,13 +109,12 @@ class K8sRoutes:
             why = self.client.unusable() if gate(payload) else None
             if why is not None:
                 return responses.send(request, 503, why.encode())
-            running = Deferred.fromCoroutine(_run(operation, payload))
-            running.addCallbacks(
-                lambda outcome: _reply(request, outcome),
-                lambda failure: _failed(request, failure, rest),
+            answer = Deferred.fromCoroutine(_as_coroutine(operation(payload)))
+            answer.addCallback(partial(_reply, request)).addErrback(
+                lambda failure: _failed(request, failure, rest)
             )
-            if cancel:
-                request.notifyFinish().addErrback(lambda _: running.cancel())
+            if cancel:  # nobody waits any more: stop polling the pods
+                request.notifyFinish().addErrback(lambda _: answer.cancel())
             return NOT_DONE_YET
 
         return handle
@@ -135,23 +134,6 @@ class K8sRoutes:
         kubernetes = {"enabled": True, "api_server": self.client.settings.api_server,
                       "reachable": reachable}
         return responses.send_json(request, 200, info_payload(kubernetes))
-
-
-async def _run(operation: Callable[[P], Awaitable[Outcome]], payload: P) -> Outcome:
-    return await operation(payload)
-
-
-def _failed(request: Request, failure: Failure, rest: bytes) -> None:
-    if failure.check(CancelledError):
-        return  # the client went away (wait_for_start)
-    if failure.check(K8sError):
-        error = failure.value
-        assert isinstance(error, K8sError)
-        log.warn("{path}: {error}", path=rest.decode("latin-1"), error=error.message)
-        _reply(request, Outcome(error.status, text=error.message))
-        return
-    log.failure("{path} failed", failure, path=rest.decode("latin-1"))
-    _reply(request, Outcome(500, text="An unexpected error occurred."))
 
 
 class K8sStorage:
