@@ -56,7 +56,7 @@ class PodView:
         return cls(
             str(status.get("phase") or "Unknown"), ready, status.get("reason"),
             status.get("message"), waiting.get("reason"), str(waiting.get("message") or ""),
-            bool(state.get("running") or state.get("terminated")),
+            "running" in state or "terminated" in state,
         )
 
     @property
