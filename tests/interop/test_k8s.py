@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -433,3 +434,23 @@ def test_bad_k8s_variables_stop_start_up(tmp_path: Path, variable: str, value: s
     lines = [line for line in output.splitlines() if line.strip()]
     assert code == 2, output
     assert len(lines) == 1 and lines[0].startswith(f"harp: configuration error: {variable}")
+
+
+def test_workers_share_the_k8s_upstream(
+    tmp_path: Path, key: str, nextcloud: FakeNextcloud, kube: KubeAPI, token_file: Path,
+    tls: tuple[Path, Path, Path], exapp: ExAppProcess, harp_settings: dict[str, str],
+) -> None:
+    """HP_WORKERS=2: expose in one worker, a push through the primary, requests in both."""
+    harp = start_harp(tmp_path, key, nextcloud, HP_WORKERS="2", **harp_settings)
+    try:
+        assert wait_for(lambda: info(harp, key)["reachable"], 20)
+        assert expose(harp, key, exapp.port, "clusterip").status == 200
+        assert call(harp, key, f"/exapp_storage/{APP}", record_for(exapp, host=APP)).status == (
+            204)
+        # Concurrent, so that both workers serve some (sequential ones may stay on one).
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: public(harp), range(16)))
+        assert all(ok(answer).status == 200 for answer in answers)
+    finally:
+        harp.stop()
+        kube.delete("v1/services", DEPLOY)
