@@ -170,28 +170,36 @@ class K8sClient:
 
     def unusable(self) -> str | None:
         """Why no call can be made (the 503 message), or None when one can."""
+        return self._token()[1]
+
+    def _token(self) -> tuple[str, None] | tuple[None, str]:
+        """(the token now, None), or (None, why no call can be made)."""
         if not self.settings.enabled:
-            return DISABLED
+            return None, DISABLED
         if not self.settings.api_server:
-            return NO_API_SERVER
-        if read_token(self.settings) is None:
+            return None, NO_API_SERVER
+        token = read_token(self.settings)
+        if token is None:
             if not self._token_missing_logged:
                 self._token_missing_logged = True
                 log.error("no Kubernetes bearer token: set HP_K8S_BEARER_TOKEN or "
                           "HP_K8S_BEARER_TOKEN_FILE ({path})", path=str(self.settings.token_file))
-            return NO_TOKEN
+            return None, NO_TOKEN
         self._token_missing_logged = False
-        return None
+        return token, None
 
     async def call(
         self, method: bytes, path: str, *, query: dict[str, str] | None = None,
         body: Any = None, content_type: bytes = JSON, timeout: float | None = None,
     ) -> K8sReply:
-        """One request, its JSON answer read; :class:`K8sUnavailable` when none came."""
-        why = self.unusable()
-        if why is not None:
-            raise K8sUnavailable(why)
-        token = read_token(self.settings) or ""
+        """One request, its JSON answer read; :class:`K8sUnavailable` when none came.
+
+        The timeout covers the wait for a free slot too: a probe queued behind hung calls
+        still ends in time.
+        """
+        token, why = self._token()
+        if token is None:
+            raise K8sUnavailable(why or NO_TOKEN)
         url = self.settings.api_server + path
         if query:
             url += "?" + urlencode(query)
@@ -201,22 +209,35 @@ class K8sClient:
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
             headers.setRawHeaders(b"Content-Type", [content_type])
+        timed_out = False
+
+        def on_timeout(result: Any, seconds: float) -> Any:
+            nonlocal timed_out
+            timed_out = True
+            return result
+
+        limited = Deferred.fromCoroutine(self._limited(method, url, headers, data))
+        limited.addTimeout(timeout or self.call_timeout, self.reactor, onTimeoutCancel=on_timeout)
+        try:
+            return await limited
+        except K8sError:
+            raise
+        except CancelledError:
+            if not timed_out:
+                raise  # our caller was cancelled (AppAPI hung up): not an API failure
+            log.warn("Kubernetes API {method} {path}: no answer in time",
+                     method=method.decode(), path=path)
+        except Exception as exc:
+            log.warn("Kubernetes API {method} {path} failed: {error}",
+                     method=method.decode(), path=path, error=_describe(exc))
+        raise K8sUnavailable(UNREACHABLE)
+
+    async def _limited(
+        self, method: bytes, url: str, headers: Headers, data: bytes | None
+    ) -> K8sReply:
         await self._limit.acquire()
         try:
-            exchange = Deferred.fromCoroutine(self._exchange(method, url, headers, data))
-            exchange.addTimeout(timeout or self.call_timeout, self.reactor)
-            try:
-                return await exchange
-            except K8sError:
-                raise
-            except CancelledError:
-                log.warn("Kubernetes API {method} {path}: no answer in time",
-                         method=method.decode(), path=path)
-                raise K8sUnavailable(UNREACHABLE) from None
-            except Exception as exc:
-                log.warn("Kubernetes API {method} {path} failed: {error}",
-                         method=method.decode(), path=path, error=_describe(exc))
-                raise K8sUnavailable(UNREACHABLE) from None
+            return await self._exchange(method, url, headers, data)
         finally:
             self._limit.release()
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 
 from harp.k8s.client import K8sClient, K8sError
+from harp.logs import HarpLogger
+
+log = HarpLogger("harp.k8s")
 
 PROBE_TIMEOUT: Final = 2.0
 TTL_REACHABLE: Final = 10.0
@@ -44,7 +48,7 @@ class ReachabilityProbe:
         waiter: Deferred[bool] = Deferred()
         if self._waiters is None:
             self._waiters = [waiter]
-            Deferred.fromCoroutine(self._probe()).addCallback(self._done)
+            Deferred.fromCoroutine(self._probe()).addBoth(self._done)
         else:
             self._waiters.append(waiter)
         return waiter
@@ -56,7 +60,10 @@ class ReachabilityProbe:
             return False
         return reply.status == 200
 
-    def _done(self, value: bool) -> None:
+    def _done(self, result: bool | Failure) -> None:
+        if isinstance(result, Failure):  # a bug: it must not leave /info waiting forever
+            log.failure("Kubernetes reachability probe failed", result)
+        value = result is True
         self._value = value
         self._until = self.reactor.seconds() + (TTL_REACHABLE if value else TTL_UNREACHABLE)
         waiters, self._waiters = self._waiters or [], None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -454,3 +455,19 @@ def test_workers_share_the_k8s_upstream(
     finally:
         harp.stop()
         kube.delete("v1/services", DEPLOY)
+
+
+def test_info_does_not_wait_for_a_hanging_api(tmp_path: Path, key: str,
+                                              nextcloud: FakeNextcloud) -> None:
+    """An API server that accepts and never answers: /info still answers, unreachable
+    (the reference waited up to 60 s; AppAPI gives /info 5 s)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        harp = start_harp(tmp_path, key, nextcloud, HP_K8S_ENABLED="true",
+                          HP_K8S_API_SERVER=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                          HP_K8S_BEARER_TOKEN="static-token")
+        try:
+            response = ok(request(harp.http_port, "/exapps/app_api/info",
+                                  {"harp-shared-key": key}, timeout=5))
+            assert response.json()["kubernetes"]["reachable"] is False
+        finally:
+            harp.stop()
