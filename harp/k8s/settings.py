@@ -128,7 +128,7 @@ def parse_k8s_settings(env: Mapping[str, str]) -> K8sSettings:
     return K8sSettings(
         enabled=enabled,
         namespace=namespace,
-        api_server=_api_server(env, get("HP_K8S_API_SERVER")),
+        api_server=_api_server(env, get("HP_K8S_API_SERVER"), enabled),
         token=token or None,
         token_file=Path(token_file) if token_file else None,
         ca_file=Path(ca_raw or DEFAULT_CA_FILE),
@@ -140,13 +140,17 @@ def parse_k8s_settings(env: Mapping[str, str]) -> K8sSettings:
     )
 
 
-def _api_server(env: Mapping[str, str], raw: str) -> str:
-    """``HP_K8S_API_SERVER``, else the in-cluster address; ``""`` when neither is set."""
+def _api_server(env: Mapping[str, str], raw: str, enabled: bool) -> str:
+    """``HP_K8S_API_SERVER``, else the in-cluster address; ``""`` when neither is set.
+
+    The in-cluster variables are Kubernetes', not the operator's: they are only looked at
+    when the backend is on, so a HaRP without it never stops because of them.
+    """
     allowed = "expected the API server's URL, e.g. https://kubernetes.default.svc"
     var = "HP_K8S_API_SERVER"
     if not raw:
         host = env.get("KUBERNETES_SERVICE_HOST", "").strip()
-        if not host:
+        if not host or not enabled:
             return ""
         port = env.get("KUBERNETES_SERVICE_PORT", "").strip() or "443"
         var = "KUBERNETES_SERVICE_HOST"

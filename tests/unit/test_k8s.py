@@ -35,8 +35,10 @@ def test_defaults_and_in_cluster_fallback() -> None:
     cluster = parse_k8s_settings({"HP_K8S_ENABLED": "yes", "KUBERNETES_SERVICE_HOST": "fd00::1",
                                   "KUBERNETES_SERVICE_PORT": "6443"})
     assert cluster.enabled and cluster.api_server == "https://[fd00::1]:6443"
-    assert parse_k8s_settings({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).api_server == (
-        "https://10.0.0.1:443")
+    assert parse_k8s_settings({"HP_K8S_ENABLED": "on", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+                              ).api_server == "https://10.0.0.1:443"
+    # Kubernetes' own variables are not looked at while the backend is off.
+    assert parse_k8s_settings({"KUBERNETES_SERVICE_HOST": "bad host"}).api_server == ""
     named = parse_k8s_settings({"HP_K8S_API_SERVER": "'https://k8s.example:6443/'",
                                 "KUBERNETES_SERVICE_HOST": "10.0.0.1"})
     assert named.api_server == "https://k8s.example:6443"
