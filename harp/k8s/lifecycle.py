@@ -21,7 +21,13 @@ from harp.k8s import manifests, pods
 from harp.k8s.client import STRATEGIC_MERGE, K8sClient, K8sUnavailable
 from harp.k8s.discovery import Discovery, with_upstream
 from harp.k8s.payloads import CreateSpec, ExposeSpec
-from harp.k8s.services import NoUpstream, Upstream, load_balancer_address, service_port
+from harp.k8s.services import (
+    NoUpstream,
+    Upstream,
+    load_balancer_address,
+    node_port,
+    service_port,
+)
 from harp.logs import HarpLogger
 from harp.state import State
 
@@ -215,6 +221,8 @@ class K8sLifecycle:
                 if host is None:
                     host = await self._wait_for_load_balancer(spec, name)
                 return host, port
+            if spec.expose_type == "nodeport" and spec.upstream_host:
+                return spec.upstream_host, node_port(service)  # no need to ask for nodes
             found = await self.discovery.service_upstream(
                 service, spec.node_address_type, spec.node_name, spec.node_label_selector,
             )

@@ -54,7 +54,9 @@ class PodView:
             state = containers[0].get("state") or {}
         waiting = state.get("waiting") or {}
         return cls(
-            str(status.get("phase") or "Unknown"), ready, status.get("reason"),
+            # No phase yet: the API server has not even set Pending; not "Unknown" (which
+            # would end the wait at once).
+            str(status.get("phase") or "Pending"), ready, status.get("reason"),
             status.get("message"), waiting.get("reason"), str(waiting.get("message") or ""),
             "running" in state or "terminated" in state,
         )

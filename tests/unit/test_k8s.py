@@ -235,6 +235,7 @@ def _pod(phase: str, waiting: str | None = None, ready: bool = False,
 def test_pod_watch_verdicts() -> None:
     watch = pods.PodWatch(0)
     assert watch.see([], 1) is None and watch.phase == "Pending"
+    assert watch.see([{"metadata": {"name": "new"}}], 1) is None  # no status yet: wait
     assert watch.see([_pod("Pending", "ContainerCreating")], 2) is None
     assert watch.pulled_at is None
     assert not watch.expired(3000) and watch.expired(3601)
