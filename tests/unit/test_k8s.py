@@ -337,3 +337,34 @@ def test_probe_is_cached_shared_and_skipped_when_unusable() -> None:
     assert probe.cached() is False
     probe.reachable().addCallback(results.append)
     assert results[-1] is False and client.calls == 3
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+    | st.sampled_from(["manual", "nodeport", "512Mi", "cuda", "img:1", "0", "30001"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=3),
+    max_leaves=8,
+)
+FIELDS = st.sampled_from([
+    "name", "instance_id", "role_suffix", "image", "image_id", "environment_variables",
+    "compute_device", "resource_limits", "mount_points", "port", "expose_type",
+    "upstream_host", "upstream_port", "service_port", "node_port", "external_traffic_policy",
+    "load_balancer_ip", "service_annotations", "service_labels", "wait_timeout_seconds",
+    "wait_interval_seconds", "node_address_type", "node_name", "node_label_selector",
+])
+
+
+@pytest.mark.parametrize("parse", [CreateSpec.parse, ExposeSpec.parse])
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(FIELDS, JSON_VALUES, max_size=8))
+def test_any_body_is_a_spec_or_a_payload_error(parse: Any, body: dict[str, Any]) -> None:
+    """A hostile body is a 400, never a 500: only PayloadError may come out."""
+    try:
+        spec = parse({"name": "app", "port": 80, "image": "img", **body})
+    except PayloadError:
+        return
+    if isinstance(spec, CreateSpec):
+        assert manifests.deployment(spec, ())["spec"]["replicas"] == 0
+    elif spec.expose_type != "manual":
+        assert manifests.service(spec)["kind"] == "Service"
