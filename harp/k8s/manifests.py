@@ -4,7 +4,7 @@ The names follow the Docker ones (``nc_app_[<instance>_]<name>[_<role>]``) made 
 safe by :func:`sanitize`; every role of an app gets its own Deployment (and Service) but
 all roles share one PVC, mounted at the Docker volume's path ``/nc_app_<name>_data`` so the
 ExApp's ``APP_PERSISTENT_STORAGE`` is the same on both backends.  Labels say which app a
-resource is ``part-of``, so discovery and removal can find them (docs/kubernetes.md#names).
+resource is ``part-of``, so discovery and removal can find them (docs/kubernetes.md#behaviour).
 """
 
 from __future__ import annotations

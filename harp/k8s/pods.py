@@ -1,7 +1,7 @@
 """``wait_for_start``'s judgement of a Deployment's pods (pure: pod list in, verdict out).
 
 AppAPI waits (up to 3700 s) for ``started: true``; every answer carries ``started``,
-``status``, ``health``, ``reason`` and ``message`` (docs/kubernetes.md#wait-for-start):
+``status``, ``health``, ``reason`` and ``message`` (docs/kubernetes.md#endpoints):
 
 * the first pod Running and Ready → started, ``running``/``ready``;
 * Succeeded (an init-only app ran and exited 0) → started, ``succeeded``/``ready``;
