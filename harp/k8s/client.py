@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -40,6 +39,7 @@ from zope.interface import implementer
 from harp.config.values import ConfigError
 from harp.docker.client import EngineError
 from harp.k8s.settings import K8sSettings
+from harp.k8s.token import read_token
 from harp.logs import HarpLogger
 
 log = HarpLogger("harp.k8s")
@@ -126,20 +126,6 @@ def tls_policy(settings: K8sSettings) -> IPolicyForHTTPS:
         [Certificate.loadPEM(cert.public_bytes(Encoding.PEM)) for cert in certificates]
     )
     return BrowserLikePolicyForHTTPS(trustRoot=trust)
-
-
-def read_token(settings: K8sSettings) -> str | None:
-    """The bearer token now: the static one, else the file's current content."""
-    if settings.token:
-        return settings.token
-    path: Path | None = settings.token_file
-    if path is None:
-        return None
-    try:
-        token = path.read_text("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return token or None
 
 
 class K8sClient:

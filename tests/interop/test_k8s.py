@@ -471,3 +471,33 @@ def test_info_does_not_wait_for_a_hanging_api(tmp_path: Path, key: str,
             assert response.json()["kubernetes"]["reachable"] is False
         finally:
             harp.stop()
+
+
+def test_harp_check_kubernetes(kube: KubeAPI, token_file: Path, tls: tuple[Path, Path, Path],
+                               tmp_path: Path) -> None:
+    """``python -m harp check``'s kubernetes line, against the same API server."""
+    from harp.check.kubernetes import kubernetes
+    from harp.check.result import Status
+    from harp.k8s.settings import K8sSettings
+
+    good = K8sSettings(enabled=True, api_server=kube.url, token_file=token_file,
+                       ca_file=tls[0], ca_file_explicit=True)
+    result = kubernetes(good)
+    assert result.status is Status.PASS, result
+    assert kubernetes(K8sSettings()).status is Status.SKIP
+    other_ca = write_tls(tmp_path)[0]
+    untrusted = kubernetes(K8sSettings(enabled=True, api_server=kube.url, token="x",
+                                       ca_file=other_ca, ca_file_explicit=True))
+    assert untrusted.status is Status.FAIL and "not trusted" in untrusted.detail
+    refused = kubernetes(K8sSettings(enabled=True, api_server=kube.url, token="wrong",
+                                     ca_file=tls[0]))
+    assert refused.status is Status.FAIL and "401" in refused.detail
+    kube.server.powerless.add("no-role")
+    forbidden = kubernetes(K8sSettings(enabled=True, api_server=kube.url, token="no-role",
+                                       ca_file=tls[0]))
+    assert forbidden.status is Status.FAIL and "docs/kubernetes.md#rbac" in forbidden.fix
+    missing = kubernetes(K8sSettings(enabled=True, api_server=kube.url,
+                                     token_file=tmp_path / "none"))
+    assert missing.status is Status.FAIL and "token" in missing.detail
+    for found in (result, untrusted, refused, forbidden):
+        assert token_file.read_text().strip() not in found.detail + found.fix

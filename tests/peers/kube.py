@@ -10,7 +10,8 @@ would get (:meth:`KubeAPI.add_pod`) and the Nodes (:meth:`KubeAPI.add_node`).
 and what HaRP relies on:
 
 * bearer-token authentication (401 for a missing or unknown token), so the tests can
-  rotate the token file;
+  rotate the token file, and a token without any permission (403: RBAC is not modelled
+  beyond that);
 * ``labelSelector`` on lists (equality-based: ``k=v``, ``k==v``, ``k!=v``, ``k``, ``!k``);
 * PATCH only with a patch content type (``application/strategic-merge-patch+json`` or
   ``merge-patch+json``), else 415 as the real server answers a plain ``application/json``;
@@ -79,14 +80,18 @@ class ApiServer(KubernetesEmulator):
     def __init__(self, tokens: set[str], cluster_ip: str = "127.0.0.1") -> None:
         super().__init__()
         self.tokens = tokens
+        #: Tokens that authenticate but may do nothing (a service account without a Role).
+        self.powerless: set[str] = set()
         self.cluster_ip = cluster_ip
         self.node_ports = itertools.count(30080)
         for kind in RESOURCES:
             self.resources[kind] = {}
 
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
-        authorization = request.headers.get("Authorization", "")
-        if authorization.removeprefix("Bearer ") not in self.tokens:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token in self.powerless:
+            return _status(403, "Forbidden", "forbidden by RBAC")
+        if token not in self.tokens:
             return _status(401, "Unauthorized", "Unauthorized")
         if request.method == "PATCH":
             kind = request.headers.get("Content-Type", "").split(";")[0].strip()

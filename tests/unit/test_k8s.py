@@ -18,10 +18,11 @@ from twisted.internet.task import Clock
 from harp.config import ConfigError, Settings
 from harp.docker.names import ExAppName, PayloadError
 from harp.k8s import manifests, pods, services
-from harp.k8s.client import K8sReply, K8sUnavailable, _NoVerification, read_token, tls_policy
+from harp.k8s.client import K8sReply, K8sUnavailable, _NoVerification, tls_policy
 from harp.k8s.payloads import CreateSpec, ExposeSpec
 from harp.k8s.probe import TTL_REACHABLE, TTL_UNREACHABLE, ReachabilityProbe
 from harp.k8s.settings import K8sSettings, parse_host_aliases, parse_k8s_settings
+from harp.k8s.token import read_token
 
 APP = ExAppName("my_App")
 
