@@ -1,8 +1,8 @@
 """Run every check in order, print one line each, and decide the exit status.
 
 The order follows the path of a request: configuration, certificates, HaRP's own ports,
-Nextcloud (reachable, key, clock), Redis, Docker engines.  Later checks use what earlier ones
-found (no point probing FRP engines through a HaRP that is not running).
+Nextcloud (reachable, key, clock), Redis, Kubernetes, Docker engines.  Later checks use what
+earlier ones found (no point probing FRP engines through a HaRP that is not running).
 
 Exit status: 0 when every check passed or had nothing to check, 1 when any warned or
 failed, 2 when the configuration is invalid (as the daemon: the same one line).
