@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Coroutine, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
 from http.cookiejar import Cookie
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import quote
@@ -71,6 +71,11 @@ _SKIP: Final = frozenset(
 
 class NextcloudError(Exception):
     """Nextcloud could not answer usefully (network error, 5xx, malformed body)."""
+
+
+#: Gives a fetched record its real upstream before it is cached (harp.k8s: the app's
+#: Kubernetes Service); raising makes the lookup fail with nothing cached.
+UpstreamResolver = Callable[[str, ExAppRecord], Awaitable[ExAppRecord]]
 
 
 K = TypeVar("K", bound=Hashable)
@@ -123,7 +128,10 @@ class _NoCookies(IndexableCookieJar):  # type: ignore[misc]
 
 
 class NextcloudClient:
-    def __init__(self, reactor: IReactorTime, base_url: str, shared_key: str, state: State):
+    def __init__(
+        self, reactor: IReactorTime, base_url: str, shared_key: str, state: State,
+        upstream: UpstreamResolver | None = None,
+    ):
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 100
         pool.cachedConnectionTimeout = 50
@@ -136,6 +144,7 @@ class NextcloudClient:
         self._user_url = f"{base_url}/index.php/apps/app_api/harp/user-info?appId="
         self._key = shared_key.encode("ascii")
         self._state = state
+        self._upstream = upstream
         self._meta_flights: SingleFlight[str, ExAppRecord | None] = SingleFlight()
         self._user_flights: SingleFlight[bytes, UserInfo] = SingleFlight()
         self._lookups: TokenBuckets[str] = TokenBuckets(
@@ -173,10 +182,23 @@ class NextcloudClient:
         return self._meta_flights.run(app_id, lambda: self._fetch_meta(app_id))
 
     async def _fetch_meta(self, app_id: str) -> ExAppRecord | None:
+        record = await self.fetch_record(app_id)
+        if record is None:
+            self._state.mark_missing(app_id)
+            return None
+        if self._upstream is not None:
+            try:
+                record = await self._upstream(app_id, record)
+            except Exception as exc:
+                raise NextcloudError(f"upstream of {app_id}: {exc}") from None
+        self._state.put_exapp(app_id, record)
+        return record
+
+    async def fetch_record(self, app_id: str) -> ExAppRecord | None:
+        """Nextcloud's record for ``app_id`` as it is, None if unknown; nothing cached."""
         headers = Headers({b"harp-shared-key": [self._key], b"accept": [b"application/json"]})
         status, payload = await self._get_json(self._meta_url + quote(app_id, safe=""), headers)
         if status in (401, 404):
-            self._state.mark_missing(app_id)
             return None
         if payload is None:
             if 300 <= status < 400:
@@ -186,11 +208,9 @@ class NextcloudClient:
                 )
             raise NextcloudError(f"exapp-meta answered HTTP {status}")
         try:
-            record = parse_record(app_id, payload)
+            return parse_record(app_id, payload)
         except RecordError as exc:
             raise NextcloudError(f"exapp-meta for {app_id}: {exc}") from None
-        self._state.put_exapp(app_id, record)
-        return record
 
     # --- user-info
 

@@ -26,9 +26,11 @@ from twisted.web.server import Request
 from harp import docker, logs, writes
 from harp.client_address import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
+from harp.exapps import ExAppRecord
 from harp.frp.listener import FrpServerFactory, FrpTLSConfigError, FrpTLSContext
 from harp.frp.service import FrpServer, FrpService
 from harp.frp.tunnels import TunnelRegistry
+from harp.k8s import wiring as k8s_wiring
 from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from harp.metrics import Metrics
 from harp.nextcloud import NextcloudClient
@@ -203,6 +205,8 @@ class StorageEndpoints(Protocol):
 
     def post(self, request: Request, rest: bytes) -> bytes | int: ...
 
+    def put(self, request: Request, app_id: str, record: ExAppRecord) -> bytes | int: ...
+
     def delete(self, request: Request, rest: bytes) -> bytes | int: ...
 
 
@@ -214,7 +218,13 @@ def build_frontend(
 
     ``/metrics`` answers with this process's figures; a worker replaces the handler.
     """
-    nextcloud = NextcloudClient(reactor, settings.nc_instance_url, settings.shared_key, state)
+    # Kubernetes backend (docs/kubernetes.md): built first, its upstream discovery is the
+    # Nextcloud client's hook for records fetched on a cache miss.
+    k8s = k8s_wiring.build(reactor, settings.k8s, settings.timeout_connect)
+    storage = k8s.storage(storage)
+    nextcloud = NextcloudClient(
+        reactor, settings.nc_instance_url, settings.shared_key, state, upstream=k8s.upstream
+    )
     pipeline = Pipeline(
         state, nextcloud, KeyCheck(settings.shared_key),
         ClientAddressResolver(settings.trusted_proxies),
@@ -222,6 +232,7 @@ def build_frontend(
     control = ControlPlane()
     control.add_prefix(b"POST", STORAGE_PREFIX, storage.post)
     control.add_prefix(b"DELETE", STORAGE_PREFIX, storage.delete)
+    k8s.register(control, state, nextcloud.fetch_record)
     # Docker engines: 24000 = HP_DOCKER_SOCKET, 24001-24099 = FRP engine tunnels.
     docker_side = docker.build(
         reactor, control,
@@ -250,7 +261,7 @@ def build_frontend(
     )
     site.on_malformed = pipeline.malformed
     closers: list[Callable[[], object]] = [
-        nextcloud.close, proxy.pool.close_all, *docker_side.closers,
+        nextcloud.close, proxy.pool.close_all, *docker_side.closers, *k8s.closers,
     ]
     return Frontend(site, control, metrics, limit, closers)
 

@@ -1,8 +1,8 @@
 """Run every check in order, print one line each, and decide the exit status.
 
 The order follows the path of a request: configuration, certificates, HaRP's own ports,
-Nextcloud (reachable, key, clock), Redis, Docker engines.  Later checks use what earlier ones
-found (no point probing FRP engines through a HaRP that is not running).
+Nextcloud (reachable, key, clock), Redis, Kubernetes, Docker engines.  Later checks use what
+earlier ones found (no point probing FRP engines through a HaRP that is not running).
 
 Exit status: 0 when every check passed or had nothing to check, 1 when any warned or
 failed, 2 when the configuration is invalid (as the daemon: the same one line).
@@ -15,7 +15,7 @@ import datetime
 from collections.abc import Iterator, Mapping
 from typing import TextIO
 
-from harp.check import certs, engines, frontends, nextcloud, redis
+from harp.check import certs, engines, frontends, kubernetes, nextcloud, redis
 from harp.check.result import Result, Status, failed, passed
 from harp.config import ConfigError, Settings
 
@@ -44,6 +44,7 @@ def checks(settings: Settings, app_id: str | None, docker_api: str) -> Iterator[
     yield nextcloud.shared_key(found, app_id)
     yield nextcloud.clock(found)
     yield redis.redis_state(settings.redis_url)
+    yield kubernetes.kubernetes(settings.k8s)
     local = engines.local_engine(settings.docker_socket, docker_api)
     yield local
     yield engines.frp_engines(

@@ -35,6 +35,7 @@ from harp.config.values import (
     parse_nc_url,
     strip_quotes,
 )
+from harp.k8s.settings import K8sSettings, parse_k8s_settings
 
 __all__ = ["Address", "ConfigError", "RedisURL", "Settings", "available_cpus"]
 
@@ -139,6 +140,8 @@ class Settings:
     http2: bool = True
     #: Non-fatal remarks made while parsing (e.g. host bits masked in a CIDR).
     warnings: tuple[str, ...] = ()
+    #: ``HP_K8S_*``: the Kubernetes backend (docs/kubernetes.md).
+    k8s: K8sSettings = field(default_factory=K8sSettings)
 
     @property
     def frp_certs_dir(self) -> Path:
@@ -235,6 +238,7 @@ class Settings:
             workers=_workers(get("HP_WORKERS", "")),
             http2=parse_bool("HP_HTTP2", get("HP_HTTP2", "true")),
             warnings=tuple(warnings),
+            k8s=parse_k8s_settings(env),
         )
 
     def describe(self) -> list[tuple[str, str]]:
@@ -266,6 +270,7 @@ class Settings:
             ("HP_REDIS_URL", self.redis_url.redacted if self.redis_url else "(in memory)"),
             ("HP_WORKERS", str(self.workers)),
             ("HP_HTTP2", str(self.http2).lower()),
+            *self.k8s.describe(),
         ]
 
 

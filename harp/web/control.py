@@ -19,11 +19,14 @@ from harp.web import responses
 Handler = Callable[[Request, bytes], bytes | int]
 
 
+def info_payload(kubernetes: dict[str, object]) -> dict[str, object]:
+    """``/info``'s body; the Kubernetes backend (harp.k8s) fills in its own part."""
+    return {"version": __version__, "docker": True, "kubernetes": kubernetes}
+
+
 def info(request: Request, rest: bytes) -> bytes:
     """``GET /info``: version (a full semver string, #113), docker support, no k8s."""
-    return responses.send_json(
-        request, 200, {"version": __version__, "docker": True, "kubernetes": {"enabled": False}}
-    )
+    return responses.send_json(request, 200, info_payload({"enabled": False}))
 
 
 def heartbeat(request: Request, rest: bytes) -> bytes:

@@ -53,7 +53,10 @@ class ExAppStorage:
         parsed = read_record(request, rest)
         if isinstance(parsed, bytes):
             return parsed
-        app_id, record = parsed
+        return self.put(request, *parsed)
+
+    def put(self, request: Request, app_id: str, record: ExAppRecord) -> bytes:
+        """Store a pushed record (after harp.k8s may have given it its upstream)."""
         self.state.put_exapp(app_id, record)
         log.info("ExApp {app} registered: {host}:{port}, {n} routes", app=app_id,
                  host=record.host, port=record.port, n=len(record.routes))

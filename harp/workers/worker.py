@@ -145,7 +145,9 @@ class ForwardingStorage:
         parsed = read_record(request, rest)
         if isinstance(parsed, bytes):
             return parsed
-        app_id, record = parsed
+        return self.put(request, *parsed)
+
+    def put(self, request: Request, app_id: str, record: ExAppRecord) -> bytes | int:
         d = self.channel.put(app_id, record)
         d.addCallbacks(
             lambda _: _answer(request, 204), lambda failure: _unavailable(request, failure)

@@ -1,0 +1,147 @@
+"""An ExApp's upstream from the cluster, for routing (docs/kubernetes.md#routing).
+
+AppAPI's record for a Kubernetes ExApp names the app id as its host, which means nothing
+to HaRP; the real address is wherever ``expose`` put the app.  HaRP looks it up:
+
+1. the Service named after the app (``nc-app-<id>``);
+2. else the Services labelled ``app.kubernetes.io/part-of=nc-app-<id>`` (multi-role apps);
+3. else the manual-expose annotations on the app's Deployment(s);
+
+and replaces the record's host and port with it — on a registry cache miss (the record
+fetched from Nextcloud) and on every ``/exapp_storage`` push, so a push can never put the
+app id back as the host (reference regression #101).  When nothing is found (an app that
+is not on Kubernetes) the record is used as it is.  An API error raises
+:class:`~harp.k8s.client.K8sUnavailable`: the caller answers 503 (control plane) or 404
+(routing) and caches nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harp.exapps import ExAppRecord
+from harp.k8s import manifests
+from harp.k8s.client import K8sClient, K8sUnavailable
+from harp.k8s.services import (
+    NoUpstream,
+    Upstream,
+    cluster_address,
+    load_balancer_address,
+    manual_upstream,
+    node_address,
+    node_port,
+    service_name,
+    service_port,
+    service_type,
+)
+from harp.logs import HarpLogger
+
+log = HarpLogger("harp.k8s")
+
+GET = b"GET"
+
+
+def with_upstream(record: ExAppRecord, upstream: Upstream) -> ExAppRecord:
+    """``record`` pointing at ``upstream`` (its JSON source too, for shared state)."""
+    host, port = upstream
+    source = {**record.source, "host": host, "port": port}
+    return dataclasses.replace(record, host=host, port=port, source=source)
+
+
+class Discovery:
+    """Finds the upstream of an app in the configured namespace."""
+
+    def __init__(self, client: K8sClient) -> None:
+        self.client = client
+
+    def path(self, kind: str, name: str = "") -> str:
+        group = "/apis/apps/v1" if kind == "deployments" else "/api/v1"
+        path = f"{group}/namespaces/{self.client.namespace}/{kind}"
+        return f"{path}/{name}" if name else path
+
+    async def apply(self, app_id: str, record: ExAppRecord) -> ExAppRecord:
+        """``record`` with the app's Kubernetes upstream, if it has one."""
+        upstream = await self.upstream(app_id)
+        if upstream is None:
+            return record
+        log.info("ExApp {app}: Kubernetes upstream {host}:{port}", app=app_id,
+                 host=upstream[0], port=upstream[1])
+        return with_upstream(record, upstream)
+
+    async def upstream(self, app_id: str) -> Upstream | None:
+        """Where ``app_id`` is reached, None if Kubernetes does not know it (or is off)."""
+        if self.client.unusable() is not None:
+            return None
+        name, part_of = manifests.app_names(app_id)
+        reply = await self.client.call(GET, self.path("services", name))
+        service = reply.data if reply.status == 200 and isinstance(reply.data, dict) else None
+        if service is None and reply.status != 404:
+            raise self._error(app_id, "Service", reply.status)
+        if service is None:
+            listed = await self.client.call(
+                GET, self.path("services"),
+                query={"labelSelector": manifests.part_of_selector(part_of)},
+            )
+            if not listed.ok:
+                raise self._error(app_id, "Service", listed.status)
+            found = [s for s in listed.items() if isinstance(s, dict)]
+            service = found[0] if found else None
+        if service is None:
+            return await self._manual(app_id, name, part_of)
+        try:
+            return await self.service_upstream(service)
+        except NoUpstream as exc:
+            log.warn("ExApp {app}: Service {service} gives no upstream: {why}", app=app_id,
+                     service=service_name(service), why=str(exc))
+            return None
+
+    async def service_upstream(
+        self, service: dict[str, object], address_type: str = "InternalIP",
+        node_name: str | None = None, node_selector: str | None = None,
+    ) -> Upstream:
+        """The upstream a Service gives (:mod:`harp.k8s.services`); NodePort asks for nodes."""
+        kind = service_type(service)
+        if kind == "NodePort":
+            port = node_port(service)
+            return await self.node_address(address_type, node_name, node_selector), port
+        if kind == "LoadBalancer":
+            host = load_balancer_address(service)
+            if host is None:
+                raise NoUpstream("the LoadBalancer has no address yet")
+            return host, service_port(service)
+        return cluster_address(service, self.client.namespace), service_port(service)
+
+    async def node_address(self, address_type: str, node_name: str | None,
+                           node_selector: str | None) -> str:
+        query = {"labelSelector": node_selector} if node_selector else None
+        reply = await self.client.call(GET, "/api/v1/nodes", query=query)
+        if not reply.ok:
+            raise K8sUnavailable(f"Failed to list K8s nodes: Status {reply.status}, "
+                                 f"{reply.error()}")
+        return node_address(reply.items(), address_type, node_name)
+
+    async def _manual(self, app_id: str, name: str, part_of: str) -> Upstream | None:
+        reply = await self.client.call(GET, self.path("deployments", name))
+        if reply.status == 200 and isinstance(reply.data, dict):
+            found = manual_upstream(reply.data)
+            if found is not None:
+                return found
+        elif reply.status != 404:
+            raise self._error(app_id, "Deployment", reply.status)
+        listed = await self.client.call(
+            GET, self.path("deployments"),
+            query={"labelSelector": manifests.part_of_selector(part_of)},
+        )
+        if not listed.ok:
+            raise self._error(app_id, "Deployment", listed.status)
+        for deployment in listed.items():
+            found = manual_upstream(deployment) if isinstance(deployment, dict) else None
+            if found is not None:
+                return found
+        return None
+
+    @staticmethod
+    def _error(app_id: str, what: str, status: int) -> K8sUnavailable:
+        log.warn("ExApp {app}: Kubernetes API answered {status} to the {what} lookup; "
+                 "nothing cached", app=app_id, status=status, what=what)
+        return K8sUnavailable(f"K8s API error during {what} lookup for '{app_id}'")

@@ -1,0 +1,371 @@
+"""The Kubernetes backend's pure parts: settings, payloads, manifests, pod and Service
+reading, the token and TLS choices, and the cached ``/info`` probe (on a fake clock).
+
+The process-level behaviour (real HaRP, emulated API server, routed ExApp) is in
+tests/interop/test_k8s.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from harp.config import ConfigError, Settings
+from harp.docker.names import ExAppName, PayloadError
+from harp.k8s import manifests, pods, services
+from harp.k8s.client import K8sReply, K8sUnavailable, _NoVerification, tls_policy
+from harp.k8s.payloads import CreateSpec, ExposeSpec
+from harp.k8s.probe import TTL_REACHABLE, TTL_UNREACHABLE, ReachabilityProbe
+from harp.k8s.settings import K8sSettings, parse_host_aliases, parse_k8s_settings
+from harp.k8s.token import read_token
+
+APP = ExAppName("my_App")
+
+# --- settings
+
+
+def test_defaults_and_in_cluster_fallback() -> None:
+    off = parse_k8s_settings({})
+    assert (off.enabled, off.namespace, off.api_server, off.storage_size) == (
+        False, "nextcloud-exapps", "", "10Gi")
+    cluster = parse_k8s_settings({"HP_K8S_ENABLED": "yes", "KUBERNETES_SERVICE_HOST": "fd00::1",
+                                  "KUBERNETES_SERVICE_PORT": "6443"})
+    assert cluster.enabled and cluster.api_server == "https://[fd00::1]:6443"
+    assert parse_k8s_settings({"HP_K8S_ENABLED": "on", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+                              ).api_server == "https://10.0.0.1:443"
+    # Kubernetes' own variables are not looked at while the backend is off.
+    assert parse_k8s_settings({"KUBERNETES_SERVICE_HOST": "bad host"}).api_server == ""
+    named = parse_k8s_settings({"HP_K8S_API_SERVER": "'https://k8s.example:6443/'",
+                                "KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert named.api_server == "https://k8s.example:6443"
+
+
+def test_host_aliases_are_grouped_by_address() -> None:
+    raw = " cloud.local:10.0.0.5, files.local:10.0.0.5,,v6.local:[fd00::5]"
+    assert parse_host_aliases(raw) == (
+        ("10.0.0.5", ("cloud.local", "files.local")), ("fd00::5", ("v6.local",)))
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("HP_K8S_ENABLED", "maybe"), ("HP_K8S_VERIFY_SSL", "2"),
+    ("HP_K8S_NAMESPACE", "-bad"), ("HP_K8S_NAMESPACE", "x" * 64),
+    ("HP_K8S_API_SERVER", "kubernetes.default.svc"), ("HP_K8S_API_SERVER", "https://h:0"),
+    ("HP_K8S_API_SERVER", "https://user:pw@h"), ("HP_K8S_DEFAULT_STORAGE_SIZE", "0"),
+    ("HP_K8S_DEFAULT_STORAGE_SIZE", "10GB"), ("HP_K8S_STORAGE_CLASS", "UPPER"),
+    ("HP_K8S_HOST_ALIASES", "no-address"), ("HP_K8S_HOST_ALIASES", "bad_name:10.0.0.1"),
+    ("HP_K8S_BEARER_TOKEN", "two words"),
+])
+def test_bad_values_are_config_errors(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_k8s_settings({variable: value})
+    assert caught.value.var == variable
+
+
+def test_the_token_is_never_shown() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_k8s_settings({"HP_K8S_BEARER_TOKEN": "sekrit token"})
+    assert "sekrit" not in caught.value.line()
+    parsed = Settings.from_env({"HP_SHARED_KEY": "k", "NC_INSTANCE_URL": "http://nc",
+                                "HP_K8S_ENABLED": "1", "HP_K8S_BEARER_TOKEN": "sekrit"})
+    assert parsed.k8s.token == "sekrit"
+    shown = dict(parsed.describe())
+    assert shown["HP_K8S_BEARER_TOKEN"] == "<redacted>"
+    assert "sekrit" not in repr(parsed) and "sekrit" not in repr(parsed.k8s)
+
+
+K8S_VARIABLES = (
+    "HP_K8S_ENABLED", "HP_K8S_NAMESPACE", "HP_K8S_API_SERVER", "HP_K8S_BEARER_TOKEN",
+    "HP_K8S_BEARER_TOKEN_FILE", "HP_K8S_CA_FILE", "HP_K8S_VERIFY_SSL", "HP_K8S_STORAGE_CLASS",
+    "HP_K8S_DEFAULT_STORAGE_SIZE", "HP_K8S_HOST_ALIASES", "KUBERNETES_SERVICE_HOST",
+    "KUBERNETES_SERVICE_PORT",
+)
+
+
+@pytest.mark.parametrize("var", K8S_VARIABLES)
+@settings(max_examples=150, deadline=None)
+@given(raw=st.one_of(st.text(max_size=40), st.sampled_from(
+    ["https://", "[::1", "h:ip", "a:1.2.3.4,b", "10Gi", "1e3", "\n", ":99999"])))
+def test_any_value_is_accepted_or_a_config_error(var: str, raw: str) -> None:
+    try:
+        parse_k8s_settings({"HP_K8S_ENABLED": "true", var: raw}).describe()
+    except ConfigError as exc:
+        assert "\n" not in exc.allowed
+
+
+# --- token and TLS
+
+
+def test_token_file_is_reread_and_static_token_wins(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    from_file = K8sSettings(enabled=True, token_file=path)
+    assert read_token(from_file) is None
+    path.write_text("one\n")
+    assert read_token(from_file) == "one"
+    path.write_text("two")
+    assert read_token(from_file) == "two"
+    assert read_token(K8sSettings(token="static", token_file=path)) == "static"
+
+
+def test_tls_policy_choices(tmp_path: Path) -> None:
+    assert isinstance(tls_policy(K8sSettings(verify_ssl=False)), _NoVerification)
+    # The default service-account CA may be absent: the system trust store is used.
+    tls_policy(K8sSettings(ca_file=tmp_path / "absent.crt"))
+    bad = tmp_path / "bad.crt"
+    bad.write_text("not a certificate")
+    for ca in (bad, tmp_path / "absent.crt"):
+        with pytest.raises(ConfigError) as caught:
+            tls_policy(K8sSettings(ca_file=ca, ca_file_explicit=True))
+        assert caught.value.var == "HP_K8S_CA_FILE"
+
+
+# --- payloads
+
+
+def test_create_payload_accepts_appapi_and_quantities() -> None:
+    spec = CreateSpec.parse({"name": "app", "instance_id": "", "image_id": "img:1",
+                             "resource_limits": {"memory": "512Mi", "cpu": "250m",
+                                                 "nanoCPUs": None},
+                             "network_mode": "host", "mount_points": [{"source": "/a"}]})
+    assert (spec.image, spec.memory, spec.cpu, spec.mount_points) == ("img:1", "512Mi",
+                                                                      "250m", 1)
+    for bad in ({"name": "app"}, {"name": "app", "image": "../x"},
+                {"name": "app", "image": "i", "resource_limits": {"memory": "lots"}},
+                {"name": "app", "image": "i", "compute_device": "tpu"}):
+        with pytest.raises(PayloadError):
+            CreateSpec.parse(bad)
+
+
+def test_expose_payload_defaults_and_checks() -> None:
+    spec = ExposeSpec.parse({"name": "App", "port": "8080", "upstream_host": None,
+                             "node_port": None, "external_traffic_policy": None})
+    assert (spec.expose_type, spec.port, spec.wait_timeout, spec.wait_interval,
+            spec.node_address_type, spec.app_id) == ("clusterip", 8080, 60.0, 1.0,
+                                                      "InternalIP", "app")
+    for bad in ({"port": 0}, {"port": 80, "expose_type": "ingress"},
+                {"port": 80, "expose_type": "manual"},
+                {"port": 80, "node_port": 80}, {"port": 80, "external_traffic_policy": "x"},
+                {"port": 80, "node_address_type": "Hostname"},
+                {"port": 80, "wait_interval_seconds": 0},
+                {"port": 80, "service_labels": {"a": 1}},
+                {"port": 80, "upstream_host": "a b"}):
+        with pytest.raises(PayloadError):
+            ExposeSpec.parse({"name": "app", **bad})
+
+
+# --- names and manifests
+
+
+@pytest.mark.parametrize(("raw", "name"), [
+    ("nc_app_My_App", "nc-app-my-app"), ("__x..y__", "x-y"), ("___", "exapp"),
+    ("a" * 62 + "_b", "a" * 62), ("Ünïcode!", "n-code"),
+])
+def test_sanitize(raw: str, name: str) -> None:
+    assert manifests.sanitize(raw) == name
+
+
+def test_names_and_labels_with_instance_and_role() -> None:
+    app = ExAppName("my_app", "inst1", "ui")
+    assert manifests.deployment_name(app) == "nc-app-inst1-my-app-ui"
+    assert manifests.pvc_name(app) == "nc-app-inst1-my-app-data"
+    assert manifests.labels(app) == {
+        "app": "nc-app-inst1-my-app-ui", "app.kubernetes.io/name": "nc-app-inst1-my-app-ui",
+        "app.kubernetes.io/part-of": "nc-app-inst1-my-app",
+        "app.kubernetes.io/component": "exapp", "app.kubernetes.io/instance": "inst1",
+        "app.kubernetes.io/role": "ui"}
+    assert manifests.app_names("My_App") == ("nc-app-my-app", "nc-app-my-app")
+
+
+def _create(**limits: Any) -> CreateSpec:
+    device = limits.pop("device", "cpu")
+    return CreateSpec.parse({"name": "my_App", "image": "img", "compute_device": device,
+                             "resource_limits": limits})
+
+
+def test_resources_round_up_and_put_gpus_in_limits_only() -> None:
+    assert manifests.resources(_create()) == {}
+    assert manifests.resources(_create(memory=1, nanoCPUs=1)) == {
+        "limits": {"memory": "1Mi", "cpu": "1m"}, "requests": {"memory": "1Mi", "cpu": "1m"}}
+    assert manifests.resources(_create(device="rocm")) == {"limits": {"amd.com/gpu": "1"}}
+    cuda = manifests.resources(_create(device="cuda", memory="2Gi"))
+    assert cuda == {"limits": {"memory": "2Gi", "nvidia.com/gpu": "1"},
+                    "requests": {"memory": "2Gi"}}
+
+
+def test_deployment_pvc_and_service_bodies() -> None:
+    body = manifests.deployment(_create(), (("10.0.0.1", ("a.local",)),))
+    pod = body["spec"]["template"]["spec"]
+    assert body["spec"]["replicas"] == 0
+    assert body["spec"]["selector"] == {"matchLabels": {"app": "nc-app-my-app"}}
+    assert pod["volumes"] == [{"name": "data",
+                               "persistentVolumeClaim": {"claimName": "nc-app-my-app-data"}}]
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/nc_app_my_App_data"
+    assert pod["hostAliases"] == [{"ip": "10.0.0.1", "hostnames": ["a.local"]}]
+    assert "storageClassName" not in manifests.pvc(APP, "1Gi", "")["spec"]
+    lb = manifests.service(ExposeSpec.parse({
+        "name": "my_App", "port": 80, "service_port": 8080, "expose_type": "loadbalancer",
+        "node_port": 30001, "external_traffic_policy": "Local", "load_balancer_ip": "1.2.3.4",
+        "service_annotations": {"a": "b"}, "service_labels": {"team": "x"}}))
+    assert lb["metadata"]["annotations"] == {"a": "b"}
+    assert lb["metadata"]["labels"]["team"] == "x"
+    assert lb["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "harp"
+    assert lb["spec"] == {"type": "LoadBalancer", "selector": {"app": "nc-app-my-app"},
+                          "ports": [{"name": "http", "port": 8080, "targetPort": 80}],
+                          "externalTrafficPolicy": "Local", "loadBalancerIP": "1.2.3.4"}
+    cluster = manifests.service(ExposeSpec.parse({"name": "a", "port": 80,
+                                                  "external_traffic_policy": "Local"}))
+    assert "externalTrafficPolicy" not in cluster["spec"]
+
+
+# --- reading the cluster
+
+
+def _pod(phase: str, waiting: str | None = None, ready: bool = False,
+         running: bool = False) -> dict[str, Any]:
+    state: dict[str, Any] = {"running": {}} if running else {}
+    if waiting:
+        state["waiting"] = {"reason": waiting, "message": "m"}
+    return {"status": {"phase": phase, "containerStatuses": [{"state": state}],
+                       "conditions": [{"type": "Ready", "status": str(ready)}]}}
+
+
+def test_pod_watch_verdicts() -> None:
+    watch = pods.PodWatch(0)
+    assert watch.see([], 1) is None and watch.phase == "Pending"
+    assert watch.see([{"metadata": {"name": "new"}}], 1) is None  # no status yet: wait
+    assert watch.see([_pod("Pending", "ContainerCreating")], 2) is None
+    assert watch.pulled_at is None
+    assert not watch.expired(3000) and watch.expired(3601)
+    assert watch.see([_pod("Running", running=True)], 10) is None
+    assert watch.pulled_at == 10  # running but not Ready: the image is there
+    assert not watch.expired(100) and watch.expired(101)
+    assert watch.timeout() == {"started": False, "status": "Running", "health": "timeout",
+                               "reason": None, "message": None}
+    assert watch.see([_pod("Running", ready=True)], 12) == {
+        "started": True, "status": "running", "health": "ready", "reason": None,
+        "message": None}
+    assert watch.see([_pod("Succeeded")], 13)["started"] is True  # type: ignore[index]
+    assert watch.see([_pod("Unknown")], 13)["health"] == "not_ready"  # type: ignore[index]
+    assert watch.see([_pod("Pending", "InvalidImageName")], 14) == {
+        "started": False, "status": "InvalidImageName", "health": "image_error",
+        "reason": "InvalidImageName", "message": "m"}
+    crash = pods.PodWatch(0)
+    crash.see([_pod("Running", "CrashLoopBackOff")], 5)
+    assert crash.pulled_at == 5
+
+
+def _node(name: str, ready: bool, *addresses: tuple[str, str]) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        "addresses": [{"type": t, "address": a} for t, a in addresses]}}
+
+
+def test_node_address_prefers_ready_nodes_and_the_asked_type() -> None:
+    nodes = [_node("down", False, ("InternalIP", "10.0.0.9")),
+             _node("up", True, ("Hostname", "up"), ("ExternalIP", "1.2.3.4"),
+                   ("InternalIP", "10.0.0.1"))]
+    assert services.node_address(nodes) == "10.0.0.1"
+    assert services.node_address(nodes, "ExternalIP") == "1.2.3.4"
+    assert services.node_address(nodes, node_name="down") == "10.0.0.9"
+    assert services.node_address([_node("h", True, ("Hostname", "h"))]) == "h"
+    for bad in ([], [_node("none", True)]):
+        with pytest.raises(services.NoUpstream):
+            services.node_address(bad)
+
+
+def test_service_and_deployment_readers() -> None:
+    headless = {"metadata": {"name": "svc"}, "spec": {"clusterIP": "None", "ports": [{}]}}
+    assert services.cluster_address(headless, "ns") == "svc.ns.svc"
+    with pytest.raises(services.NoUpstream):
+        services.service_port(headless)
+    with pytest.raises(services.NoUpstream):
+        services.node_port({"spec": {"ports": [{"port": 80}]}})
+    lb = {"status": {"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}}
+    assert services.load_balancer_address(lb) == "lb.example"
+    assert services.load_balancer_address({}) is None
+    manual = {"metadata": {"annotations": {
+        "appapi.nextcloud.com/expose-type": "manual",
+        "appapi.nextcloud.com/upstream-host": "h", "appapi.nextcloud.com/upstream-port": "81"}}}
+    assert services.manual_upstream(manual) == ("h", 81)
+    manual["metadata"]["annotations"]["appapi.nextcloud.com/upstream-port"] = "x"
+    assert services.manual_upstream(manual) is None
+    assert services.manual_upstream({}) is None
+
+
+# --- /info's probe
+
+
+class _FakeClient:
+    """Counts probes; answers what ``status`` says, or fails when it is None."""
+
+    def __init__(self) -> None:
+        self.status: int | None = 200
+        self.why: str | None = None
+        self.calls = 0
+        self.pending: list[Any] = []
+
+    def unusable(self) -> str | None:
+        return self.why
+
+    async def call(self, method: bytes, path: str, **kwargs: Any) -> K8sReply:
+        self.calls += 1
+        if self.status is None:
+            raise K8sUnavailable("down")
+        return K8sReply(self.status, None)
+
+
+def test_probe_is_cached_shared_and_skipped_when_unusable() -> None:
+    clock, client = Clock(), _FakeClient()
+    probe = ReachabilityProbe(clock, client)  # type: ignore[arg-type]
+    results: list[bool] = []
+    probe.reachable().addCallback(results.append)
+    probe.reachable().addCallback(results.append)
+    assert results == [True, True] and client.calls == 1
+    client.status = None
+    assert probe.cached() is True
+    clock.advance(TTL_REACHABLE + 0.1)
+    probe.reachable().addCallback(results.append)
+    assert results[-1] is False and client.calls == 2
+    client.status = 200
+    clock.advance(TTL_UNREACHABLE + 0.1)
+    probe.reachable().addCallback(results.append)
+    assert results[-1] is True
+    client.why = "Kubernetes token is not configured."
+    assert probe.cached() is False
+    probe.reachable().addCallback(results.append)
+    assert results[-1] is False and client.calls == 3
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+    | st.sampled_from(["manual", "nodeport", "512Mi", "cuda", "img:1", "0", "30001"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=3),
+    max_leaves=8,
+)
+FIELDS = st.sampled_from([
+    "name", "instance_id", "role_suffix", "image", "image_id", "environment_variables",
+    "compute_device", "resource_limits", "mount_points", "port", "expose_type",
+    "upstream_host", "upstream_port", "service_port", "node_port", "external_traffic_policy",
+    "load_balancer_ip", "service_annotations", "service_labels", "wait_timeout_seconds",
+    "wait_interval_seconds", "node_address_type", "node_name", "node_label_selector",
+])
+
+
+@pytest.mark.parametrize("parse", [CreateSpec.parse, ExposeSpec.parse])
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(FIELDS, JSON_VALUES, max_size=8))
+def test_any_body_is_a_spec_or_a_payload_error(parse: Any, body: dict[str, Any]) -> None:
+    """A hostile body is a 400, never a 500: only PayloadError may come out."""
+    try:
+        spec = parse({"name": "app", "port": 80, "image": "img", **body})
+    except PayloadError:
+        return
+    if isinstance(spec, CreateSpec):
+        assert manifests.deployment(spec, ())["spec"]["replicas"] == 0
+    elif spec.expose_type != "manual":
+        assert manifests.service(spec)["kind"] == "Service"
