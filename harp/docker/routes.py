@@ -114,11 +114,11 @@ class LifecycleRoutes:
                 return responses.send(request, 400, str(exc).encode())
             client = EngineClient(self.reactor, self.agent, port)
             running = Deferred.fromCoroutine(
-                _as_coroutine(operation(client, payload, Deadline(self.reactor, seconds)))
+                as_coroutine(operation(client, payload, Deadline(self.reactor, seconds)))
             )
             running.addCallbacks(
-                lambda outcome: _reply(request, outcome),
-                lambda failure: _failed(request, failure, rest),
+                lambda outcome: reply_outcome(request, outcome),
+                lambda failure: reply_failure(request, failure, rest),
             )
             if cancel:
                 # Nobody waits for the answer any more: stop polling the engine.
@@ -132,11 +132,13 @@ def _body(request: Request) -> bytes:
     return request.content.read() if request.content is not None else b""
 
 
-async def _as_coroutine(awaitable: Awaitable[Outcome]) -> Outcome:
+async def as_coroutine(awaitable: Awaitable[Outcome]) -> Outcome:
+    """Any awaitable as a coroutine, for ``Deferred.fromCoroutine`` (also the K8s routes)."""
     return await awaitable
 
 
-def _reply(request: Request, outcome: Outcome) -> None:
+def reply_outcome(request: Request, outcome: Outcome) -> None:
+    """Write a lifecycle endpoint's outcome (JSON or text) unless the client has gone."""
     if responses.gone(request):
         return
     if outcome.payload is not None:
@@ -146,17 +148,19 @@ def _reply(request: Request, outcome: Outcome) -> None:
     responses.finish(request, body)
 
 
-def _failed(request: Request, failure: Failure, rest: bytes) -> None:
+def reply_failure(request: Request, failure: Failure, rest: bytes) -> None:
+    """A failed lifecycle call as its documented status: an engine (or Kubernetes API)
+    error as its own status and message, a bad payload as 400, anything else as 500."""
     if failure.check(EngineError):
         error = failure.value
         assert isinstance(error, EngineError)
         log.warn("{path}: {error}", path=rest.decode("latin-1"), error=error.message)
-        _reply(request, Outcome(error.status, text=error.message))
+        reply_outcome(request, Outcome(error.status, text=error.message))
         return
     if failure.check(PayloadError):
-        _reply(request, Outcome(400, text=str(failure.value)))
+        reply_outcome(request, Outcome(400, text=str(failure.value)))
         return
     if failure.check(CancelledError):
         return  # the client went away (wait_for_start only)
     log.failure("{path} failed", failure, path=rest.decode("latin-1"))
-    _reply(request, Outcome(500, text="An unexpected error occurred."))
+    reply_outcome(request, Outcome(500, text="An unexpected error occurred."))

@@ -28,7 +28,7 @@ from harp.docker.names import (
     RemovePayload,
     parse_json_object,
 )
-from harp.docker.routes import _as_coroutine, _failed, _reply
+from harp.docker.routes import as_coroutine, reply_failure, reply_outcome
 from harp.exapps import ExAppRecord
 from harp.k8s.client import K8sClient
 from harp.k8s.discovery import Discovery
@@ -109,9 +109,9 @@ class K8sRoutes:
             why = self.client.unusable() if gate(payload) else None
             if why is not None:
                 return responses.send(request, 503, why.encode())
-            answer = Deferred.fromCoroutine(_as_coroutine(operation(payload)))
-            answer.addCallback(partial(_reply, request)).addErrback(
-                lambda failure: _failed(request, failure, rest)
+            answer = Deferred.fromCoroutine(as_coroutine(operation(payload)))
+            answer.addCallback(partial(reply_outcome, request)).addErrback(
+                lambda failure: reply_failure(request, failure, rest)
             )
             if cancel:  # nobody waits any more: stop polling the pods
                 request.notifyFinish().addErrback(lambda _: answer.cancel())
@@ -158,7 +158,7 @@ class K8sStorage:
         resolving = Deferred.fromCoroutine(self.discovery.apply(app_id, record))
         resolving.addCallbacks(
             lambda resolved: self._store(request, app_id, resolved),
-            lambda failure: _failed(request, failure, rest),
+            lambda failure: reply_failure(request, failure, rest),
         )
         return NOT_DONE_YET
 
