@@ -49,6 +49,13 @@ class ExchangeHandler(Protocol):
     def exchange_failed(self, reason: str, before_response: bool) -> None: ...
 
 
+#: Bytes asked of the kernel per read on an upstream connection (Twisted's default: 64 KiB).
+#: With 256 KiB a 1 MB answer takes 4 reactor turns instead of 16: +10 to 60 % on 1 MB GETs,
+#: no change on long 100 MB streams, and at most one more read (192 KiB) buffered per
+#: connection before the client's backpressure pauses the upstream.
+UPSTREAM_READ_SIZE: Final = 256 * 1024
+
+
 class UpstreamConnection(TwistedProtocol):
     """One keep-alive connection to an upstream, parsing one response at a time.
 
@@ -71,6 +78,11 @@ class UpstreamConnection(TwistedProtocol):
         self.got_bytes = False
         self.idle_timer: IDelayedCall | None = None
         self.reused = False
+
+    def connectionMade(self) -> None:
+        # Read the upstream in larger pieces than Twisted's 64 KiB: fewer reactor turns
+        # per response body (docs/performance.md#upstream-reads).
+        self.transport.bufferSize = UPSTREAM_READ_SIZE  # type: ignore[union-attr]
 
     # --- the exchange
 
