@@ -24,9 +24,10 @@ import math
 import os
 import signal
 import socket
+import struct
 import sys
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -242,6 +243,7 @@ class Worker:
             )
             os.close(listen.fd)
             port.__class__ = SharedAcceptPort
+            port.share = self.settings.workers
             self.frontend.limit.add_port(port)
             self.ports.append(port)
         log.info("worker {n} (pid {pid}) serving", n=self.index, pid=os.getpid())
@@ -316,23 +318,46 @@ def parse_args(argv: list[str]) -> tuple[int, int, list[Listen]]:
 
 
 class SharedAcceptPort(tcp.Port):
-    """A listening port shared with the other workers: one ``accept`` per wake-up.
+    """A listening port shared with the other workers: each takes its share of the queue.
 
     Twisted accepts up to ``numberAccepts`` connections each time the socket is readable
     and raises that number by 20 whenever it used them all, so after one burst (50
-    connections at once) the first worker to wake takes a whole later burst for itself:
-    eight 100 MB downloads then ran in one worker at 114 % CPU for the pair instead of
-    133 % (1.3 instead of 1.6 GB/s, docs/performance.md).  Taking one connection per
-    wake-up lets the worker that is less busy come back for the next one first.
+    connections at once) the first worker to wake took a whole later burst for itself:
+    eight 100 MB downloads then ran in one worker (1.3 instead of 1.6 GB/s for the pair,
+    docs/performance.md).  One connection per wake-up fixes that but leaves a burst of
+    500 waiting in the queue (p99 1 s).  So a worker takes its share of what is queued:
+    the kernel reports the accept queue's length for a listening socket in ``TCP_INFO``
+    (``tcpi_unacked``), and the worker accepts that divided by the number of workers,
+    rounded up.
     """
+
+    #: How many workers share the socket (set by :meth:`Worker.serve`).
+    share = 1
 
     @property  # type: ignore[override]
     def numberAccepts(self) -> int:
-        return 1
+        return max(1, -(-accept_queue_length(self.socket) // self.share))
 
     @numberAccepts.setter
     def numberAccepts(self, value: int) -> None:
         """Twisted's adaptive growth is ignored."""
+
+
+#: ``struct tcp_info``: eight one-byte fields, then ``rto``, ``ato``, ``snd_mss``,
+#: ``rcv_mss``, ``unacked`` (for a listening socket: connections waiting to be accepted).
+_TCP_INFO_SIZE: Final = 104
+_UNACKED_OFFSET: Final = 24
+
+
+def accept_queue_length(sock: socket.socket) -> int:
+    """Connections waiting in a listening TCP socket's accept queue (0 if unknown)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except (OSError, AttributeError):
+        return 0
+    if len(info) < _UNACKED_OFFSET + 4:
+        return 0
+    return int(struct.unpack_from("I", info, _UNACKED_OFFSET)[0])
 
 
 def main(argv: list[str]) -> int:
