@@ -113,6 +113,9 @@ def stack(
                 HP_SESSION_LIFETIME="10",
                 HP_DOCKER_SOCKET=str(nginx.socket_path),
             )
+            # The tests pin HP_WORKERS=1; the bench measures HaRP's own default (the CPUs
+            # this machine gives it) unless --harp-env says otherwise.
+            env.pop("HP_WORKERS", None)
             env.update(harp_env or {})
             harp = HarpProcess(env, work).start()
             try:
