@@ -20,15 +20,14 @@ from typing import Any, Final, cast
 
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.iweb import IBodyProducer
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import Request
 
+from harp.deadlines import Deadline, Deadlines
 from harp.logs import HarpLogger
-from harp.timers import cancel
 from harp.web import responses
 from harp.web.body import BodyPipe
 from harp.web.exchange import ChunkedWriter, ConnectionPool, UpstreamConnection
@@ -98,11 +97,11 @@ class _Forward:
         self.finished = False
         self.retried = False
         self.timed_out = False
-        self.timer: IDelayedCall | None = None
+        self.timer: Deadline | None = None
 
     def start(self) -> None:
         proxy = self.proxy
-        self.timer = proxy.reactor.callLater(proxy.server_timeout, self._timeout)
+        self.timer = proxy.deadlines.call_later(proxy.server_timeout, self._timeout)
         cast(HarpRequest, self.request).on_lost = self._client_gone
         conn = proxy.pool.take(self.key)
         if conn is not None:
@@ -251,8 +250,9 @@ class _Forward:
 
     def _end(self) -> None:
         self.finished = True
-        cancel(self.timer)
-        self.timer = None
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
 
     def _bug(self, failure: Failure) -> None:
         self._end()
@@ -314,6 +314,8 @@ class ExAppProxy(ReverseProxyResource):
         # Sized for the concurrency, like HAProxy's http-reuse: every connection an
         # exchange used is kept for the next request to the same upstream.
         self.pool = ConnectionPool(reactor, max_idle=MAX_IDLE_PER_UPSTREAM)
+        #: The per-request ``HP_TIMEOUT_SERVER`` limits (seconds: a coarse timer will do).
+        self.deadlines = Deadlines(reactor)
         self.endpoints = endpoints or UpstreamEndpoints(reactor, connect_timeout)
         self.server_timeout = server_timeout
 

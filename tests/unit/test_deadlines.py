@@ -1,0 +1,65 @@
+"""Coarse deadlines on a fake clock: fire once, no sooner, at most a tick late.
+
+Why: the proxy's ``HP_TIMEOUT_SERVER`` rides on :mod:`harp.deadlines` instead of one
+reactor timer per request, so a 504 must still come, a cancelled limit must never fire,
+an idle limit must move with ``reset``, and the sweeping timer must stop when nothing
+is armed (no reactor timer left behind by an idle proxy).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from harp.deadlines import TICK, Deadlines
+
+
+def test_fires_once_not_sooner_and_at_most_a_tick_late() -> None:
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[float] = []
+    deadline = deadlines.call_later(2.0, lambda: fired.append(clock.seconds()))
+    clock.advance(1.9)
+    assert fired == [] and deadline.active()
+    for _ in range(int(1 / TICK) + 1):
+        clock.advance(TICK)
+    assert len(fired) == 1 and 2.0 <= fired[0] <= 2.0 + TICK + 1e-9
+    assert not deadline.active()
+    assert clock.getDelayedCalls() == []  # nothing armed: the sweeper stopped
+
+
+def test_cancelled_never_fires_and_cancel_is_idempotent() -> None:
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[str] = []
+    deadline = deadlines.call_later(1.0, lambda: fired.append("x"))
+    deadline.cancel()
+    deadline.cancel()
+    clock.advance(5)
+    assert fired == [] and not deadlines.armed
+
+
+def test_reset_moves_the_limit() -> None:
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[float] = []
+    deadline = deadlines.call_later(1.0, lambda: fired.append(clock.seconds()))
+    clock.advance(0.75)
+    deadline.reset(1.0)  # data arrived: the idle limit starts again
+    clock.advance(0.75)
+    assert fired == []
+    clock.advance(0.5)
+    assert len(fired) == 1 and fired[0] >= 1.75
+
+
+def test_a_failing_action_does_not_stop_the_others() -> None:
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("bug")
+
+    deadlines.call_later(0.1, broken)
+    deadlines.call_later(0.1, lambda: fired.append("ok"))
+    clock.advance(TICK)
+    assert fired == ["ok"]
