@@ -64,13 +64,14 @@ class WriteCoalescer:
             self._reactor.callLater(0, self.flush)
 
     def remove_writer(self, writer: Any) -> None:
-        if self._pending.pop(writer, 0) is None:
-            return
         if writer is self._flushing:
             self._stopped = True
-            if writer not in self._registered:
-                return
-        self._registered.discard(writer)
+        if self._pending.pop(writer, 0) is None:
+            return  # it never reached epoll
+        if writer in self._registered:
+            self._registered.discard(writer)
+        elif writer is self._flushing:
+            return  # written this turn, not in epoll
         self._remove(writer)
 
     def flush(self) -> None:
