@@ -31,10 +31,10 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from harp.check.engines import listening
+from tests.peers.base import Peer
 
 # ------------------------------------------------------------------------ deterministic data
 
@@ -175,7 +175,7 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             self.bytes_sent += n
 
 
-class DataServer:
+class DataServer(Peer):
     """The test's backend behind frpc's ``unix_domain_socket`` plugin.
 
     Routes: ``GET /data/<n>`` (n pattern bytes), ``POST /upload`` (answers
@@ -189,7 +189,7 @@ class DataServer:
         self._server: _UnixHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> DataServer:
+    def start(self) -> Self:
         self._server = _UnixHTTPServer(self.path)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
@@ -203,17 +203,6 @@ class DataServer:
             server.shutdown()
             server.server_close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> DataServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _stats(self) -> _UnixHTTPServer:
         assert self._server is not None, "DataServer not started"
