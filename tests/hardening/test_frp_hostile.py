@@ -230,6 +230,24 @@ PINGS = b"".join(yamux_frame(PING, SYN, 0, n) for n in range(64 * 1024 // 12))
 # ------------------------------------------------------------- floods without reading
 
 
+def _flood_case(
+    harp: HarpProcess, record_case: Any, measure: Any, case: str, shown: bytes,
+    open_flooded: Callable[[], tuple[Any, Callable[[], bytes]]], limit: float,
+) -> None:
+    """Open a connection with *open_flooded* (which returns it and the next chunk to send),
+    flood it without reading, and assert HaRP drops it with its RSS bounded."""
+    baseline = settle(harp)
+    assert harp.proc is not None
+    with measure(harp) as m:
+        sock, next_chunk = open_flooded()
+        result = flood(sock, next_chunk, harp.proc.pid, baseline, limit=limit)
+        sock.close()
+    record_case(case=case, input=shown, expected="dropped, RSS bounded",
+                observed=result.describe(), measured=m)
+    assert result.peak_growth < RSS_GROWTH_LIMIT, result.describe()
+    assert result.dropped, result.describe()
+
+
 def test_yamux_ping_flood_before_login_over_tls(
     harp_factory: type[HarpProcess], tmp_path: Path, record_case: Any, measure: Any
 ) -> None:
@@ -241,17 +259,13 @@ def test_yamux_ping_flood_before_login_over_tls(
     # (docs/compatibility.md#frp-transport)
     ctx.verify_mode = ssl.CERT_NONE
     ctx.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
-    baseline = settle(harp)
-    assert harp.proc is not None
-    with measure(harp) as m:
+
+    def over_tls() -> tuple[Any, Callable[[], bytes]]:
         raw = connect(harp.frp_port, rcvbuf=4096)
-        sock = ctx.wrap_socket(raw, server_hostname="harp.nc")
-        result = flood(sock, lambda: PINGS, harp.proc.pid, baseline, limit=25)
-        sock.close()
-    record_case(case="frp ping flood before login (TLS)", input=PINGS[:24] + b"...",
-                expected="dropped, RSS bounded", observed=result.describe(), measured=m)
-    assert result.peak_growth < RSS_GROWTH_LIMIT, result.describe()
-    assert result.dropped, result.describe()
+        return ctx.wrap_socket(raw, server_hostname="harp.nc"), lambda: PINGS
+
+    _flood_case(harp, record_case, measure, "frp ping flood before login (TLS)",
+                PINGS[:24] + b"...", over_tls, limit=25)
 
 
 def test_yamux_ping_flood_logged_in(
@@ -259,16 +273,13 @@ def test_yamux_ping_flood_logged_in(
 ) -> None:
     """A logged-in tcpMux session floods yamux Pings and reads nothing."""
     harp = _start(harp_factory, tmp_path, HP_FRP_DISABLE_TLS="true")
-    baseline = settle(harp)
-    assert harp.proc is not None
-    with measure(harp) as m:
+
+    def logged_in() -> tuple[Any, Callable[[], bytes]]:
         sock, _ = yamux_login(harp.frp_port, harp.env["HP_SHARED_KEY"], rcvbuf=4096)
-        result = flood(sock, lambda: PINGS, harp.proc.pid, baseline, limit=40)
-        sock.close()
-    record_case(case="frp ping flood logged in (yamux)", input=PINGS[:24] + b"...",
-                expected="dropped, RSS bounded", observed=result.describe(), measured=m)
-    assert result.peak_growth < RSS_GROWTH_LIMIT, result.describe()
-    assert result.dropped, result.describe()
+        return sock, lambda: PINGS
+
+    _flood_case(harp, record_case, measure, "frp ping flood logged in (yamux)",
+                PINGS[:24] + b"...", logged_in, limit=40)
 
 
 def test_frp_ping_message_flood_logged_in_without_mux(
@@ -276,23 +287,20 @@ def test_frp_ping_message_flood_logged_in_without_mux(
 ) -> None:
     """tcpMux=false: encrypted FRP ``Ping`` messages, each owed a ``Pong``, never read."""
     harp = _start(harp_factory, tmp_path, HP_FRP_DISABLE_TLS="true")
-    baseline = settle(harp)
-    assert harp.proc is not None
     ping = frp_message(b"h", {})
     plain = ping * (64 * 1024 // len(ping))
     iv, enc = cfb_encryptor()
-    with measure(harp) as m:
+
+    def logged_in_without_mux() -> tuple[Any, Callable[[], bytes]]:
         sock = connect(harp.frp_port, rcvbuf=4096)
         sock.sendall(login_message(harp.env["HP_SHARED_KEY"]))
         resp = first_message(read_until(sock, lambda b: first_message(b) is not None))
         assert resp is not None and resp.get("run_id"), resp
         sock.sendall(iv)
-        result = flood(sock, lambda: enc.update(plain), harp.proc.pid, baseline, limit=40)
-        sock.close()
-    record_case(case="frp Ping message flood logged in (no mux)", input=ping,
-                expected="dropped, RSS bounded", observed=result.describe(), measured=m)
-    assert result.peak_growth < RSS_GROWTH_LIMIT, result.describe()
-    assert result.dropped, result.describe()
+        return sock, lambda: enc.update(plain)
+
+    _flood_case(harp, record_case, measure, "frp Ping message flood logged in (no mux)",
+                ping, logged_in_without_mux, limit=40)
 
 
 # ------------------------------------------------------------ foreign work connections
