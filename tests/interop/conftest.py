@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,16 @@ def public_record(port: int) -> dict[str, Any]:
     headers (e.g. :class:`BulkUpstream`), every path public."""
     return {"exapp_token": "t", "exapp_version": "1", "host": "127.0.0.1", "port": port,
             "routes": ALL_PUBLIC}
+
+
+def poll_until(condition: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll ``condition`` every 50 ms; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_harp(tmp: Path, key: str, nextcloud: FakeNextcloud, **env: str) -> HarpProcess:

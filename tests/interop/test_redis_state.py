@@ -15,13 +15,21 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import HarpProcess, free_port, new_key, peer_missing
-from tests.interop.conftest import DROPPED, ok, record_for, request, start_harp
+from tests.interop.conftest import (
+    DROPPED,
+    ok,
+    poll_until,
+    record_for,
+    request,
+    start_harp,
+)
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
 
@@ -122,13 +130,8 @@ def app_id() -> str:
     return APP
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+#: The shared poll (tests/interop/conftest.py) with this module's patience.
+wait_for = partial(poll_until, timeout=15.0)
 
 
 def synced(harp: HarpProcess, times: int = 1) -> None:

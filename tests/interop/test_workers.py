@@ -21,9 +21,9 @@ import re
 import signal
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,7 +31,15 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import HarpProcess, self_signed_pem
-from tests.interop.conftest import DROPPED, Response, ok, record_for, request, start_harp
+from tests.interop.conftest import (
+    DROPPED,
+    Response,
+    ok,
+    poll_until,
+    record_for,
+    request,
+    start_harp,
+)
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
 from tests.peers.frpc import FrpcProcess, FrpcProxy
@@ -48,13 +56,8 @@ def fresh_source() -> str:
     return next(_sources)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+#: The shared poll (tests/interop/conftest.py) with this module's patience.
+wait_for = partial(poll_until, timeout=20.0)
 
 
 def served_by(harp: HarpProcess, source: str) -> int:
