@@ -29,14 +29,11 @@ class ResponseHead:
     #: ``headers`` by name, built once by the parser: the framing and hop-by-hop
     #: questions asked of every response (Content-Length, Transfer-Encoding,
     #: Connection) are then one dict look-up each instead of a scan.
-    index: dict[bytes, list[bytes]] = field(default_factory=dict, compare=False, repr=False)
+    index: dict[bytes, list[bytes]] = field(compare=False, repr=False)
 
     def values(self, name: bytes) -> Sequence[bytes]:
         """All values of header ``name`` (lower-case), in order."""
-        index = self.index
-        if index or not self.headers:
-            return index.get(name, ())
-        return [value for key, value in self.headers if key == name]  # built by hand
+        return self.index.get(name, ())
 
     def tokens(self, name: bytes) -> set[bytes]:
         """The comma-separated, lower-cased tokens of every ``name`` header."""
