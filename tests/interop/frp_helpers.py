@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
 from harp.check.engines import listening
-from tests.peers.base import Peer
+from tests.peers.base import Peer, port_accepts
 
 # ------------------------------------------------------------------------ deterministic data
 
@@ -325,14 +325,6 @@ def port_refuses(port: int, host: str = "127.0.0.1") -> bool:
             return False
     except ConnectionRefusedError:
         return True
-    except OSError:
-        return False
-
-
-def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
     except OSError:
         return False
 

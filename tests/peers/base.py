@@ -107,6 +107,15 @@ def read_log(path: Path) -> str:
         return ""
 
 
+def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection now (a peer's readiness check)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS just reported free on ``host`` (the small race is acceptable in tests)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

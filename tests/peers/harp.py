@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
-from tests.peers.base import REPO, ChildProcess, free_port
+from tests.peers.base import REPO, ChildProcess, free_port, port_accepts
 
 
 def new_key() -> str:
@@ -130,16 +129,13 @@ class HarpProcess(ChildProcess, HarpPorts):
                     raise AssertionError(
                         f"harp exited with {self.proc.returncode}:\n{self.output()}"
                     )
-                try:
-                    with socket.create_connection(target, timeout=0.5):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(
-                            f"harp did not listen on {target} within {timeout}s:\n"
-                            f"{self.output()}"
-                        ) from None
-                    time.sleep(0.05)
+                if port_accepts(target[1], target[0], timeout=0.5):
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"harp did not listen on {target} within {timeout}s:\n{self.output()}"
+                    )
+                time.sleep(0.05)
 
     def stop(self) -> int:
         """SIGTERM (HaRP's orderly shutdown), SIGKILL after 10 s; the exit code."""

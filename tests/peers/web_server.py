@@ -28,8 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
-from tests.interop.frp_helpers import port_accepts
-from tests.peers.base import REPO, ChildProcess, free_port
+from tests.peers.base import REPO, ChildProcess, free_port, port_accepts
 
 #: HaRP's address in the README snippets: the one placeholder the tests replace.
 HARP_PLACEHOLDER = "127.0.0.1:8780"
