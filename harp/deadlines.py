@@ -1,18 +1,25 @@
 """Coarse deadlines: many timers of whole seconds for the price of one reactor timer.
 
-Why: every proxied request arms ``HP_TIMEOUT_SERVER`` (seconds, usually tens of them)
-and nearly always cancels it a millisecond later.  With ``reactor.callLater`` that is a
-``DelayedCall`` pushed on the reactor's heap and then cancelled, about 3 % of a small
-request's CPU (docs/performance.md).  A limit counted in seconds does not need
-microsecond precision: :class:`Deadlines` keeps the armed deadlines in a set and one
-reactor timer sweeps it every :data:`TICK` seconds, so arming is an object and a set
-insertion and cancelling a set removal.  A deadline fires up to one tick late.
+Why: every proxied request armed four limits of whole seconds and nearly always
+cancelled them a millisecond later: ``HP_TIMEOUT_SERVER`` for the upstream's answer, the
+connection's idle limit (Twisted's ``TimeoutMixin``, set and unset around each request),
+the deadline for the next request head, and the idle limit of the upstream connection
+going back to the pool.  With ``reactor.callLater`` each is a ``DelayedCall`` pushed on
+the reactor's heap and then cancelled, together several per cent of a small request's
+CPU (docs/performance.md).  A limit counted in seconds does not need microsecond
+precision: :class:`Deadlines` keeps the armed deadlines in a set and one reactor timer
+sweeps it every :data:`TICK` seconds, so arming is an object and a set insertion and
+cancelling a set removal.  A deadline fires up to one tick late.
+
+:func:`deadlines_for` gives every user of one clock the same :class:`Deadlines`, so one
+sweeping timer serves them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Final
+from weakref import WeakKeyDictionary
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -27,15 +34,27 @@ TICK: Final = 0.25
 class Deadline:
     """One armed limit; :meth:`reset` moves it, :meth:`cancel` disarms it (idempotent)."""
 
-    __slots__ = ("_owner", "action", "due")
+    __slots__ = ("_first", "_owner", "action", "due")
 
     def __init__(self, owner: Deadlines, due: float, action: Callable[[], object]) -> None:
         self._owner = owner
         self.due = due
+        self._first = action
         self.action: Callable[[], object] | None = action
 
     def active(self) -> bool:
         return self.action is not None
+
+    def restart(self, seconds: float) -> None:
+        """Fire ``seconds`` from now, armed again if it had fired or was cancelled.
+
+        For a limit re-armed on every request of a connection: the object is reused.
+        """
+        owner = self._owner
+        self.due = owner.clock.seconds() + seconds
+        if self.action is None:
+            self.action = self._first
+            owner.arm(self)
 
     def reset(self, seconds: float) -> None:
         """Fire ``seconds`` from now instead (a moving idle limit)."""
@@ -59,10 +78,13 @@ class Deadlines:
     def call_later(self, seconds: float, action: Callable[[], object]) -> Deadline:
         """Run ``action`` about ``seconds`` from now (no sooner, at most a tick later)."""
         deadline = Deadline(self, self.clock.seconds() + seconds, action)
+        self.arm(deadline)
+        return deadline
+
+    def arm(self, deadline: Deadline) -> None:
         self.armed.add(deadline)
         if self._sweeper is None:
             self._sweeper = self.clock.callLater(self.tick, self._sweep)
-        return deadline
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -78,3 +100,14 @@ class Deadlines:
                 log.failure("a deadline's action failed")
         if self.armed and self._sweeper is None:
             self._sweeper = self.clock.callLater(self.tick, self._sweep)
+
+
+_shared: WeakKeyDictionary[IReactorTime, Deadlines] = WeakKeyDictionary()
+
+
+def deadlines_for(clock: IReactorTime) -> Deadlines:
+    """The one :class:`Deadlines` of ``clock`` (the reactor, or a test's fake clock)."""
+    deadlines = _shared.get(clock)
+    if deadlines is None:
+        deadlines = _shared[clock] = Deadlines(clock)
+    return deadlines

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReact
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Request
 
-from harp import docker, logs, writes
+from harp import docker, logs, poll, writes
 from harp.client_address import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.exapps import ExAppRecord
@@ -378,6 +378,7 @@ def make_service_from_env(env: Mapping[str, str]) -> MultiService:
     from twisted.internet import reactor
 
     writes.install(reactor)
+    poll.install(reactor)
     return service
 
 

@@ -21,15 +21,17 @@ forwarder) receives the events through the :class:`ExchangeHandler` protocol.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any, Final, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
+from harp.deadlines import Deadline, deadlines_for
 from harp.timers import cancel
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
 
@@ -76,7 +78,8 @@ class UpstreamConnection(TwistedProtocol):
         self.reusable = False
         self.request_sent = True
         self.got_bytes = False
-        self.idle_timer: IDelayedCall | None = None
+        #: The pool's idle limit (a coarse deadline, reused while the connection lives).
+        self.idle_timer: Deadline | None = None
         self.reused = False
 
     def connectionMade(self) -> None:
@@ -88,8 +91,8 @@ class UpstreamConnection(TwistedProtocol):
 
     def start(self, handler: ExchangeHandler, method: bytes, head: bytes) -> None:
         """Write the request head; the body (if any) is produced by the caller."""
-        cancel(self.idle_timer)
-        self.idle_timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
         self.handler = handler
         self.method = method
         self.state = "head"
@@ -237,6 +240,7 @@ class ConnectionPool:
     def __init__(self, reactor: IReactorTime, max_idle: int = 256,
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.reactor = reactor
+        self.deadlines = deadlines_for(reactor)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.idle: dict[tuple[str, int], deque[UpstreamConnection]] = {}
@@ -269,9 +273,13 @@ class ConnectionPool:
                 connection.transport.loseConnection()
             return
         idle.append(connection)
-        connection.idle_timer = self.reactor.callLater(
-            self.idle_timeout, self._expire, connection
-        )
+        timer = connection.idle_timer
+        if timer is None:
+            connection.idle_timer = self.deadlines.call_later(
+                self.idle_timeout, partial(self._expire, connection)
+            )
+        else:
+            timer.restart(self.idle_timeout)
 
     def forget(self, connection: UpstreamConnection) -> None:
         idle = self.idle.get(connection.key)
@@ -284,7 +292,8 @@ class ConnectionPool:
                 del self.idle[connection.key]
 
     def _expire(self, connection: UpstreamConnection) -> None:
-        connection.idle_timer = None
+        if connection.idle_timer is not None:
+            connection.idle_timer.cancel()
         connection.state = "closed"
         if connection.transport is not None:
             connection.transport.loseConnection()

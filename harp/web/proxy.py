@@ -26,7 +26,7 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import Request
 
-from harp.deadlines import Deadline, Deadlines
+from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.body import BodyPipe
@@ -315,7 +315,7 @@ class ExAppProxy(ReverseProxyResource):
         # exchange used is kept for the next request to the same upstream.
         self.pool = ConnectionPool(reactor, max_idle=MAX_IDLE_PER_UPSTREAM)
         #: The per-request ``HP_TIMEOUT_SERVER`` limits (seconds: a coarse timer will do).
-        self.deadlines = Deadlines(reactor)
+        self.deadlines = deadlines_for(reactor)
         self.endpoints = endpoints or UpstreamEndpoints(reactor, connect_timeout)
         self.server_timeout = server_timeout
 

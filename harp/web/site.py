@@ -34,10 +34,12 @@ from twisted.internet.protocol import Protocol as BaseProtocol
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from harp import logs
+from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
 from harp.metrics import Metrics
 from harp.relay import Relay
@@ -64,7 +66,7 @@ MIN_BODY_RATE: Final = 500
 MAX_CHUNK: Final = (1 << 63) - 1
 
 
-class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+class _BoundedChunkedDecoder(_ChunkedTransferDecoder):
     """Twisted's chunked decoder, refusing absurd chunk sizes."""
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
@@ -96,7 +98,8 @@ class HarpChannel(http.HTTPChannel):
     #: Set when TLS negotiated ``h2``: every byte belongs to it.
     h2: HarpH2Connection | None = None
     _alpn_checked = False
-    _head_timer: IDelayedCall | None = None
+    _head_timer: Deadline | None = None
+    _idle: Deadline | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -191,7 +194,10 @@ class HarpChannel(http.HTTPChannel):
             return False
         ok: bool = super()._maybeChooseTransferDecoder(header, data)
         decoder = self._transferDecoder
-        if ok and type(decoder) is http._ChunkedTransferDecoder:
+        # The class is imported, not read as ``http._ChunkedTransferDecoder``:
+        # twisted.web.http is a deprecation proxy whose every attribute read costs a
+        # ``__getattribute__`` call (≈1 % of a small request).
+        if ok and type(decoder) is _ChunkedTransferDecoder:
             self._transferDecoder = _BoundedChunkedDecoder(
                 decoder.dataCallback, decoder.finishCallback
             )
@@ -235,17 +241,48 @@ class HarpChannel(http.HTTPChannel):
         if buffered:
             relay.from_client(buffered)
 
+    # Both limits are coarse deadlines (harp/deadlines.py), reused across the requests of
+    # a connection: seconds-long limits set and unset around every request would
+    # otherwise be a reactor timer created and cancelled each time.
+
+    def setTimeout(self, period: float | None) -> float | None:  # type: ignore[override]
+        """Twisted's idle limit (``TimeoutMixin``), kept as one reusable deadline."""
+        previous: float | None = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]  # Twisted says int; seconds
+        idle = self._idle
+        if period is None:
+            if idle is not None:
+                idle.cancel()
+        elif idle is None:
+            self._idle = deadlines_for(self.clock).call_later(period, self._idle_timed_out)
+        else:
+            idle.restart(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        idle = self._idle
+        if idle is not None and idle.action is not None:
+            idle.reset(self.timeOut)  # type: ignore[arg-type]
+
+    def _idle_timed_out(self) -> None:
+        self.timeoutConnection()
+
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        if self.head_timeout:
-            self._head_timer = self.clock.callLater(self.head_timeout, self._head_timed_out)
+        if not self.head_timeout:
+            return
+        timer = self._head_timer
+        if timer is None:
+            self._head_timer = deadlines_for(self.clock).call_later(
+                self.head_timeout, self._head_timed_out
+            )
+        else:
+            timer.restart(self.head_timeout)
 
     def _cancel_head_timer(self) -> None:
-        cancel(self._head_timer)
-        self._head_timer = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
         if self.transport is None:
             return
         if self.requests:

@@ -49,7 +49,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp import logs, writes
+from harp import logs, poll, writes
 from harp.config import ConfigError, Settings
 from harp.exapps import ExAppRecord
 from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -377,6 +377,7 @@ def main(argv: list[str]) -> int:
         log.error("worker {n}: cannot load the HTTPS certificate: {e}", n=index, e=str(exc))
         return 2
     writes.install(reactor)
+    poll.install(reactor)
     reactor.callWhenRunning(worker.start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return worker.exit_code

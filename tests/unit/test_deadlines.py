@@ -1,7 +1,8 @@
 """Coarse deadlines on a fake clock: fire once, no sooner, at most a tick late.
 
-Why: the proxy's ``HP_TIMEOUT_SERVER`` rides on :mod:`harp.deadlines` instead of one
-reactor timer per request, so a 504 must still come, a cancelled limit must never fire,
+Why: the proxy's ``HP_TIMEOUT_SERVER``, the connection's idle limit, the head deadline
+and the pool's idle limit ride on :mod:`harp.deadlines` instead of one reactor timer per
+request, so a 504 must still come, a cancelled limit must never fire,
 an idle limit must move with ``reset``, and the sweeping timer must stop when nothing
 is armed (no reactor timer left behind by an idle proxy).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from harp.deadlines import TICK, Deadlines
+from harp.deadlines import TICK, Deadlines, deadlines_for
 
 
 def test_fires_once_not_sooner_and_at_most_a_tick_late() -> None:
@@ -63,3 +64,29 @@ def test_a_failing_action_does_not_stop_the_others() -> None:
     deadlines.call_later(0.1, lambda: fired.append("ok"))
     clock.advance(TICK)
     assert fired == ["ok"]
+
+
+def test_restart_rearms_a_fired_or_cancelled_deadline_with_its_action() -> None:
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[float] = []
+    deadline = deadlines.call_later(1.0, lambda: fired.append(clock.seconds()))
+    deadline.cancel()
+    deadline.restart(2.0)  # the next request of the same connection
+    assert deadline.active() and deadline in deadlines.armed
+    clock.advance(1.5)
+    assert fired == []
+    clock.advance(0.75)
+    assert len(fired) == 1 and not deadline.active()
+    deadline.restart(1.0)  # after it fired, too
+    clock.advance(1.25)
+    assert len(fired) == 2
+    deadline.restart(5.0)
+    deadline.restart(5.0)  # restarting an armed deadline only moves it
+    assert len(deadlines.armed) == 1
+
+
+def test_one_deadlines_per_clock() -> None:
+    first, second = Clock(), Clock()
+    assert deadlines_for(first) is deadlines_for(first)
+    assert deadlines_for(first) is not deadlines_for(second)

@@ -79,3 +79,52 @@ def test_rate_check_after_an_early_answer_is_harmless() -> None:
         call.func.__name__ == "_check_rate" for call in clock.getDelayedCalls()
     )
     clock.advance(10.0)
+
+
+class _Answer(Resource):
+    """Answers at once (a keep-alive connection then waits for its next request)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        return b"ok"
+
+
+GET = b"GET /exapps/app/x HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def test_partial_head_gets_408_at_the_head_deadline() -> None:
+    channel, transport, clock = _connect(_Hold())
+    channel.dataReceived(b"GET /exapps/app/x HTTP/1.1\r\nHo")
+    clock.advance(2.5)
+    channel.dataReceived(b"st")  # bytes alone do not move the head deadline
+    assert not transport.disconnecting
+    clock.advance(0.75)  # 3 s and at most one tick (harp/deadlines.py)
+    assert transport.value().startswith(b"HTTP/1.1 408")
+    assert transport.disconnecting
+
+
+def test_head_deadline_is_armed_again_for_each_request_of_a_connection() -> None:
+    channel, transport, clock = _connect(_Answer())
+    for _ in range(3):
+        clock.advance(2.0)  # less than the deadline: no request yet, still open
+        channel.dataReceived(GET)
+        assert b"HTTP/1.1 200" in transport.value() and not transport.disconnecting
+        transport.clear()
+    clock.advance(3.25)  # idle after the third answer: closed quietly
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_idle_limit_moves_with_every_byte_and_is_off_while_a_request_runs() -> None:
+    channel, transport, clock = _connect(_Hold(), timeout=0)  # no head deadline
+    channel.setTimeout(2)
+    clock.advance(1.5)
+    channel.dataReceived(b"GET /exapps/app/x HTTP/1.1\r\n")
+    clock.advance(1.5)  # 3 s since connecting, 1.5 s since the last byte
+    assert not transport.disconnecting
+    channel.dataReceived(b"Host: h\r\n\r\n")  # a request runs: no idle limit
+    clock.advance(30)
+    assert not transport.disconnecting
+    channel.requests[-1].finish()  # its answer is done: idle again
+    clock.advance(2.25)
+    assert transport.disconnecting
