@@ -51,6 +51,7 @@ from zope.interface import directlyProvides, providedBy
 
 from harp.logs import HarpLogger
 from harp.timers import cancel
+from harp.web.headers import http_date
 
 log = HarpLogger("harp.h2")
 
@@ -256,6 +257,8 @@ class HarpH2Connection(_http2.H2Connection):  # type: ignore[misc]
     ) -> None:
         kept = [(name, value) for name, value in headers
                 if name.lower() not in _RESPONSE_REFUSED]
+        if not any(name.lower() == b"date" for name, _ in kept):
+            kept.append((b"date", http_date()))
         super().writeHeaders(version, code, reason, kept, streamID)
 
     # --- bounded send queues

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Final
 
+from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -52,3 +54,21 @@ class KeyCheck:
 
     def __call__(self, candidate: bytes | None) -> bool:
         return candidate is not None and hmac.compare_digest(candidate, self._key)
+
+
+_date_cache: list[int | bytes] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value, formatted once per second rather than per request.
+
+    Added when a response head is written (HTTP/1.x and HTTP/2), unless the upstream
+    sent its own.
+    """
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0] = now
+        _date_cache[1] = datetimeToString(now)
+    date = _date_cache[1]
+    assert isinstance(date, bytes)
+    return date

@@ -118,14 +118,22 @@ def relay_head(request: Request, head: ResponseHead) -> None:
     Hop-by-hop headers and those the upstream's ``Connection`` lists stay behind
     (RFC 9110 §7.6.1).  An upstream header replaces twisted.web's own of the same name
     (its ``Date``) instead of doubling it; repeated upstream headers are all kept.
+    Over HTTP/1.x they are written as the parser checked them
+    (:meth:`harp.web.site.HarpRequest.relay`); HTTP/2 needs them in ``Headers``.
     """
+    listed = head.tokens(b"connection")
+    kept = [
+        (name, value) for name, value in head.headers
+        if name not in HOP_BY_HOP and name not in listed
+    ]
+    relay = getattr(request, "relay", None)
+    if relay is not None and not isinstance(request.channel, HarpH2Stream):
+        relay(head.status, head.reason, kept)
+        return
     request.setResponseCode(head.status, head.reason)
     out = request.responseHeaders
-    listed = head.tokens(b"connection")
     seen: set[bytes] = set()
-    for name, value in head.headers:
-        if name in HOP_BY_HOP or name in listed:
-            continue
+    for name, value in kept:
         if name in seen:
             out.addRawHeader(name, value)
         else:

@@ -25,7 +25,11 @@ def test_incomplete() -> None:
 @pytest.mark.parametrize(
     "raw",
     [b"HTTP/2 200 OK\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nbad\r\n\r\n",
-     b"HTTP/1.1 200 OK\r\n a: b\r\n\r\n", b"x" * 70000],
+     b"HTTP/1.1 200 OK\r\n a: b\r\n\r\n", b"x" * 70000,
+     # Header values are relayed as they are: no bare CR or LF, no NUL, names are tokens.
+     b"HTTP/1.1 200 OK\r\nA: b\nInjected: 1\r\n\r\n", b"HTTP/1.1 200 OK\r\nA: b\rc\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nA: b\x00\r\n\r\n", b"HTTP/1.1 200 OK\r\nA(b): c\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nA\tb: c\r\n\r\n", b"HTTP/1.1 200 OK\nA: b\r\n\r\n"],
 )
 def test_bad(raw: bytes) -> None:
     with pytest.raises(BadResponse):
