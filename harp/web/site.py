@@ -372,7 +372,8 @@ class HarpRequest(Request):
             head.append(b"transfer-encoding: chunked\r\n")
             self.chunked = 1
         head.append(b"\r\n")
-        self.channel.writeSequence(head)
+        # One buffer: writeSequence would check and queue each of the pieces.
+        self.channel.write(b"".join(head))
         if no_body:
             self.write = _discard  # type: ignore[method-assign]
             return False
