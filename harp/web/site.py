@@ -32,10 +32,11 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as BaseProtocol
 from twisted.logger import LogLevel
+from twisted.protocols import basic
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import NO_BODY_CODES, _ChunkedTransferDecoder
-from twisted.web.http_headers import Headers
+from twisted.web.http import NO_BODY_CODES, _ChunkedTransferDecoder, _parseRequestLine
+from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -78,6 +79,19 @@ class _BoundedChunkedDecoder(_ChunkedTransferDecoder):
         return done
 
 
+#: Heads up to this size may take the one-pass path (:meth:`HarpChannel._whole_head`):
+#: below twisted.web's line and head limits (16 KiB each), which it then cannot reach.
+FAST_HEAD_MAX: Final = 8192
+
+#: The request headers that decide the body's framing, by lower-case name, with the
+#: canonical name twisted.web's framing code compares against.
+_FRAMING: Final = {b"content-length": b"Content-Length", b"transfer-encoding": b"Transfer-Encoding"}
+
+#: A head starting with these is for the line-by-line path (an empty line before the
+#: request line, which twisted.web skips once, or whitespace).
+_NOT_A_REQUEST_START: Final = frozenset(b"\r\n \t")
+
+
 class HarpChannel(http.HTTPChannel):
     head_timeout: float = 30.0
     clock: IReactorTime = _reactor  # type: ignore[assignment]
@@ -117,7 +131,73 @@ class HarpChannel(http.HTTPChannel):
                 if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
                     self._switch_to_h2().dataReceived(data)
                     return
+            if (
+                self.line_mode and not self._buffer and not self._busyReceiving
+                and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+            ):
+                end = data.find(b"\r\n\r\n")
+                if 0 < end < FAST_HEAD_MAX and self._whole_head(data, end):
+                    return
             super().dataReceived(data)
+
+    def _whole_head(self, data: bytes, end: int) -> bool:
+        """A request head that arrived whole, parsed in one pass; False: not handled.
+
+        Why: ``LineReceiver`` splits the head line by line and ``HTTPChannel.lineReceived``
+        then dispatches each line (request line, header, header…, blank) with its own
+        bookkeeping; a browser's head of fifteen headers made that a few per cent of a
+        request.  Nearly every head arrives in one read, so it is split once here and
+        each part goes to what ``lineReceived`` would have called: the request line to
+        twisted.web's own parser, every header to ``headerReceived`` (the same checks,
+        limits and framing decisions), then ``allHeadersReceived``.  Anything unusual
+        — a head split across reads, folded header lines, the blank line tolerated
+        before a request, a connection that is closing — is left untouched to the
+        line-by-line path.  Both paths must give the same outcome for the same bytes
+        (tests/unit/test_channel_fuzz.py feeds random heads both ways).
+        """
+        head = data[:end]
+        if head[0] in _NOT_A_REQUEST_START or b"\r\n " in head or b"\r\n\t" in head:
+            return False
+        if not self.persistent:
+            return False
+        self.resetTimeout()
+        lines = head.split(b"\r\n")
+        # What lineReceived adds up line by line (delimiters not counted); FAST_HEAD_MAX
+        # keeps it and every line under twisted.web's limits.
+        self._receivedHeaderSize += end - 2 * (len(lines) - 1)
+        # Bytes after the head wait where LineReceiver keeps them, so that what happens
+        # meanwhile (a response finished at once, a re-entrant dataReceived) sees the
+        # same state as on the line-by-line path.
+        self._buffer = data[end + 4:]
+        self._busyReceiving = True
+        try:
+            self._head_received(lines)
+        finally:
+            self._busyReceiving = False
+        if self._buffer and not getattr(self.transport, "disconnecting", False):
+            basic.LineReceiver.dataReceived(self, b"")  # the rest, as LineReceiver goes on
+        return True
+
+    def _head_received(self, lines: list[bytes]) -> None:
+        """``lineReceived`` for the request line, each header and the blank line."""
+        request = self.requestFactory(self, len(self.requests))  # type: ignore[attr-defined]
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        try:
+            command, path, version = _parseRequestLine(lines[0])
+        except ValueError:
+            self._respondToBadRequestAndDisconnect()
+            return
+        self._command = command
+        self._path = path
+        self._version = version
+        if not self._headers_received(request.requestHeaders, lines):
+            return  # refused and dropped (the line-by-line path stops there too)
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
 
     def _switch_to_h2(self) -> HarpH2Connection:
         """Hand the connection to HTTP/2 (:mod:`harp.web.h2`) before any HTTP/1.1 parsing."""
@@ -201,6 +281,41 @@ class HarpChannel(http.HTTPChannel):
                 decoder.dataCallback, decoder.finishCallback
             )
         return ok
+
+    def _headers_received(self, headers: Headers, lines: list[bytes]) -> bool:
+        """``headerReceived`` for each header line of a whole head, in one loop.
+
+        The same checks in the same order of consequence (twisted.web's
+        ``headerReceived``): a line without a colon, a value with NUL, CR or LF, a name
+        that is not a token, a bad framing header, or more than ``maxHeaders`` headers
+        drop the request.  Only the two framing headers go through
+        :meth:`_maybeChooseTransferDecoder`; the name is canonicalised once (by
+        ``addRawHeader``), not twice.
+        """
+        add = headers.addRawHeader
+        count = self._receivedHeaderCount
+        for line in lines[1:]:
+            # No empty line can be here: the head ended at the first one.
+            name, colon, value = line.partition(b":")
+            value = value.strip(b" \t")
+            if not colon or b"\x00" in value or b"\r" in value or b"\n" in value:
+                self._respondToBadRequestAndDisconnect()
+                return False
+            framing = _FRAMING.get(name.lower())
+            if framing is not None and not self._maybeChooseTransferDecoder(framing, value):
+                return False
+            try:
+                add(name, value)
+            except InvalidHeaderName:
+                self._respondToBadRequestAndDisconnect()
+                return False
+            count += 1
+            if count > self.maxHeaders:
+                self._receivedHeaderCount = count
+                self._respondToBadRequestAndDisconnect()
+                return False
+        self._receivedHeaderCount = count
+        return True
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # The reference answers a malformed request (bad request line, oversized or

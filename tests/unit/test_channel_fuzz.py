@@ -85,3 +85,106 @@ def test_random_bytes_never_break_the_channel(data: bytes, chunk: int) -> None:
     _, transport = _feed(data, chunk)
     written = transport.value()
     assert written == b"" or written.startswith(b"HTTP/1.")
+
+
+# --- the one-pass head path (HarpChannel._whole_head) against the line-by-line one
+
+
+class _Echo(Resource):
+    """Records what each request looked like and answers it at once."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, bytes, bytes, list[tuple[bytes, list[bytes]]]]] = []
+
+    def render(self, request: Request) -> int:  # type: ignore[override]
+        headers = sorted(request.requestHeaders.getAllRawHeaders())
+        self.seen.append((request.method, request.uri, request.clientproto, headers))
+        request.setResponseCode(200)
+        request.setHeader(b"content-length", b"2")
+        request.write(b"ok")
+        request.finish()
+        return NOT_DONE_YET
+
+
+def _outcome(data: bytes, chunk: int) -> tuple[object, ...]:
+    resource = _Echo()
+    site = HarpSite(resource, head_timeout=30.0)
+    channel = site.buildProtocol(None)
+    channel.clock = Clock()
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    whole_heads = 0
+    original = channel._head_received
+
+    def counted(lines: list[bytes]) -> None:
+        nonlocal whole_heads
+        whole_heads += 1
+        original(lines)
+
+    channel._head_received = counted  # type: ignore[method-assign]
+    for i in range(0, len(data), chunk):
+        channel.dataReceived(data[i : i + chunk])
+    written = b"\r\n".join(
+        line for line in transport.value().split(b"\r\n") if not line.startswith(b"Date: ")
+    )
+    return (resource.seen, written, transport.disconnecting, len(channel.requests)), whole_heads
+
+
+_ODD_HEADERS = st.sampled_from([
+    b"Host: h", b"X-A: 1", b"x-a: 2", b"X-Empty:", b" folded", b"\tfolded", b"Bad Name: x",
+    b"NoColon", b": novalue", b"X-Nul: a\x00b", b"X-Cr: a\rb", b"X-Lf: a\nb",
+    b"Content-Length: 5", b"Content-Length: 0", b"Content-Length: 5, 5",
+    b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip", b"Connection: close",
+    b"Cookie: a=b; c=d", b"X-Spaces:   padded   ", b"X" * 300 + b": long",
+])
+
+
+#: Mostly well-formed request lines, so that the headers decide what happens.
+_GOOD_METHODS = st.one_of(st.sampled_from([b"GET", b"POST", b"HEAD", b"DELETE"]), _METHODS)
+_GOOD_TARGETS = st.one_of(st.sampled_from([b"/exapps/app/x", b"/exapps/app/a?b=c"]), _TARGETS)
+_GOOD_VERSIONS = st.one_of(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]), _VERSIONS)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    _GOOD_METHODS, _GOOD_TARGETS, _GOOD_VERSIONS,
+    st.lists(st.one_of(_ODD_HEADERS, st.binary(max_size=20)), max_size=8),
+    st.binary(max_size=12), st.booleans(), st.booleans(),
+)
+def test_one_pass_head_and_line_by_line_agree(
+    method: bytes, target: bytes, version: bytes, headers: list[bytes], body: bytes,
+    pipelined: bool, leading_blank: bool,
+) -> None:
+    head = method + b" " + target + b" " + version + b"\r\n"
+    if headers:
+        head += b"\r\n".join(headers) + b"\r\n"
+    data = (b"\r\n" if leading_blank else b"") + head + b"\r\n" + body
+    if pipelined:
+        data += b"GET /exapps/app/next HTTP/1.1\r\nHost: h\r\n\r\n"
+    whole, _ = _outcome(data, len(data))
+    by_byte, whole_heads = _outcome(data, 1)
+    assert whole_heads == 0  # byte by byte never takes the one-pass path
+    assert whole == by_byte
+
+
+def test_the_one_pass_path_is_taken_for_an_ordinary_head() -> None:
+    data = b"GET /exapps/app/x?q=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-A: 2\r\n\r\n"
+    (seen, written, closing, _), whole_heads = _outcome(data + data, len(data) * 2)
+    assert whole_heads == 1  # the second (pipelined) head waited in the buffer
+    assert len(seen) == 2 and seen[0][1] == b"/exapps/app/x?q=1"
+    assert dict(seen[0][3])[b"X-A"] == [b"1", b"2"]
+    assert written.count(b"HTTP/1.1 200") == 2 and not closing
+
+
+def test_too_many_headers_are_refused_both_ways() -> None:
+    lines = b"".join(b"X-%d: v\r\n" % n for n in range(501))  # twisted.web allows 500
+    data = b"GET /exapps/app/x HTTP/1.1\r\n" + lines + b"\r\n"
+    assert len(data) < 8192  # within reach of the one-pass path
+    whole, whole_heads = _outcome(data, len(data))
+    by_byte, _ = _outcome(data, 1)
+    assert whole_heads == 1 and whole == by_byte
+    seen, written, closing, _ = whole  # type: ignore[misc]
+    assert seen == [] and written == b"" and closing
