@@ -450,20 +450,23 @@ class HarpRequest(Request):
         self._relayed = headers
 
     def write(self, data: bytes) -> None:
-        if self._relayed is not None and not self._write_relayed_head():
-            return
-        super().write(data)
+        if self._relayed is not None:
+            self._write_relayed_head(data)
+        else:
+            super().write(data)
 
-    def _write_relayed_head(self) -> bool:
-        """What twisted.web's first ``write`` does, for relayed headers.
+    def _write_relayed_head(self, data: bytes) -> None:
+        """What twisted.web's first ``write`` does, for relayed headers, plus ``data``.
 
-        Returns False when no body may follow (``HEAD``, 204, 304).
+        The head and the first piece of the body leave in one write: a small answer is
+        one buffer handed to the transport, not two.
         """
         relayed = self._relayed
         self._relayed = None
         assert relayed is not None
         if self.startedWriting or self.finished or self._disconnected:
-            return True  # twisted.web's write raises or ignores, as it would
+            super().write(data)  # twisted.web raises or ignores, as it would
+            return
         self.startedWriting = 1
         head = [self.clientproto, b" %d " % self.code, self.code_message, b"\r\n"]
         names = {name for name, _ in relayed}
@@ -478,21 +481,25 @@ class HarpRequest(Request):
             head += (name, b": ", value, b"\r\n")
         for cookie in self.cookies:
             head += (b"Set-Cookie: ", cookie, b"\r\n")
-        no_body = self.method == b"HEAD" or self.code in NO_BODY_CODES
+        if self.method == b"HEAD" or self.code in NO_BODY_CODES:
+            head.append(b"\r\n")
+            self.channel.write(b"".join(head))
+            self.write = _discard  # type: ignore[method-assign]  # as twisted.web: no body
+            return
         if (
-            not no_body and self.clientproto == b"HTTP/1.1"
+            self.clientproto == b"HTTP/1.1"
             and b"content-length" not in names and not own.hasHeader(b"content-length")
         ):
             # No length: chunked, so the connection stays usable (as twisted.web).
-            head.append(b"transfer-encoding: chunked\r\n")
+            head.append(b"transfer-encoding: chunked\r\n\r\n")
             self.chunked = 1
-        head.append(b"\r\n")
+            if data:
+                head += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            head += (b"\r\n", data)
+        self.sentLength += len(data)
         # One buffer: writeSequence would check and queue each of the pieces.
         self.channel.write(b"".join(head))
-        if no_body:
-            self.write = _discard  # type: ignore[method-assign]
-            return False
-        return True
 
     def gotLength(self, length: int | None) -> None:
         # No super(): it would create the buffer (BytesIO or temp file) we avoid.
