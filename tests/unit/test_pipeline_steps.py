@@ -12,7 +12,15 @@ from harp.client_address import ClientAddressResolver, parse_trusted_proxies
 from harp.exapps import RecordError, parse_record
 from harp.state.memory import MemoryState
 from harp.web.headers import KeyCheck
-from harp.web.pipeline import Pipeline, has_dotdot, identity_token, match_route, split_app_path
+from harp.web.pipeline import (
+    Pipeline,
+    _path_facts,
+    has_dotdot,
+    identity_token,
+    match_route,
+    path_facts,
+    split_app_path,
+)
 
 
 @pytest.mark.parametrize(
@@ -152,3 +160,22 @@ def test_malformed_request_line_from_a_trusted_proxy_is_not_charged_to_it() -> N
     for _ in range(5):
         pipeline.malformed(_Malformed("10.0.0.1", {}))  # type: ignore[arg-type]
     assert not state.is_banned("10.0.0.1")
+
+
+_PATH_PARTS = st.sampled_from(
+    [b"/", b"exapps", b"app", b"..", b".", b"%2e", b"%2F", b"%41", b"%zz", b"x", b"init", b"//"]
+)
+
+
+@given(st.lists(_PATH_PARTS, max_size=8), st.integers(0, 700))
+def test_remembered_path_facts_are_the_computed_ones(parts: list[bytes], pad: int) -> None:
+    """The decision reads its path checks from a cache: it must hold what computing gives,
+    for short paths (remembered) and long ones (computed every time) alike."""
+    raw = b"/" + b"".join(parts) + b"x" * pad
+    computed = _path_facts(raw)
+    assert path_facts(raw) == computed
+    assert path_facts(raw) == computed  # second time: from the cache when short
+    if computed.path is not None:
+        assert computed.split == split_app_path(computed.path)
+    else:
+        assert computed.split is None and computed.endpoint is None
