@@ -168,6 +168,16 @@ class FrpEnv:
         self.frpcs.append(proc)
         return proc
 
+    def engine_tunnel(self) -> tuple[HarpProcess, DataServer, FrpcProcess]:
+        """HaRP, a data server and an frpc tunnelling it as ``engine-1`` on
+        :data:`ENGINE_PORT`, logged in and started (what most tests begin with)."""
+        need_free(ENGINE_PORT)
+        harp = self.harp()
+        server = self.data_server()
+        frpc = self.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
+        started(frpc, harp, "engine-1")
+        return harp, server, frpc
+
     def close(self) -> None:
         for proc in self.frpcs:
             proc.stop()
@@ -270,11 +280,7 @@ def dropped_or_status(port: int, path: str, headers: dict[str, str],
 
 def test_tunnel_100mb_both_ways_byte_exact(env: FrpEnv) -> None:
     """TLS + tcpMux (frpc defaults, with the HaRP client cert): 100 MB down and up, sha256-equal."""
-    need_free(ENGINE_PORT)
-    harp = env.harp()
-    server = env.data_server()
-    frpc = env.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
-    started(frpc, harp, "engine-1")
+    harp, _server, _frpc = env.engine_tunnel()
     # Bound on the loopback interface only (docs/compatibility.md#frp-proxies).
     assert _listening(ENGINE_PORT) == ["127.0.0.1"], _listening(ENGINE_PORT)
     assert hello(ENGINE_PORT, "first") == hello_body("first")
@@ -329,11 +335,7 @@ def test_tunnel_variants_byte_exact(env: FrpEnv, variant: str) -> None:
 
 def test_tunnel_50_concurrent_connections(env: FrpEnv) -> None:
     """50 simultaneous user connections, each its own work connection and backend connection."""
-    need_free(ENGINE_PORT)
-    harp = env.harp()
-    server = env.data_server()
-    frpc = env.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
-    started(frpc, harp, "engine-1")
+    harp, server, _frpc = env.engine_tunnel()
     assert hello(ENGINE_PORT, "warm") == hello_body("warm")
     before = server.connections
     server.reset_peak()
@@ -354,11 +356,7 @@ def test_tunnel_50_concurrent_connections(env: FrpEnv) -> None:
 
 def test_frontend_reaches_tunnel_port(env: FrpEnv) -> None:
     """A record with host 127.0.0.1 and a tunnelled port: HaRP's HTTP side reaches the backend."""
-    need_free(ENGINE_PORT)
-    harp = env.harp()
-    server = env.data_server()
-    frpc = env.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
-    started(frpc, harp, "engine-1")
+    harp, _server, _frpc = env.engine_tunnel()
     push_record(harp, "tunapp", {
         "exapp_token": "secret", "exapp_version": "1.0.0", "host": "127.0.0.1",
         "port": ENGINE_PORT,
@@ -530,11 +528,7 @@ def test_bad_token_logins_ban_the_address(env: FrpEnv) -> None:
 
 
 def test_killed_client_frees_port_and_restart_works(env: FrpEnv) -> None:
-    need_free(ENGINE_PORT)
-    harp = env.harp()
-    server = env.data_server()
-    frpc = env.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
-    started(frpc, harp, "engine-1")
+    harp, _server, frpc = env.engine_tunnel()
     assert hello(ENGINE_PORT, "before") == hello_body("before")
 
     # A user connection in the middle of a download when the client dies.
@@ -691,11 +685,7 @@ def test_sigterm_closes_frp_controls_tunnels_and_pools(env: FrpEnv) -> None:
     the keep-alive pools are emptied, and the process ends promptly instead of being
     killed at the end of the stop timeout.
     """
-    need_free(ENGINE_PORT)
-    harp = env.harp()
-    server = env.data_server()
-    frpc = env.frpc(harp, [FrpcProxy("engine-1", ENGINE_PORT, unix_path=server.path)])
-    started(frpc, harp, "engine-1")
+    harp, _server, frpc = env.engine_tunnel()
     assert hello(ENGINE_PORT, "before") == hello_body("before")
     assert harp.proc is not None
     with socket.socket() as user:
