@@ -16,23 +16,7 @@ from harp.client_address import (
     normalize_ip,
     parse_trusted_proxies,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
+from tests.unit.conftest import FakeClock
 
 # ------------------------------------------------------------------------------------------
 # normalize_ip

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp.web.site import HarpSite
+from harp.web.site import HarpChannel, HarpSite
 from harp.web.target import normalise_path, valid_target
 
 
@@ -35,15 +35,25 @@ class _Record(Resource):
         return NOT_DONE_YET
 
 
-def _feed(data: bytes, chunk: int) -> tuple[_Record, StringTransport]:
-    resource = _Record()
-    site = HarpSite(resource, head_timeout=30.0)
-    channel = site.buildProtocol(None)
+def _connected(resource: Resource) -> tuple[HarpChannel, StringTransport]:
+    """A real channel of a HarpSite serving ``resource``, over an in-memory transport."""
+    channel = HarpSite(resource, head_timeout=30.0).buildProtocol(None)
+    assert isinstance(channel, HarpChannel)
     channel.clock = Clock()
     transport = StringTransport()
     channel.makeConnection(transport)
+    return channel, transport
+
+
+def _deliver(channel: HarpChannel, data: bytes, chunk: int) -> None:
     for i in range(0, len(data), chunk):
         channel.dataReceived(data[i : i + chunk])
+
+
+def _feed(data: bytes, chunk: int) -> tuple[_Record, StringTransport]:
+    resource = _Record()
+    channel, transport = _connected(resource)
+    _deliver(channel, data, chunk)
     channel.connectionLost(Exception("done"))  # type: ignore[arg-type]
     return resource, transport
 
@@ -111,11 +121,7 @@ class _Echo(Resource):
 
 def _outcome(data: bytes, chunk: int) -> tuple[object, ...]:
     resource = _Echo()
-    site = HarpSite(resource, head_timeout=30.0)
-    channel = site.buildProtocol(None)
-    channel.clock = Clock()
-    transport = StringTransport()
-    channel.makeConnection(transport)
+    channel, transport = _connected(resource)
     whole_heads = 0
     original = channel._head_received
 
@@ -125,8 +131,7 @@ def _outcome(data: bytes, chunk: int) -> tuple[object, ...]:
         original(lines)
 
     channel._head_received = counted  # type: ignore[method-assign]
-    for i in range(0, len(data), chunk):
-        channel.dataReceived(data[i : i + chunk])
+    _deliver(channel, data, chunk)
     written = b"\r\n".join(
         line for line in transport.value().split(b"\r\n") if not line.startswith(b"Date: ")
     )

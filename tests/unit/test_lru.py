@@ -7,22 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harp.lru import TokenBuckets, TTLCache
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+from tests.unit.conftest import FakeClock
 
 
 def test_get_missing_is_none(clock: FakeClock) -> None:
