@@ -29,10 +29,10 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
 from harp.deadlines import Deadline, deadlines_for
 from harp.timers import cancel
+from harp.web.response_body import ResponseBody
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
 
 #: Seconds an idle upstream connection is kept for reuse.
@@ -72,9 +72,8 @@ class UpstreamConnection(TwistedProtocol):
         self.handler: ExchangeHandler | None = None
         self.method = b"GET"
         self.buffer = b""
-        self.framing = "none"
-        self.remaining = 0
-        self.chunks: _ChunkedTransferDecoder | None = None
+        #: The answer's body being read (state ``body``).
+        self.body: ResponseBody | None = None
         self.reusable = False
         self.request_sent = True
         self.got_bytes = False
@@ -139,58 +138,42 @@ class UpstreamConnection(TwistedProtocol):
             self.buffer = rest  # an interim 1xx (100 Continue …): the answer follows
         self.buffer = b""
         try:
-            self.framing, self.remaining = body_framing(head, self.method)
+            framing, remaining = body_framing(head, self.method)
         except BadResponse as exc:
             return self._fail(str(exc))
         self.reusable = (
-            self.framing != "close"
+            framing != "close"
             and not head.raw.startswith(b"HTTP/1.0")
             and b"close" not in head.tokens(b"connection")
         )
-        self.chunks = (
-            _ChunkedTransferDecoder(self._deliver, self._chunks_done)
-            if self.framing == "chunked" else None
-        )
+        body = self.body = ResponseBody(framing, remaining, self._deliver, self._body_done)
         self.state = "body"
         handler = self.handler
         if handler is not None:
             handler.response_head(head)
         if self.state != "body":
             return None  # the handler gave up on the exchange
-        if self.framing == "none" or (self.framing == "length" and self.remaining == 0):
+        if body.empty:
             return self._complete(rest)
         if rest:
             self._body(rest)
         return None
 
     def _body(self, data: bytes) -> None:
-        framing = self.framing
-        if framing == "length":
-            if len(data) < self.remaining:
-                self.remaining -= len(data)
-                self._deliver(data)
-                return
-            piece, extra = data[: self.remaining], data[self.remaining :]
-            self.remaining = 0
-            self._deliver(piece)
-            if self.state == "body":
-                self._complete(extra)
-        elif framing == "chunked":
-            assert self.chunks is not None
-            try:
-                self.chunks.dataReceived(data)
-            except _MalformedChunkedDataError:
-                self._fail("malformed chunked body")
-        else:
-            self._deliver(data)
+        assert self.body is not None
+        try:
+            self.body.feed(data)
+        except BadResponse as exc:
+            self._fail(str(exc))
 
     def _deliver(self, data: bytes) -> None:
         handler = self.handler
         if handler is not None and data:
             handler.response_data(data)
 
-    def _chunks_done(self, extra: bytes) -> None:
-        self._complete(extra)
+    def _body_done(self, extra: bytes) -> None:
+        if self.state == "body":  # not if the handler gave up while taking the last piece
+            self._complete(extra)
 
     def _complete(self, extra: bytes) -> None:
         handler, self.handler = self.handler, None
@@ -228,7 +211,7 @@ class UpstreamConnection(TwistedProtocol):
         handler, self.handler = self.handler, None
         if handler is None:
             return
-        if state == "body" and self.framing == "close":
+        if state == "body" and self.body is not None and self.body.framing == "close":
             handler.response_done()
         elif state in ("head", "body"):
             handler.exchange_failed("upstream closed the connection", state == "head")

@@ -38,12 +38,12 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 
 from harp.logs import HarpLogger
 from harp.relay import Relay
 from harp.timers import cancel
 from harp.web import responses
+from harp.web.response_body import ResponseBody
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
 from harp.web.site import HarpChannel, HarpRequest
 
@@ -94,10 +94,8 @@ class WebSocketUpgrade:
         self.buffer = b""
         self.timer: IDelayedCall | None = None
         self.relay: Relay | None = None
-        # Passing on a refused upgrade's body.
-        self.remaining = 0
-        self.framing = "none"
-        self.chunks: _ChunkedTransferDecoder | None = None
+        #: A refused upgrade's answer body, passed on to the client.
+        self.body: ResponseBody | None = None
 
     def start(self, endpoint: IStreamClientEndpoint) -> None:
         factory = Factory.forProtocol(lambda: _Upstream(self))
@@ -150,7 +148,7 @@ class WebSocketUpgrade:
             self.request.detail = "upstream closed before answering"
             self.on_failure(502)
         elif state == "refused":
-            if self.framing == "close":
+            if self.body is not None and self.body.framing == "close":
                 self._answer_done()
             else:
                 # A truncated body must not look complete to the client.
@@ -220,15 +218,16 @@ class WebSocketUpgrade:
 
     def _start_answer(self, head: ResponseHead, rest: bytes) -> None:
         try:
-            self.framing, self.remaining = body_framing(head, self.request.method)
+            framing, remaining = body_framing(head, self.request.method)
         except BadResponse as exc:
             return self._bad_gateway(str(exc))
         self.state = "refused"
         request = self.request
         responses.relay_head(request, head)
-        if self.framing == "chunked":
-            self.chunks = _ChunkedTransferDecoder(self._answer_write, self._chunks_done)
-        if self.framing == "none" or (self.framing == "length" and self.remaining == 0):
+        body = self.body = ResponseBody(
+            framing, remaining, self._answer_write, lambda extra: self._answer_done()
+        )
+        if body.empty:
             return self._answer_done()
         assert self.upstream is not None and self.upstream.transport is not None
         request.registerProducer(cast(IPushProducer, self.upstream.transport), True)
@@ -239,29 +238,17 @@ class WebSocketUpgrade:
 
     def _answer_data(self, data: bytes) -> None:
         self._arm(self.server_timeout)
-        if self.framing == "chunked":
-            assert self.chunks is not None
-            try:
-                self.chunks.dataReceived(data)
-            except _MalformedChunkedDataError:
-                self.state = "closed"
-                self._close_upstream()
-                responses.abort(self.request)
-        elif self.framing == "length":
-            piece = data[: self.remaining]
-            self.remaining -= len(piece)
-            self._answer_write(piece)
-            if self.remaining == 0:
-                self._answer_done()
-        else:
-            self._answer_write(data)
+        assert self.body is not None
+        try:
+            self.body.feed(data)
+        except BadResponse:
+            self.state = "closed"
+            self._close_upstream()
+            responses.abort(self.request)
 
     def _answer_write(self, data: bytes) -> None:
         if self.state == "refused" and data:
             self.request.write(data)
-
-    def _chunks_done(self, extra: bytes) -> None:
-        self._answer_done()
 
     def _answer_done(self) -> None:
         if self.state != "refused":
