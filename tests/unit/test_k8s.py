@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from harp.config import ConfigError, Settings
-from harp.docker.names import ExAppName, PayloadError
+from harp.docker.names import ExAppName, PayloadError, parse_json_object
 from harp.k8s import manifests, pods, services
 from harp.k8s.client import K8sReply, K8sUnavailable, _NoVerification, tls_policy
 from harp.k8s.payloads import CreateSpec, ExposeSpec
@@ -178,6 +178,13 @@ def test_names_and_labels_with_instance_and_role() -> None:
         "app.kubernetes.io/component": "exapp", "app.kubernetes.io/instance": "inst1",
         "app.kubernetes.io/role": "ui"}
     assert manifests.app_names("My_App") == ("nc-app-my-app", "nc-app-my-app")
+
+
+def test_deeply_nested_body_is_invalid_json() -> None:
+    """Nesting past the parser's recursion limit is a 400, not an internal error."""
+    deep = b'{"name": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(PayloadError, match=r"^Invalid JSON body$"):
+        parse_json_object(deep)
 
 
 def _create(**limits: Any) -> CreateSpec:
