@@ -178,6 +178,23 @@ def test_names_and_labels_with_instance_and_role() -> None:
         "app.kubernetes.io/component": "exapp", "app.kubernetes.io/instance": "inst1",
         "app.kubernetes.io/role": "ui"}
     assert manifests.app_names("My_App") == ("nc-app-my-app", "nc-app-my-app")
+    # Any instance id AppAPI may send is a valid label value (≤ 63, alphanumeric ends).
+    odd = manifests.labels(ExAppName("a", "Inst.ance_" + "i" * 100 + "."))
+    assert odd["app.kubernetes.io/instance"] == "inst-ance-" + "i" * 53
+
+
+def test_service_labels_cannot_replace_harps_own() -> None:
+    """A caller's ``service_labels`` must not make the Service another app's (discovery
+    lists by ``part-of``) nor an operator's (``remove`` deletes only ``managed-by=harp``)."""
+    spec = ExposeSpec.parse({"name": "mine", "port": 80, "role_suffix": "ui", "service_labels": {
+        "app": "nc-app-victim", "app.kubernetes.io/part-of": "nc-app-victim",
+        "app.kubernetes.io/managed-by": "operator", "app.kubernetes.io/role": "x",
+        "team": "x"}})
+    body = manifests.service(spec)
+    assert body["metadata"]["labels"] == {
+        **manifests.labels(spec.exapp), "app.kubernetes.io/managed-by": "harp", "team": "x"}
+    assert body["metadata"]["labels"]["app.kubernetes.io/part-of"] == "nc-app-mine"
+    assert body["spec"]["selector"] == {"app": "nc-app-mine-ui"}
 
 
 def test_deeply_nested_body_is_invalid_json() -> None:
