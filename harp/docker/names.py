@@ -37,10 +37,13 @@ class PayloadError(ValueError):
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The JSON object in ``body``; ``Invalid JSON body`` otherwise (reference wording)."""
+    """The JSON object in ``body``; ``Invalid JSON body`` otherwise (reference wording).
+
+    Nesting deeper than the parser's recursion limit is invalid too (a ``RecursionError``
+    would otherwise be an internal error with a traceback, docs/security.md#logging)."""
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise PayloadError("Invalid JSON body") from None
     if not isinstance(value, dict):
         raise PayloadError("Payload validation error: expected a JSON object")

@@ -247,7 +247,7 @@ class K8sClient:
         raw = b"".join(parts)
         try:
             payload = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: no JSON
             payload = None
         return K8sReply(response.code, payload)
 

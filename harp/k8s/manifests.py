@@ -87,8 +87,8 @@ def labels(app: ExAppName) -> dict[str, str]:
         LABEL_PART_OF: part_of(app),
         LABEL_COMPONENT: "exapp",
     }
-    if app.instance_id:
-        out[LABEL_INSTANCE] = app.instance_id
+    if app.instance_id:  # up to 128 characters of A-Za-z0-9_.-: not always a label value
+        out[LABEL_INSTANCE] = sanitize(app.instance_id)
     if app.role_suffix:
         out[LABEL_ROLE] = sanitize(app.role_suffix)
     return out
@@ -193,13 +193,15 @@ def manual_patch(host: str, port: int) -> dict[str, Any]:
 
 
 def service(spec: ExposeSpec) -> dict[str, Any]:
-    """The Service ``expose`` creates (``managed-by=harp``: ``remove`` may delete it)."""
+    """The Service ``expose`` creates (``managed-by=harp``: ``remove`` may delete it).
+
+    The caller's ``service_labels`` come first: HaRP's own labels win, since discovery and
+    ``remove`` find Services by them (``part-of`` of another app would route that app here,
+    docs/kubernetes.md#routing)."""
     app = spec.exapp
     name = deployment_name(app)
     kind = SERVICE_TYPES[spec.expose_type]
-    service_labels = {**labels(app), LABEL_MANAGED_BY: MANAGED_BY_HARP, **spec.service_labels}
-    if app.role_suffix:
-        service_labels[LABEL_ROLE] = sanitize(app.role_suffix)
+    service_labels = {**spec.service_labels, **labels(app), LABEL_MANAGED_BY: MANAGED_BY_HARP}
     metadata: dict[str, Any] = {"name": name, "labels": service_labels}
     if spec.service_annotations:
         metadata["annotations"] = dict(spec.service_annotations)

@@ -37,7 +37,7 @@ def read_record(request: Request, rest: bytes) -> tuple[str, ExAppRecord] | byte
         return responses.send(request, 413, b"Payload too large")
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep is invalid too, not an error
         return responses.send(request, 400, b"Invalid JSON body")
     try:
         return app_id, parse_record(app_id, data)

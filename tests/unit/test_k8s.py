@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from harp.config import ConfigError, Settings
-from harp.docker.names import ExAppName, PayloadError
+from harp.docker.names import ExAppName, PayloadError, parse_json_object
 from harp.k8s import manifests, pods, services
 from harp.k8s.client import K8sReply, K8sUnavailable, _NoVerification, tls_policy
 from harp.k8s.payloads import CreateSpec, ExposeSpec
@@ -178,6 +178,30 @@ def test_names_and_labels_with_instance_and_role() -> None:
         "app.kubernetes.io/component": "exapp", "app.kubernetes.io/instance": "inst1",
         "app.kubernetes.io/role": "ui"}
     assert manifests.app_names("My_App") == ("nc-app-my-app", "nc-app-my-app")
+    # Any instance id AppAPI may send is a valid label value (≤ 63, alphanumeric ends).
+    odd = manifests.labels(ExAppName("a", "Inst.ance_" + "i" * 100 + "."))
+    assert odd["app.kubernetes.io/instance"] == "inst-ance-" + "i" * 53
+
+
+def test_service_labels_cannot_replace_harps_own() -> None:
+    """A caller's ``service_labels`` must not make the Service another app's (discovery
+    lists by ``part-of``) nor an operator's (``remove`` deletes only ``managed-by=harp``)."""
+    spec = ExposeSpec.parse({"name": "mine", "port": 80, "role_suffix": "ui", "service_labels": {
+        "app": "nc-app-victim", "app.kubernetes.io/part-of": "nc-app-victim",
+        "app.kubernetes.io/managed-by": "operator", "app.kubernetes.io/role": "x",
+        "team": "x"}})
+    body = manifests.service(spec)
+    assert body["metadata"]["labels"] == {
+        **manifests.labels(spec.exapp), "app.kubernetes.io/managed-by": "harp", "team": "x"}
+    assert body["metadata"]["labels"]["app.kubernetes.io/part-of"] == "nc-app-mine"
+    assert body["spec"]["selector"] == {"app": "nc-app-mine-ui"}
+
+
+def test_deeply_nested_body_is_invalid_json() -> None:
+    """Nesting past the parser's recursion limit is a 400, not an internal error."""
+    deep = b'{"name": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(PayloadError, match=r"^Invalid JSON body$"):
+        parse_json_object(deep)
 
 
 def _create(**limits: Any) -> CreateSpec:
