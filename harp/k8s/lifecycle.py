@@ -217,8 +217,12 @@ class K8sLifecycle:
                       status=reply.status, error=reply.error())
             raise _unexpected(f"Failed to create Service '{name}'", reply.status)
         service = await self._read_service(name)
-        if reply.status == 409:
+        upstream = await self._upstream(spec, name, service)
+        if reply.status == 409:  # only once it answered: a failed expose changes nothing
             await self._record_node_choice(spec, name, service)
+        return upstream
+
+    async def _upstream(self, spec: ExposeSpec, name: str, service: dict[str, Any]) -> Upstream:
         try:
             if spec.expose_type == "loadbalancer":
                 port = service_port(service)
