@@ -7,9 +7,11 @@ to HaRP; the real address is wherever ``expose`` put the app.  HaRP looks it up:
 2. else the Services labelled ``app.kubernetes.io/part-of=nc-app-<id>`` (multi-role apps);
 3. else the manual-expose annotations on the app's Deployment(s);
 
-and replaces the record's host and port with it — on a registry cache miss (the record
-fetched from Nextcloud) and on every ``/exapp_storage`` push, so a push can never put the
-app id back as the host (reference regression #101).  When nothing is found (an app that
+and replaces the record's host and port with it (for a NodePort Service, on the node
+``expose`` chose: the choice it recorded on the Service,
+:func:`~harp.k8s.services.node_choice`) — on a registry cache miss (the record fetched
+from Nextcloud) and on every ``/exapp_storage`` push, so a push can never put the app id
+back as the host (reference regression #101).  When nothing is found (an app that
 is not on Kubernetes) the record is used as it is.  An API error raises
 :class:`~harp.k8s.client.K8sUnavailable`: the caller answers 503 (control plane) or 404
 (routing) and caches nothing.
@@ -18,27 +20,35 @@ is not on Kubernetes) the record is used as it is.  An API error raises
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Final
 
 from harp.exapps import ExAppRecord
 from harp.k8s import manifests
 from harp.k8s.client import K8sClient, K8sUnavailable
+from harp.k8s.payloads import NodeChoice
 from harp.k8s.services import (
+    BadRecordedChoice,
     NoUpstream,
     Upstream,
     cluster_address,
     load_balancer_address,
     manual_upstream,
     node_address,
+    node_choice,
     node_port,
     service_name,
     service_port,
     service_type,
 )
-from harp.logs import HarpLogger
+from harp.logs import HarpLogger, Throttle
 
 log = HarpLogger("harp.k8s")
 
 GET = b"GET"
+DEFAULT_CHOICE: Final = NodeChoice()
+#: A recorded node choice that cannot be used is said at most this often: every cache
+#: miss of every worker would otherwise repeat it.
+CHOICE_WARNING_INTERVAL: Final = 60.0
 
 
 def with_upstream(record: ExAppRecord, upstream: Upstream) -> ExAppRecord:
@@ -53,6 +63,7 @@ class Discovery:
 
     def __init__(self, client: K8sClient) -> None:
         self.client = client
+        self._choice_warning = Throttle(CHOICE_WARNING_INTERVAL)
 
     def path(self, kind: str, name: str = "") -> str:
         group = "/apis/apps/v1" if kind == "deployments" else "/api/v1"
@@ -88,22 +99,48 @@ class Discovery:
             service = found[0] if found else None
         if service is None:
             return await self._manual(app_id, name, part_of)
+        choice = self._recorded_choice(app_id, service)
         try:
-            return await self.service_upstream(service)
+            try:
+                return await self.service_upstream(service, choice)
+            except NoUpstream as exc:
+                if choice == DEFAULT_CHOICE:
+                    raise
+                # The recorded node is gone (or the selector matches none): any node
+                # still serves a NodePort, which beats no route at all.
+                self._warn_choice(app_id, service, f"no node for it ({exc})")
+                return await self.service_upstream(service)
         except NoUpstream as exc:
             log.warn("ExApp {app}: Service {service} gives no upstream: {why}", app=app_id,
                      service=service_name(service), why=str(exc))
             return None
 
+    def _recorded_choice(self, app_id: str, service: dict[str, Any]) -> NodeChoice:
+        """The node choice ``expose`` left on a NodePort Service; the default when there
+        is none or it was edited into something ``expose`` would refuse."""
+        if service_type(service) != "NodePort":
+            return DEFAULT_CHOICE
+        try:
+            return node_choice(service)
+        except BadRecordedChoice as exc:
+            self._warn_choice(app_id, service, str(exc))
+            return DEFAULT_CHOICE
+
+    def _warn_choice(self, app_id: str, service: dict[str, Any], why: str) -> None:
+        if self._choice_warning.fire(self.client.reactor.seconds()):
+            log.warn("ExApp {app}: Service {service}'s recorded node choice is not usable "
+                     "({why}); using the default node choice (said at most once a minute)",
+                     app=app_id, service=service_name(service), why=why)
+
     async def service_upstream(
-        self, service: dict[str, object], address_type: str = "InternalIP",
-        node_name: str | None = None, node_selector: str | None = None,
+        self, service: dict[str, Any], choice: NodeChoice = DEFAULT_CHOICE,
     ) -> Upstream:
-        """The upstream a Service gives (:mod:`harp.k8s.services`); NodePort asks for nodes."""
+        """The upstream a Service gives (:mod:`harp.k8s.services`); NodePort asks for the
+        nodes ``choice`` allows."""
         kind = service_type(service)
         if kind == "NodePort":
             port = node_port(service)
-            return await self.node_address(address_type, node_name, node_selector), port
+            return await self.node_address(choice), port
         if kind == "LoadBalancer":
             host = load_balancer_address(service)
             if host is None:
@@ -111,14 +148,17 @@ class Discovery:
             return host, service_port(service)
         return cluster_address(service, self.client.namespace), service_port(service)
 
-    async def node_address(self, address_type: str, node_name: str | None,
-                           node_selector: str | None) -> str:
-        query = {"labelSelector": node_selector} if node_selector else None
-        reply = await self.client.call(GET, "/api/v1/nodes", query=query)
+    async def node_address(self, choice: NodeChoice) -> str:
+        selector = choice.label_selector
+        reply = await self.client.call(GET, "/api/v1/nodes",
+                                       query={"labelSelector": selector} if selector else None)
+        if reply.status == 400 and selector:
+            # The selector itself is refused: no node for this choice, not an outage.
+            raise NoUpstream(f"the node label selector is refused: {reply.error()}")
         if not reply.ok:
             raise K8sUnavailable(f"Failed to list K8s nodes: Status {reply.status}, "
                                  f"{reply.error()}")
-        return node_address(reply.items(), address_type, node_name)
+        return node_address(reply.items(), choice.address_type, choice.node_name)
 
     async def _manual(self, app_id: str, name: str, part_of: str) -> Upstream | None:
         reply = await self.client.call(GET, self.path("deployments", name))

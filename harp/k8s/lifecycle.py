@@ -22,11 +22,14 @@ from harp.k8s.client import STRATEGIC_MERGE, K8sClient, K8sUnavailable
 from harp.k8s.discovery import Discovery, with_upstream
 from harp.k8s.payloads import CreateSpec, ExposeSpec
 from harp.k8s.services import (
+    BadRecordedChoice,
     NoUpstream,
     Upstream,
     load_balancer_address,
+    node_choice,
     node_port,
     service_port,
+    service_type,
 )
 from harp.logs import HarpLogger
 from harp.state import State
@@ -214,6 +217,12 @@ class K8sLifecycle:
                       status=reply.status, error=reply.error())
             raise _unexpected(f"Failed to create Service '{name}'", reply.status)
         service = await self._read_service(name)
+        upstream = await self._upstream(spec, name, service)
+        if reply.status == 409:  # only once it answered: a failed expose changes nothing
+            await self._record_node_choice(spec, name, service)
+        return upstream
+
+    async def _upstream(self, spec: ExposeSpec, name: str, service: dict[str, Any]) -> Upstream:
         try:
             if spec.expose_type == "loadbalancer":
                 port = service_port(service)
@@ -223,12 +232,36 @@ class K8sLifecycle:
                 return host, port
             if spec.expose_type == "nodeport" and spec.upstream_host:
                 return spec.upstream_host, node_port(service)  # no need to ask for nodes
-            found = await self.discovery.service_upstream(
-                service, spec.node_address_type, spec.node_name, spec.node_label_selector,
-            )
+            found = await self.discovery.service_upstream(service, spec.node)
         except NoUpstream as exc:
             raise K8sUnavailable(str(exc)) from None
         return spec.upstream_host or found[0], found[1]
+
+    async def _record_node_choice(self, spec: ExposeSpec, name: str,
+                                  service: dict[str, Any]) -> None:
+        """An existing NodePort Service (409) gets this ``expose``'s node choice, so that
+        re-discovery picks the node answered now (a new Service has it from
+        :func:`~harp.k8s.manifests.service`).  Best effort, like the manual annotations:
+        without it, routing after a cache miss uses the choice recorded before."""
+        if service_type(service) != "NodePort":
+            return
+        try:
+            if node_choice(service) == spec.node:
+                return
+        except BadRecordedChoice:
+            pass  # replaced below
+        try:
+            reply = await self.client.call(
+                PATCH, self._path("services", name),
+                body=manifests.node_choice_patch(spec.node), content_type=STRATEGIC_MERGE,
+            )
+        except K8sUnavailable as exc:
+            log.warn("could not record the node choice on Service {name}: {error}",
+                     name=name, error=exc.message)
+            return
+        if not reply.ok:
+            log.warn("could not record the node choice on Service {name}: {status} {error}",
+                     name=name, status=reply.status, error=reply.error())
 
     async def _read_service(self, name: str) -> dict[str, Any]:
         reply = await self.client.call(GET, self._path("services", name))

@@ -13,7 +13,7 @@ import re
 from typing import Any, Final
 
 from harp.docker.names import ExAppName
-from harp.k8s.payloads import CreateSpec, ExposeSpec
+from harp.k8s.payloads import CreateSpec, ExposeSpec, NodeChoice
 from harp.k8s.settings import HostAliases
 
 MAX_NAME: Final = 63
@@ -32,6 +32,10 @@ MANAGED_BY_HARP: Final = "harp"
 ANNOTATION_EXPOSE_TYPE: Final = "appapi.nextcloud.com/expose-type"
 ANNOTATION_UPSTREAM_HOST: Final = "appapi.nextcloud.com/upstream-host"
 ANNOTATION_UPSTREAM_PORT: Final = "appapi.nextcloud.com/upstream-port"
+#: A NodePort Service's node choice, read back by re-discovery (docs/kubernetes.md#routing).
+ANNOTATION_NODE_ADDRESS_TYPE: Final = "appapi.nextcloud.com/node-address-type"
+ANNOTATION_NODE_NAME: Final = "appapi.nextcloud.com/node-name"
+ANNOTATION_NODE_LABEL_SELECTOR: Final = "appapi.nextcloud.com/node-label-selector"
 
 CONTAINER_NAME: Final = "app"
 GPU_RESOURCES: Final = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}
@@ -192,19 +196,41 @@ def manual_patch(host: str, port: int) -> dict[str, Any]:
     }}}
 
 
+def node_choice_annotations(choice: NodeChoice) -> dict[str, str | None]:
+    """The node choice as annotations, every key present: None for an unset option, so
+    that as a merge patch it also removes what an earlier ``expose`` recorded."""
+    return {
+        ANNOTATION_NODE_ADDRESS_TYPE: choice.address_type,
+        ANNOTATION_NODE_NAME: choice.node_name,
+        ANNOTATION_NODE_LABEL_SELECTOR: choice.label_selector,
+    }
+
+
+def node_choice_patch(choice: NodeChoice) -> dict[str, Any]:
+    """``expose`` on an existing NodePort Service (409): its node choice replaced."""
+    return {"metadata": {"annotations": node_choice_annotations(choice)}}
+
+
 def service(spec: ExposeSpec) -> dict[str, Any]:
     """The Service ``expose`` creates (``managed-by=harp``: ``remove`` may delete it).
 
     The caller's ``service_labels`` come first: HaRP's own labels win, since discovery and
     ``remove`` find Services by them (``part-of`` of another app would route that app here,
-    docs/kubernetes.md#routing)."""
+    docs/kubernetes.md#routing).  A NodePort Service carries the node choice as
+    annotations (after the operator's own, which cannot override them), so a
+    re-discovery reaches the node ``expose`` answered with.
+    """
     app = spec.exapp
     name = deployment_name(app)
     kind = SERVICE_TYPES[spec.expose_type]
     service_labels = {**spec.service_labels, **labels(app), LABEL_MANAGED_BY: MANAGED_BY_HARP}
     metadata: dict[str, Any] = {"name": name, "labels": service_labels}
-    if spec.service_annotations:
-        metadata["annotations"] = dict(spec.service_annotations)
+    annotations = dict(spec.service_annotations)
+    if kind == "NodePort":
+        recorded = node_choice_annotations(spec.node)
+        annotations.update({k: v for k, v in recorded.items() if v is not None})
+    if annotations:
+        metadata["annotations"] = annotations
     port: dict[str, Any] = {
         "name": "http", "port": spec.service_port or spec.port, "targetPort": spec.port,
     }

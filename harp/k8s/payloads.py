@@ -89,6 +89,50 @@ def _amount(limits: dict[str, Any], field: str) -> int | str | None:
     raise _invalid(f"resource_limits.{field}", "must be a number or a Kubernetes quantity")
 
 
+class BadNodeChoice(ValueError):
+    """A node choice value that ``expose`` would refuse; ``field`` names it."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field} {why}")
+        self.field = field
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class NodeChoice:
+    """Which node a NodePort upstream is reached on (docs/kubernetes.md#expose).
+
+    One value for the three ``expose`` options, so that ``expose`` and every later
+    re-discovery (which reads it back from the Service's annotations) choose alike.
+    The default (Ready nodes, InternalIP, no filter) is what a Service without a
+    recorded choice gets.
+    """
+
+    address_type: str = "InternalIP"
+    node_name: str | None = None
+    label_selector: str | None = None
+
+    @classmethod
+    def of(cls, address_type: object, node_name: object, label_selector: object) -> NodeChoice:
+        """The choice from raw values (None or "" = unset): the one rule for a payload
+        and for annotations read back; a value that breaks it raises :class:`BadNodeChoice`."""
+        kind = _choice_text("node_address_type", address_type) or "InternalIP"
+        if kind not in NODE_ADDRESS_TYPES:
+            raise BadNodeChoice("node_address_type", "must be InternalIP or ExternalIP")
+        return cls(kind, _choice_text("node_name", node_name),
+                   _choice_text("node_label_selector", label_selector))
+
+
+def _choice_text(field: str, value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadNodeChoice(field, "must be a string")
+    if not _TEXT_RE.fullmatch(value):
+        raise BadNodeChoice(field, "must not contain control characters")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ExposeSpec:
     """``/k8s/exapp/expose`` (docs/kubernetes.md#expose)."""
@@ -106,9 +150,7 @@ class ExposeSpec:
     service_labels: dict[str, str]
     wait_timeout: float
     wait_interval: float
-    node_address_type: str
-    node_name: str | None
-    node_label_selector: str | None
+    node: NodeChoice
 
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> ExposeSpec:
@@ -130,9 +172,11 @@ class ExposeSpec:
         policy = _optional(payload, "external_traffic_policy")
         if policy is not None and policy not in TRAFFIC_POLICIES:
             raise _invalid("external_traffic_policy", "must be Cluster or Local")
-        address_type = _optional(payload, "node_address_type") or "InternalIP"
-        if address_type not in NODE_ADDRESS_TYPES:
-            raise _invalid("node_address_type", "must be InternalIP or ExternalIP")
+        try:
+            node = NodeChoice.of(payload.get("node_address_type"), payload.get("node_name"),
+                                 payload.get("node_label_selector"))
+        except BadNodeChoice as exc:
+            raise _invalid(exc.field, exc.why) from None
         return cls(
             exapp, port, expose_type, upstream_host,
             _port(payload, "upstream_port"), _port(payload, "service_port"), node_port,
@@ -140,8 +184,7 @@ class ExposeSpec:
             _string_map(payload, "service_annotations"), _string_map(payload, "service_labels"),
             _seconds(payload, "wait_timeout_seconds", 60.0, 0.0, 600.0),
             _seconds(payload, "wait_interval_seconds", 1.0, 0.1, 10.0),
-            address_type, _optional(payload, "node_name"),
-            _optional(payload, "node_label_selector"),
+            node,
         )
 
     @property

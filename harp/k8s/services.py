@@ -2,7 +2,8 @@
 
 * ClusterIP → ``spec.clusterIP`` (``<svc>.<ns>.svc`` for a headless Service) : port;
 * NodePort → a node's address : ``nodePort``, nodes Ready first, the wanted address type
-  (InternalIP by default), then the other IP type, then Hostname;
+  (InternalIP by default), then the other IP type, then Hostname; the node choice
+  ``expose`` recorded on the Service (:func:`node_choice`) narrows and orders them;
 * LoadBalancer → the first ingress ``ip`` or ``hostname`` : port;
 * manual → the ``appapi.nextcloud.com/upstream-*`` annotations on the Deployment.
 
@@ -16,15 +17,24 @@ from typing import Any
 
 from harp.k8s.manifests import (
     ANNOTATION_EXPOSE_TYPE,
+    ANNOTATION_NODE_ADDRESS_TYPE,
+    ANNOTATION_NODE_LABEL_SELECTOR,
+    ANNOTATION_NODE_NAME,
     ANNOTATION_UPSTREAM_HOST,
     ANNOTATION_UPSTREAM_PORT,
 )
+from harp.k8s.payloads import BadNodeChoice, NodeChoice
 
 Upstream = tuple[str, int]
 
 
 class NoUpstream(Exception):
     """The objects do not say where the app is (yet)."""
+
+
+class BadRecordedChoice(Exception):
+    """A Service's node-choice annotations hold a value ``expose`` would refuse (edited
+    by hand): the message names the annotation, for the log."""
 
 
 def _first_port(service: dict[str, Any], key: str) -> int:
@@ -91,6 +101,26 @@ def node_address(nodes: list[Any], preferred: str = "InternalIP",
                 if address.get("type") == kind:
                     return str(address["address"])
     raise NoUpstream("Could not determine a node address (no InternalIP/ExternalIP/Hostname).")
+
+
+_CHOICE_ANNOTATIONS = {
+    "node_address_type": ANNOTATION_NODE_ADDRESS_TYPE,
+    "node_name": ANNOTATION_NODE_NAME,
+    "node_label_selector": ANNOTATION_NODE_LABEL_SELECTOR,
+}
+
+
+def node_choice(service: dict[str, Any]) -> NodeChoice:
+    """The node choice ``expose`` recorded on a Service; the default for one without
+    (made by an older HaRP, or not by HaRP).  Checked by the payload's own rule
+    (:meth:`NodeChoice.of`): a bad value raises :class:`BadRecordedChoice`."""
+    annotations = (service.get("metadata") or {}).get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise BadRecordedChoice("metadata.annotations is not an object")
+    try:
+        return NodeChoice.of(*(annotations.get(key) for key in _CHOICE_ANNOTATIONS.values()))
+    except BadNodeChoice as exc:
+        raise BadRecordedChoice(f"{_CHOICE_ANNOTATIONS[exc.field]} {exc.why}") from None
 
 
 def manual_upstream(deployment: dict[str, Any]) -> Upstream | None:

@@ -272,6 +272,61 @@ def test_nodeport_expose_routes_through_a_node(
     assert ok(public(harp)).status == 200
 
 
+def test_nodeport_rediscovery_keeps_the_chosen_node(
+    tmp_path: Path, harp: HarpProcess, key: str, kube: KubeAPI, exapp: ExAppProcess,
+    nextcloud: FakeNextcloud, harp_settings: dict[str, str], deployed: None,
+) -> None:
+    """``expose`` on the second of two nodes; after a cache miss, and in a fresh HaRP,
+    requests still go to that node, not to the first one (the default choice).
+
+    The ExApp listens on 127.0.0.1 only, so the first node's address (127.0.0.2, also
+    loopback on Linux) refuses the NodePort: a request reaches the app only through the
+    node ``expose`` chose."""
+    kube.remove_nodes()
+    kube.add_node("node-a", [("InternalIP", "127.0.0.2")])
+    kube.add_node("node-b", [("InternalIP", "127.0.0.1")])
+    try:
+        exposed = expose(harp, key, 8080, "nodeport", node_port=exapp.port,
+                         node_name="node-b")
+        assert (exposed.json()["host"], exposed.json()["port"]) == ("127.0.0.1", exapp.port)
+        service = kube.get("v1/services", DEPLOY)
+        assert service is not None
+        assert service["metadata"]["annotations"] == {
+            "appapi.nextcloud.com/node-address-type": "InternalIP",
+            "appapi.nextcloud.com/node-name": "node-b"}
+        assert ok(public(harp)).status == 200
+        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+        assert ok(public(harp)).status == 200
+        fresh = start_harp(tmp_path, key, nextcloud, HP_WORKERS="1", **harp_settings)
+        try:
+            assert ok(public(fresh)).status == 200
+        finally:
+            fresh.stop()
+
+        # Control: the Service as an older HaRP made it (nothing recorded) gets the
+        # default node, which has nothing at the NodePort: connect refused is 503 (an
+        # upstream that could not be found would be 404).
+        kube.patch("v1/services", DEPLOY, {"metadata": {"annotations": {
+            "appapi.nextcloud.com/node-address-type": None,
+            "appapi.nextcloud.com/node-name": None}}})
+        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+        assert ok(public(harp)).status == 503
+        # Exposing again on the existing Service (409) records the new choice on it, once
+        # the choice gives a node (a failed expose leaves the Service as it was).
+        failed = expose(harp, key, 8080, "nodeport", node_label_selector="pool=b")
+        assert failed.status == 503  # no node carries that label
+        assert not kube.get("v1/services", DEPLOY)["metadata"]["annotations"]  # type: ignore[index]
+        again = expose(harp, key, 8080, "nodeport", node_name="node-b")
+        assert again.json()["host"] == "127.0.0.1"
+        assert kube.get("v1/services", DEPLOY)["metadata"]["annotations"] == {  # type: ignore[index]
+            "appapi.nextcloud.com/node-address-type": "InternalIP",
+            "appapi.nextcloud.com/node-name": "node-b"}
+        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+        assert ok(public(harp)).status == 200
+    finally:
+        kube.remove_nodes()
+
+
 def test_loadbalancer_expose_waits_for_the_address(
     harp: HarpProcess, key: str, kube: KubeAPI, exapp: ExAppProcess, deployed: None,
 ) -> None:

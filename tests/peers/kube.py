@@ -240,6 +240,18 @@ class KubeAPI(Peer):
             "addresses": [{"type": kind, "address": address} for kind, address in addresses],
         }}, namespace=None)
 
+    def remove_nodes(self) -> None:
+        """Every node gone (nodes are cluster-wide, so a test that needs a known node order
+        starts from none, and leaves none behind)."""
+        nodes = resource("v1/nodes")
+
+        def remove() -> None:
+            for key, obj in self.server.objects.items():
+                if key[0] == nodes and not obj.deleted:
+                    obj.delete()
+
+        self.call(remove)
+
     def requests(self) -> list[tuple[str, str, dict[str, str]]]:
         """(method, path with query, headers) of every request served so far."""
         return self.call(lambda: [

@@ -7,19 +7,23 @@ tests/interop/test_k8s.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from harp.config import ConfigError, Settings
 from harp.docker.names import ExAppName, PayloadError, parse_json_object
 from harp.k8s import manifests, pods, services
 from harp.k8s.client import K8sReply, K8sUnavailable, _NoVerification, tls_policy
-from harp.k8s.payloads import CreateSpec, ExposeSpec
+from harp.k8s.discovery import Discovery
+from harp.k8s.payloads import CreateSpec, ExposeSpec, NodeChoice
 from harp.k8s.probe import TTL_REACHABLE, TTL_UNREACHABLE, ReachabilityProbe
 from harp.k8s.settings import K8sSettings, parse_host_aliases, parse_k8s_settings
 from harp.k8s.token import read_token
@@ -144,12 +148,13 @@ def test_expose_payload_defaults_and_checks() -> None:
     spec = ExposeSpec.parse({"name": "App", "port": "8080", "upstream_host": None,
                              "node_port": None, "external_traffic_policy": None})
     assert (spec.expose_type, spec.port, spec.wait_timeout, spec.wait_interval,
-            spec.node_address_type, spec.app_id) == ("clusterip", 8080, 60.0, 1.0,
-                                                      "InternalIP", "app")
+            spec.node, spec.app_id) == ("clusterip", 8080, 60.0, 1.0,
+                                         NodeChoice(), "app")
     for bad in ({"port": 0}, {"port": 80, "expose_type": "ingress"},
                 {"port": 80, "expose_type": "manual"},
                 {"port": 80, "node_port": 80}, {"port": 80, "external_traffic_policy": "x"},
                 {"port": 80, "node_address_type": "Hostname"},
+                {"port": 80, "node_name": "a\nb"}, {"port": 80, "node_label_selector": 1},
                 {"port": 80, "wait_interval_seconds": 0},
                 {"port": 80, "service_labels": {"a": 1}},
                 {"port": 80, "upstream_host": "a b"}):
@@ -243,6 +248,154 @@ def test_deployment_pvc_and_service_bodies() -> None:
     cluster = manifests.service(ExposeSpec.parse({"name": "a", "port": 80,
                                                   "external_traffic_policy": "Local"}))
     assert "externalTrafficPolicy" not in cluster["spec"]
+
+
+NODE_ANNOTATIONS = ("appapi.nextcloud.com/node-address-type", "appapi.nextcloud.com/node-name",
+                    "appapi.nextcloud.com/node-label-selector")
+
+
+def test_nodeport_service_records_the_node_choice() -> None:
+    spec = ExposeSpec.parse({
+        "name": "my_App", "port": 80, "expose_type": "nodeport", "node_name": "worker-2",
+        "node_address_type": "ExternalIP", "service_annotations": {
+            "team": "x", "appapi.nextcloud.com/node-name": "operator's own"}})
+    assert spec.node == NodeChoice("ExternalIP", "worker-2", None)
+    body = manifests.service(spec)
+    assert body["metadata"]["annotations"] == {
+        "team": "x", NODE_ANNOTATIONS[0]: "ExternalIP", NODE_ANNOTATIONS[1]: "worker-2"}
+    # Read back from the Service, the same choice (what re-discovery uses).
+    assert services.node_choice(body) == spec.node
+    # The default is recorded too (its address type), and no other type records one.
+    default = manifests.service(ExposeSpec.parse({"name": "a", "port": 80,
+                                                  "expose_type": "nodeport"}))
+    assert default["metadata"]["annotations"] == {NODE_ANNOTATIONS[0]: "InternalIP"}
+    for kind in ("clusterip", "loadbalancer"):
+        other = manifests.service(ExposeSpec.parse({"name": "a", "port": 80, "node_name": "n",
+                                                    "expose_type": kind}))
+        assert "annotations" not in other["metadata"]
+    # Re-exposing an existing Service: every key, None removing an earlier choice.
+    assert manifests.node_choice_patch(NodeChoice(label_selector="pool=edge")) == {
+        "metadata": {"annotations": {NODE_ANNOTATIONS[0]: "InternalIP",
+                                     NODE_ANNOTATIONS[1]: None,
+                                     NODE_ANNOTATIONS[2]: "pool=edge"}}}
+
+
+def _annotated(annotations: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "svc", "annotations": annotations},
+            "spec": {"type": "NodePort"}}
+
+
+def test_recorded_node_choice_is_read_back_or_the_default() -> None:
+    assert services.node_choice({"spec": {"type": "NodePort"}}) == NodeChoice()  # older HaRP
+    assert services.node_choice(_annotated({"other": "x"})) == NodeChoice()
+    assert services.node_choice(_annotated({
+        NODE_ANNOTATIONS[1]: "w2", NODE_ANNOTATIONS[2]: "pool=edge",
+    })) == NodeChoice("InternalIP", "w2", "pool=edge")
+    assert services.node_choice(_annotated({NODE_ANNOTATIONS[0]: ""})) == NodeChoice()
+
+
+@pytest.mark.parametrize("recorded", [
+    {NODE_ANNOTATIONS[0]: "Hostname"},
+    {NODE_ANNOTATIONS[0]: "internalip"},
+    {NODE_ANNOTATIONS[1]: "w\x002"},
+    {NODE_ANNOTATIONS[1]: 7},
+    {NODE_ANNOTATIONS[2]: ["pool=edge"]},
+    {NODE_ANNOTATIONS[2]: "x" * 5000},
+    "not an object",
+])
+def test_bad_recorded_node_choice_is_refused(recorded: Any) -> None:
+    with pytest.raises(services.BadRecordedChoice) as caught:
+        services.node_choice(_annotated(recorded))
+    if isinstance(recorded, dict):
+        assert next(iter(recorded)) in str(caught.value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.sampled_from(NODE_ANNOTATIONS),
+                       st.one_of(st.none(), st.text(max_size=20), st.integers())))
+def test_any_recorded_node_choice_is_a_choice_or_refused(annotations: dict[str, Any]) -> None:
+    try:
+        choice = services.node_choice(_annotated(annotations))
+    except services.BadRecordedChoice:
+        return
+    assert choice.address_type in ("InternalIP", "ExternalIP")
+
+
+class _Cluster:
+    """A K8sClient answering from one Service and a node list (``labelSelector`` as
+    ``k=v`` only, 400 for anything else, as the API server refuses a bad selector)."""
+
+    namespace = "ns"
+
+    def __init__(self, service: dict[str, Any], nodes: list[dict[str, Any]]) -> None:
+        self.reactor = Clock()
+        self.service = service
+        self.nodes = nodes
+
+    def unusable(self) -> str | None:
+        return None
+
+    async def call(self, method: bytes, path: str, **kwargs: Any) -> K8sReply:
+        if path.endswith("/services/nc-app-app"):
+            return K8sReply(200, self.service)
+        assert path == "/api/v1/nodes", path
+        selector = (kwargs.get("query") or {}).get("labelSelector")
+        if selector is None:
+            return K8sReply(200, {"items": self.nodes})
+        if "=" not in selector:
+            return K8sReply(400, {"message": "unable to parse requirement"})
+        key, value = selector.split("=", 1)
+        return K8sReply(200, {"items": [
+            n for n in self.nodes if n["metadata"].get("labels", {}).get(key) == value]})
+
+
+def _rediscover(cluster: _Cluster) -> Any:
+    found: list[Any] = []
+    Deferred.fromCoroutine(Discovery(cluster).upstream("app")).addBoth(found.append)  # type: ignore[arg-type]
+    return found[0]
+
+
+def test_rediscovery_honours_the_recorded_node_and_falls_back(
+        events: list[LogEvent]) -> None:
+    nodes = [_node("first", True, ("InternalIP", "10.0.0.1")),
+             {**_node("second", True, ("InternalIP", "10.0.0.2"), ("ExternalIP", "1.2.3.4")),
+              "metadata": {"name": "second", "labels": {"pool": "edge"}}}]
+    service = _annotated({})
+    service["spec"]["ports"] = [{"port": 80, "nodePort": 30080}]
+    cluster = _Cluster(service, nodes)
+    assert _rediscover(cluster) == ("10.0.0.1", 30080)  # nothing recorded: the default
+    service["metadata"]["annotations"] = {NODE_ANNOTATIONS[1]: "second"}
+    assert _rediscover(cluster) == ("10.0.0.2", 30080)
+    service["metadata"]["annotations"] = {NODE_ANNOTATIONS[0]: "ExternalIP",
+                                          NODE_ANNOTATIONS[2]: "pool=edge"}
+    assert _rediscover(cluster) == ("1.2.3.4", 30080)
+    assert not _warnings(events)
+    # Edited into nonsense, pointing at a node that is gone, or a selector the API
+    # refuses: the default node, said once per minute per Discovery.
+    discovery = Discovery(cluster)  # type: ignore[arg-type]
+    for recorded in ({NODE_ANNOTATIONS[0]: "Hostname"}, {NODE_ANNOTATIONS[1]: "gone"},
+                     {NODE_ANNOTATIONS[2]: "not a selector"}):
+        service["metadata"]["annotations"] = recorded
+        found: list[Any] = []
+        Deferred.fromCoroutine(discovery.upstream("app")).addBoth(found.append)
+        assert found == [("10.0.0.1", 30080)]
+    assert len(_warnings(events)) == 1
+    cluster.reactor.advance(60)
+    assert _rediscover(cluster) == ("10.0.0.1", 30080)
+    Deferred.fromCoroutine(discovery.upstream("app"))
+    assert len(_warnings(events)) == 3  # a fresh Discovery, and the minute is up
+
+
+def _warnings(events: list[LogEvent]) -> list[str]:
+    return [formatEvent(e) for e in events if "recorded node choice" in formatEvent(e)]
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    seen: list[LogEvent] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
 
 
 # --- reading the cluster
