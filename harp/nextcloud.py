@@ -168,7 +168,7 @@ class NextcloudClient:
             return response.code, None
         try:
             return response.code, json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep is no JSON either
             raise NextcloudError(f"HTTP {response.code} with a body that is not JSON") from None
 
     # --- exapp-meta

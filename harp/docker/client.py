@@ -74,7 +74,7 @@ class EngineReply:
         """The JSON body, or None when it is not JSON (engines answer JSON as a rule)."""
         try:
             return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not JSON
             return None
 
     def text(self, limit: int = 300) -> str:

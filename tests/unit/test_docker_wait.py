@@ -98,3 +98,10 @@ def test_never_ready_ends_with_max_tries() -> None:
     assert outcome.payload["health"] == "starting"
     # 180 tries x 0.5 s = 90 s < the 105 s overall budget
     assert outcome.payload["reason"] == "timeout after max tries"
+
+
+def test_engine_json_nested_too_deep_is_not_json() -> None:
+    """An engine's answer nested past the parser's recursion limit reads as "not JSON"
+    (None), like any other garbage, instead of raising inside a request."""
+    assert EngineReply(200, Headers(), b"[" * 100_000).json() is None
+    assert EngineReply(200, Headers(), b'{"Id": "x"}').json() == {"Id": "x"}

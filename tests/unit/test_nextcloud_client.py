@@ -98,3 +98,12 @@ def test_lookup_budget_shared_by_an_ipv6_64() -> None:
         for i in range(LOOKUP_BURST + 5)
     ]
     assert granted.count(True) == LOOKUP_BURST
+
+
+def test_exapp_meta_nested_too_deep_is_unavailable_not_a_crash() -> None:
+    """JSON nested past the parser's recursion limit is "not JSON", as any garbage is."""
+    http = FakeHTTP(200, b"[" * 100_000)
+    client, _ = _client(http)
+    failure = _result(client.exapp_meta("app"))
+    assert failure.check(NextcloudError)
+    assert "not JSON" in failure.getErrorMessage()
