@@ -72,8 +72,8 @@ class UpstreamConnection(TwistedProtocol):
         self.handler: ExchangeHandler | None = None
         self.method = b"GET"
         self.buffer = b""
-        #: The answer's body being read (state ``body``).
-        self.body: ResponseBody | None = None
+        #: Reads each answer's body (state ``body``); one reader for the connection's life.
+        self.body = ResponseBody(self._deliver, self._body_done)
         self.reusable = False
         self.request_sent = True
         self.got_bytes = False
@@ -146,7 +146,8 @@ class UpstreamConnection(TwistedProtocol):
             and not head.raw.startswith(b"HTTP/1.0")
             and b"close" not in head.tokens(b"connection")
         )
-        body = self.body = ResponseBody(framing, remaining, self._deliver, self._body_done)
+        body = self.body
+        body.start(framing, remaining)
         self.state = "body"
         handler = self.handler
         if handler is not None:
@@ -160,7 +161,6 @@ class UpstreamConnection(TwistedProtocol):
         return None
 
     def _body(self, data: bytes) -> None:
-        assert self.body is not None
         try:
             self.body.feed(data)
         except BadResponse as exc:
@@ -211,7 +211,7 @@ class UpstreamConnection(TwistedProtocol):
         handler, self.handler = self.handler, None
         if handler is None:
             return
-        if state == "body" and self.body is not None and self.body.framing == "close":
+        if state == "body" and self.body.framing == "close":
             handler.response_done()
         elif state in ("head", "body"):
             handler.exchange_failed("upstream closed the connection", state == "head")

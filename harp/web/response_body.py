@@ -18,33 +18,39 @@ from harp.web.response_head import BadResponse
 
 
 class ResponseBody:
-    """One response body, delimited by its framing as :func:`body_framing` gave it.
+    """One response body at a time, delimited by its framing as :func:`body_framing` gave it.
 
-    Pieces of the body go to ``on_data`` (never empty); once the body is complete,
-    ``on_done(extra)`` is called once with the bytes that came after it (``b""`` for a
-    well-behaved upstream).  A ``close``-delimited body never completes here: its end
-    is the connection's, which the owner sees.  :meth:`feed` raises
-    :class:`BadResponse` for a malformed chunked body; it is not fed after ``on_done``.
+    :meth:`start` begins a body (a pooled connection reuses one reader for every answer
+    it carries: no allocation per response).  Pieces of the body go to ``on_data`` (never
+    empty); once the body is complete, ``on_done(extra)`` is called once with the bytes
+    that came after it (``b""`` for a well-behaved upstream).  A ``close``-delimited
+    body never completes here: its end is the connection's, which the owner sees.
+    :meth:`feed` raises :class:`BadResponse` for a malformed chunked body; it is not fed
+    after ``on_done``.
     """
 
-    __slots__ = ("_chunks", "_on_data", "_on_done", "framing", "remaining")
+    __slots__ = ("_chunks", "_on_data", "_on_done", "empty", "framing", "remaining")
 
     def __init__(
-        self, framing: str, remaining: int, on_data: Callable[[bytes], None],
-        on_done: Callable[[bytes], None],
+        self, on_data: Callable[[bytes], None], on_done: Callable[[bytes], None],
     ) -> None:
-        self.framing = framing
-        self.remaining = remaining
         self._on_data = on_data
         self._on_done = on_done
-        self._chunks = (
-            _ChunkedTransferDecoder(self._chunk, on_done) if framing == "chunked" else None
-        )
+        self.framing = "none"
+        self.remaining = 0
+        #: No body at all: complete before any byte (``HEAD``, 204, 304, length 0).
+        self.empty = True
+        self._chunks: _ChunkedTransferDecoder | None = None
 
-    @property
-    def empty(self) -> bool:
-        """No body at all: complete before any byte (``HEAD``, 204, 304, length 0)."""
-        return self.framing == "none" or (self.framing == "length" and self.remaining == 0)
+    def start(self, framing: str, remaining: int) -> None:
+        """A new body: ``framing`` and ``remaining`` as :func:`body_framing` returns them."""
+        self.framing = framing
+        self.remaining = remaining
+        self.empty = framing == "none" or (framing == "length" and remaining == 0)
+        self._chunks = (
+            _ChunkedTransferDecoder(self._chunk, self._on_done) if framing == "chunked"
+            else None
+        )
 
     def feed(self, data: bytes) -> None:
         framing = self.framing

@@ -224,9 +224,8 @@ class WebSocketUpgrade:
         self.state = "refused"
         request = self.request
         responses.relay_head(request, head)
-        body = self.body = ResponseBody(
-            framing, remaining, self._answer_write, lambda extra: self._answer_done()
-        )
+        body = self.body = ResponseBody(self._answer_write, lambda extra: self._answer_done())
+        body.start(framing, remaining)
         if body.empty:
             return self._answer_done()
         assert self.upstream is not None and self.upstream.transport is not None

@@ -20,7 +20,8 @@ from harp.web.response_head import BadResponse
 def _read(framing: str, remaining: int, parts: list[bytes]) -> tuple[bytes, list[bytes]]:
     data: list[bytes] = []
     done: list[bytes] = []
-    body = ResponseBody(framing, remaining, data.append, done.append)
+    body = ResponseBody(data.append, done.append)
+    body.start(framing, remaining)
     for part in parts:
         if done:
             break  # never fed after the end
@@ -58,11 +59,21 @@ def test_close_delimited_never_ends_by_itself() -> None:
     assert got == b"abcdef" and done == []
 
 
-def test_empty_bodies() -> None:
-    assert ResponseBody("none", 0, print, print).empty
-    assert ResponseBody("length", 0, print, print).empty
-    assert not ResponseBody("length", 1, print, print).empty
-    assert not ResponseBody("chunked", 0, print, print).empty
+def test_empty_bodies_and_a_reader_reused_for_the_next_body() -> None:
+    data: list[bytes] = []
+    done: list[bytes] = []
+    body = ResponseBody(data.append, done.append)
+    for framing, remaining, empty in [
+        ("none", 0, True), ("length", 0, True), ("length", 1, False), ("chunked", 0, False),
+        ("close", 0, False),
+    ]:
+        body.start(framing, remaining)
+        assert body.empty is empty
+    body.start("length", 3)
+    body.feed(b"abcX")
+    body.start("chunked", 0)  # the next answer on the same connection
+    body.feed(b"2\r\nde\r\n0\r\n\r\n")
+    assert data == [b"abc", b"de"] and done == [b"X", b""]
 
 
 @pytest.mark.parametrize("raw", [b"zz\r\nabc\r\n", b"3\r\nabcX\r\n", b"-1\r\n"])
