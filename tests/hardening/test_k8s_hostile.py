@@ -124,6 +124,24 @@ def tracebacks(harp: HarpProcess) -> int:
     return harp.output().count("Traceback")
 
 
+class Watch:
+    """What a case made HaRP do: calls to the Kubernetes API and tracebacks in its log,
+    counted from the moment the watch was made (the module's HaRP and peer are shared)."""
+
+    def __init__(self, kube: KubeAPI, harp: HarpProcess) -> None:
+        self.kube, self.harp = kube, harp
+        #: Index of the first API request made after the watch began.
+        self.start = len(api_calls(kube))
+        self._tracebacks = tracebacks(harp)
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        return api_calls(self.kube)[self.start:]
+
+    def new_tracebacks(self) -> int:
+        return tracebacks(self.harp) - self._tracebacks
+
+
 def still_serving(harp: HarpProcess, key: str) -> bool:
     answer = post(harp, "exists", body_of("exists", "after-hostile"), key)
     return answer.status == 200 and answer.json() == {"exists": False}
@@ -136,14 +154,13 @@ def test_k8s_wrong_or_missing_key_is_refused_before_the_api(
     harp: HarpProcess, key: str, kube: KubeAPI, record_case: RecordCase,
     measure: Callable[[Any], Any],
 ) -> None:
-    before_calls, before_objects = len(api_calls(kube)), objects(kube)
-    crashes = tracebacks(harp)
+    watch, before_objects = Watch(kube, harp), objects(kube)
     seen = []
     with measure(harp) as m:
         for op in ENDPOINTS:
             for wrong in (None, "", key + "x", key.upper() if key != key.upper() else "K"):
                 seen.append((op, wrong is None, post(harp, op, body_of(op), wrong).status))
-    calls = api_calls(kube)[before_calls:]
+    calls = watch.calls
     statuses = sorted({s for _, _, s in seen})
     record_case(case="k8s/bad-key", input=f"{len(seen)} calls, 8 endpoints",
                 expected="401, no API call", observed=f"{statuses}, {len(calls)} API calls",
@@ -151,7 +168,7 @@ def test_k8s_wrong_or_missing_key_is_refused_before_the_api(
     assert statuses == [401], seen
     assert calls == []
     assert objects(kube) == before_objects
-    assert tracebacks(harp) == crashes
+    assert watch.new_tracebacks() == 0
 
 
 # --- bodies
@@ -186,21 +203,29 @@ MALFORMED: list[tuple[str, str, bytes]] = [
 ]
 
 
+def refused_as_bad_body(
+    record_case: RecordCase, watch: Watch, case: str, raw: bytes, answer: Response,
+    **measured: Any,
+) -> None:
+    """Record, then check, a body HaRP must refuse with 400 before any API call."""
+    calls = watch.calls
+    record_case(case=case, input=raw, expected="400, no API call",
+                observed=f"{answer.status} {answer.body[:40]!r}, {len(calls)} API calls",
+                **measured)
+    assert answer.status == 400
+    assert calls == []
+    assert watch.new_tracebacks() == 0
+
+
 @pytest.mark.parametrize(("case", "op", "raw"), MALFORMED, ids=[c for c, _, _ in MALFORMED])
 def test_k8s_malformed_body_is_400_without_an_api_call(
     harp: HarpProcess, key: str, kube: KubeAPI, record_case: RecordCase,
     measure: Callable[[Any], Any], case: str, op: str, raw: bytes,
 ) -> None:
-    before_calls, crashes = len(api_calls(kube)), tracebacks(harp)
+    watch = Watch(kube, harp)
     with measure(harp) as m:
         answer = post(harp, op, raw, key)
-    calls = api_calls(kube)[before_calls:]
-    record_case(case=f"k8s/body/{case}", input=raw, expected="400, no API call",
-                observed=f"{answer.status} {answer.body[:40]!r}, {len(calls)} API calls",
-                measured=m)
-    assert answer.status == 400
-    assert calls == []
-    assert tracebacks(harp) == crashes
+    refused_as_bad_body(record_case, watch, f"k8s/body/{case}", raw, answer, measured=m)
 
 
 def test_k8s_storage_push_nested_too_deep_is_400(
@@ -209,16 +234,10 @@ def test_k8s_storage_push_nested_too_deep_is_400(
     """``/exapp_storage`` in Kubernetes mode (K8sStorage) reads its body with its own
     parser: nesting past the recursion limit is a bad body there too, not a crash."""
     raw = b'{"exapp_token": "t", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    before_calls, crashes = len(api_calls(kube)), tracebacks(harp)
+    watch = Watch(kube, harp)
     answer = ok(request(harp.http_port, "/exapps/app_api/exapp_storage/deep", {
         "harp-shared-key": key, "Content-Type": "application/json"}, "POST", raw))
-    calls = api_calls(kube)[before_calls:]
-    record_case(case="k8s/storage/deep-nesting", input=raw, expected="400, no API call",
-                observed=f"{answer.status} {answer.body[:30]!r}, {len(calls)} API calls",
-                proc=harp)
-    assert answer.status == 400
-    assert calls == []
-    assert tracebacks(harp) == crashes
+    refused_as_bad_body(record_case, watch, "k8s/storage/deep-nesting", raw, answer, proc=harp)
 
 
 def test_k8s_oversized_body_is_413_and_harp_keeps_serving(
@@ -227,10 +246,10 @@ def test_k8s_oversized_body_is_413_and_harp_keeps_serving(
 ) -> None:
     padding = "x" * (CONTROL_BODY_LIMIT + 1)
     raw = body_of("create", environment_variables=[f"PAD={padding}"])
-    before_calls, crashes = len(api_calls(kube)), tracebacks(harp)
+    watch = Watch(kube, harp)
     with measure(harp) as m:
         answers = [post(harp, "create", raw, key).status for _ in range(5)]
-        calls = api_calls(kube)[before_calls:]
+        calls = watch.calls
         serving = still_serving(harp, key)
     record_case(case="k8s/body/oversized", input=f"5 x {len(raw)} bytes to create",
                 expected="413, no API call, then serving",
@@ -240,7 +259,7 @@ def test_k8s_oversized_body_is_413_and_harp_keeps_serving(
     assert calls == []
     assert serving
     assert m.fds_after is None or m.fds_before is None or m.fds_after <= m.fds_before + 5
-    assert tracebacks(harp) == crashes
+    assert watch.new_tracebacks() == 0
 
 
 # --- names
@@ -256,7 +275,7 @@ def test_k8s_hostile_name_parts_are_refused(
     harp: HarpProcess, key: str, kube: KubeAPI, record_case: RecordCase,
     measure: Callable[[Any], Any], field: str,
 ) -> None:
-    before_calls, before_objects = len(api_calls(kube)), objects(kube)
+    watch, before_objects = Watch(kube, harp), objects(kube)
     seen = {}
     with measure(harp) as m:
         for value in HOSTILE_NAMES:
@@ -266,7 +285,7 @@ def test_k8s_hostile_name_parts_are_refused(
                 fields = {field: value} if field != "name" else {}
                 raw = body_of(op, value if field == "name" else "hostile-app", **fields)
                 seen[value, op] = post(harp, op, raw, key).status
-    calls = api_calls(kube)[before_calls:]
+    calls = watch.calls
     record_case(case=f"k8s/name/{field}", input=f"{len(HOSTILE_NAMES)} names x 3 endpoints",
                 expected="400, no API call",
                 observed=f"{sorted(set(seen.values()))}, {len(calls)} API calls", measured=m)
@@ -283,13 +302,13 @@ def test_k8s_odd_but_valid_names_become_dns_labels_inside_the_namespace(
     parts = [("UPPER.Case_app", "", ""), ("a" * 128, "", ""),
              ("app", "Inst.ance_" + "i" * 100 + ".", ""),
              ("app2", "", "Role.X_" + "r" * 120), ("x.-_y", "ID.", "r-")]
-    before_calls = len(api_calls(kube))
+    watch = Watch(kube, harp)
     statuses = []
     for name, instance, role in parts:
         raw = json.dumps({"name": name, "instance_id": instance, "role_suffix": role,
                           "image": IMAGE}).encode()
         statuses.append(post(harp, "create", raw, key).status)
-    calls = api_calls(kube)[before_calls:]
+    calls = watch.calls
     created = [o for o in objects(kube) if o[0] in ("deployments", "persistentvolumeclaims")]
     bad_names = [o for o in created if not DNS_LABEL.fullmatch(o[2])]
     bad_labels = []
@@ -331,9 +350,9 @@ def test_k8s_expose_out_of_range_options_are_400_without_an_api_call(
         {"expose_type": "manual"}, {"expose_type": "manual", "upstream_host": "evil/../x"},
         {"upstream_host": "host name"}, {"upstream_host": "a@b"},
     ]
-    before_calls = len(api_calls(kube))
+    watch = Watch(kube, harp)
     seen = [post(harp, "expose", body_of("expose", **option), key).status for option in options]
-    calls = api_calls(kube)[before_calls:]
+    calls = watch.calls
     refused = [o for o, s in zip(options, seen, strict=True) if s != 400]
     record_case(case="k8s/expose/out-of-range", input=f"{len(options)} option sets",
                 expected="400, no API call",
@@ -389,16 +408,16 @@ def test_k8s_expose_node_selector_and_name_stay_query_values(
                                "port": 23000, "routes": []}
     kube.add_node("node-a", [("InternalIP", "10.1.2.3")])
     selector = "x,app=other&fieldSelector=metadata.name=node-a#frag /../../api/v1/secrets"
-    before_calls, crashes = len(api_calls(kube)), tracebacks(harp)
+    watch = Watch(kube, harp)
     seen = []
     for fields in ({"node_label_selector": selector},
                    {"node_name": "../../namespaces/kube-system/secrets/token"},
                    {"node_name": "node-a/../../x", "node_label_selector": "!"}):
         seen.append(post(harp, "expose", body_of("expose", "noder", expose_type="nodeport",
                                                  **fields), key).status)
-    calls = api_calls(kube)[before_calls:]
+    calls = watch.calls
     parsed = kube.call(lambda: [{k: list(r.url.query.getall(k)) for k in r.url.query}
-                                for r in list(kube.server)[before_calls:]
+                                for r in list(kube.server)[watch.start:]
                                 if r.url.path == "/api/v1/nodes"])
     record_case(case="k8s/expose/node-selector", input=selector,
                 expected="200/503, one labelSelector value, no other path",
@@ -409,7 +428,7 @@ def test_k8s_expose_node_selector_and_name_stay_query_values(
     assert all(set(q) <= {"labelSelector"} for q in parsed)
     assert {"labelSelector": [selector]} in parsed
     assert post(harp, "remove", body_of("remove", "noder"), key).status == 204
-    assert tracebacks(harp) == crashes
+    assert watch.new_tracebacks() == 0
 
 
 # --- remove
@@ -428,10 +447,10 @@ def test_k8s_remove_deletes_nothing_harp_did_not_create(
              namespace=OTHER_NS)
     kube.put("apps/v1/deployments", "unrelated", {"metadata": {"labels": {"app": "other"}}})
     before = objects(kube)
-    before_calls = len(api_calls(kube))
+    watch = Watch(kube, harp)
     seen = [post(harp, "remove", body_of("remove", name, remove_data=True), key).status
             for name in ("ghost", "operated", "unrelated", "GHOST", "nc_app_ghost")]
-    calls = api_calls(kube)[before_calls:]
+    calls = watch.calls
     deletes = [(m, p) for m, p in calls if m == "DELETE"]
     gone = before - objects(kube)
     record_case(case="k8s/remove/foreign", input="remove of absent apps and a foreign Service",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from twisted.logger import LogEvent, globalLogPublisher
 
 
 class FakeClock:
@@ -21,3 +24,12 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    """Every log event emitted while the test runs."""
+    seen: list[LogEvent] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)

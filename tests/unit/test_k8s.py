@@ -7,7 +7,6 @@ tests/interop/test_k8s.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
 from harp.config import ConfigError, Settings
 from harp.docker.names import ExAppName, PayloadError, parse_json_object
@@ -388,14 +387,6 @@ def test_rediscovery_honours_the_recorded_node_and_falls_back(
 
 def _warnings(events: list[LogEvent]) -> list[str]:
     return [formatEvent(e) for e in events if "recorded node choice" in formatEvent(e)]
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    seen: list[LogEvent] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 # --- reading the cluster

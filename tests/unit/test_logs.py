@@ -3,11 +3,9 @@ events count as per-connection noise (shown at debug only)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from twisted.internet.protocol import Factory
-from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel
 from twisted.python import log as legacy_log
 
 from harp import logs
@@ -28,14 +26,6 @@ def test_throttle_fires_once_per_interval() -> None:
 def test_throttle_first_warning_at_any_time() -> None:
     assert Throttle(3600.0).fire(0.0)
     assert Throttle(3600.0).fire(-5.0)  # a monotonic clock may start anywhere
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    seen: list[LogEvent] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 def test_factory_and_port_lines_are_noise(events: list[LogEvent]) -> None:
