@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
+from twisted.web.http import _MalformedChunkedDataError
 
+from harp.web.chunks import BoundedChunkedDecoder
 from harp.web.response_head import BadResponse
 
 
@@ -40,7 +41,7 @@ class ResponseBody:
         self.remaining = 0
         #: No body at all: complete before any byte (``HEAD``, 204, 304, length 0).
         self.empty = True
-        self._chunks: _ChunkedTransferDecoder | None = None
+        self._chunks: BoundedChunkedDecoder | None = None
 
     def start(self, framing: str, remaining: int) -> None:
         """A new body: ``framing`` and ``remaining`` as :func:`body_framing` returns them."""
@@ -48,7 +49,7 @@ class ResponseBody:
         self.remaining = remaining
         self.empty = framing == "none" or (framing == "length" and remaining == 0)
         self._chunks = (
-            _ChunkedTransferDecoder(self._chunk, self._on_done) if framing == "chunked"
+            BoundedChunkedDecoder(self._chunk, self._on_done) if framing == "chunked"
             else None
         )
 

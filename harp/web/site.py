@@ -47,6 +47,7 @@ from harp.metrics import Metrics
 from harp.relay import Relay
 from harp.timers import cancel
 from harp.web.body import BodyPipe
+from harp.web.chunks import BoundedChunkedDecoder
 from harp.web.h2 import HarpH2Connection, HarpH2Stream
 from harp.web.headers import http_date
 from harp.web.limits import ConnectionLimit
@@ -62,21 +63,6 @@ _TIMEOUT_RESPONSE = (
 #: Bytes per second a request body must sustain while HaRP is reading it, measured
 #: over windows of ``HP_TIMEOUT_CLIENT`` (Apache's mod_reqtimeout uses the same idea).
 MIN_BODY_RATE: Final = 500
-
-
-#: Largest chunk size accepted in a chunked request body (as nginx: a signed 64-bit
-#: offset).  A larger one is a framing attack, not an upload.
-MAX_CHUNK: Final = (1 << 63) - 1
-
-
-class _BoundedChunkedDecoder(_ChunkedTransferDecoder):
-    """Twisted's chunked decoder, refusing absurd chunk sizes."""
-
-    def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        done: bool = super()._dataReceived_CHUNK_LENGTH()
-        if done and self.length > MAX_CHUNK:
-            raise http._MalformedChunkedDataError("chunk size too large")
-        return done
 
 
 #: Heads up to this size may take the one-pass path (:meth:`HarpChannel._whole_head`):
@@ -277,7 +263,7 @@ class HarpChannel(http.HTTPChannel):
         # twisted.web.http is a deprecation proxy whose every attribute read costs a
         # ``__getattribute__`` call (≈1 % of a small request).
         if ok and type(decoder) is _ChunkedTransferDecoder:
-            self._transferDecoder = _BoundedChunkedDecoder(
+            self._transferDecoder = BoundedChunkedDecoder(
                 decoder.dataCallback, decoder.finishCallback
             )
         return ok

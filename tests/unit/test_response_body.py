@@ -76,7 +76,9 @@ def test_empty_bodies_and_a_reader_reused_for_the_next_body() -> None:
     assert data == [b"abc", b"de"] and done == [b"X", b""]
 
 
-@pytest.mark.parametrize("raw", [b"zz\r\nabc\r\n", b"3\r\nabcX\r\n", b"-1\r\n"])
+@pytest.mark.parametrize(
+    "raw", [b"zz\r\nabc\r\n", b"3\r\nabcX\r\n", b"-1\r\n", b"%x\r\n" % (1 << 63)]
+)
 def test_malformed_chunked_is_a_bad_response(raw: bytes) -> None:
     with pytest.raises(BadResponse):
         _read("chunked", 0, [raw])
