@@ -81,6 +81,19 @@ class Deadlines:
         self.arm(deadline)
         return deadline
 
+    def rearm(
+        self, deadline: Deadline | None, seconds: float, action: Callable[[], object]
+    ) -> Deadline:
+        """``deadline`` restarted ``seconds`` from now, or a new one running ``action``.
+
+        For a limit a connection arms again and again (per request, per return to a
+        pool): one deadline for the connection's life instead of one per use.
+        """
+        if deadline is None:
+            return self.call_later(seconds, action)
+        deadline.restart(seconds)
+        return deadline
+
     def arm(self, deadline: Deadline) -> None:
         self.armed.add(deadline)
         if self._sweeper is None:

@@ -90,8 +90,7 @@ class UpstreamConnection(TwistedProtocol):
 
     def start(self, handler: ExchangeHandler, method: bytes, head: bytes) -> None:
         """Write the request head; the body (if any) is produced by the caller."""
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        cancel(self.idle_timer)
         self.handler = handler
         self.method = method
         self.state = "head"
@@ -256,13 +255,9 @@ class ConnectionPool:
                 connection.transport.loseConnection()
             return
         idle.append(connection)
-        timer = connection.idle_timer
-        if timer is None:
-            connection.idle_timer = self.deadlines.call_later(
-                self.idle_timeout, partial(self._expire, connection)
-            )
-        else:
-            timer.restart(self.idle_timeout)
+        connection.idle_timer = self.deadlines.rearm(
+            connection.idle_timer, self.idle_timeout, partial(self._expire, connection)
+        )
 
     def forget(self, connection: UpstreamConnection) -> None:
         idle = self.idle.get(connection.key)
@@ -275,8 +270,7 @@ class ConnectionPool:
                 del self.idle[connection.key]
 
     def _expire(self, connection: UpstreamConnection) -> None:
-        if connection.idle_timer is not None:
-            connection.idle_timer.cancel()
+        cancel(connection.idle_timer)
         connection.state = "closed"
         if connection.transport is not None:
             connection.transport.loseConnection()

@@ -349,14 +349,10 @@ class HarpChannel(http.HTTPChannel):
         """Twisted's idle limit (``TimeoutMixin``), kept as one reusable deadline."""
         previous: float | None = self.timeOut
         self.timeOut = period  # type: ignore[assignment]  # Twisted says int; seconds
-        idle = self._idle
         if period is None:
-            if idle is not None:
-                idle.cancel()
-        elif idle is None:
-            self._idle = deadlines_for(self.clock).call_later(period, self._idle_timed_out)
+            cancel(self._idle)
         else:
-            idle.restart(period)
+            self._idle = deadlines_for(self.clock).rearm(self._idle, period, self._idle_timed_out)
         return previous
 
     def resetTimeout(self) -> None:
@@ -368,19 +364,13 @@ class HarpChannel(http.HTTPChannel):
         self.timeoutConnection()
 
     def _arm_head_timer(self) -> None:
-        if not self.head_timeout:
-            return
-        timer = self._head_timer
-        if timer is None:
-            self._head_timer = deadlines_for(self.clock).call_later(
-                self.head_timeout, self._head_timed_out
+        if self.head_timeout:
+            self._head_timer = deadlines_for(self.clock).rearm(
+                self._head_timer, self.head_timeout, self._head_timed_out
             )
-        else:
-            timer.restart(self.head_timeout)
 
     def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        cancel(self._head_timer)
 
     def _head_timed_out(self) -> None:
         if self.transport is None:

@@ -90,3 +90,15 @@ def test_one_deadlines_per_clock() -> None:
     first, second = Clock(), Clock()
     assert deadlines_for(first) is deadlines_for(first)
     assert deadlines_for(first) is not deadlines_for(second)
+
+
+def test_rearm_makes_one_deadline_then_restarts_it() -> None:
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[str] = []
+    first = deadlines.rearm(None, 1.0, lambda: fired.append("first"))
+    first.cancel()  # a request ran: the limit was off meanwhile
+    again = deadlines.rearm(first, 1.0, lambda: fired.append("other"))
+    assert again is first and again.active()
+    clock.advance(1.25)
+    assert fired == ["first"]  # the deadline keeps the action it was made with
