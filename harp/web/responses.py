@@ -116,8 +116,9 @@ def relay_head(request: Request, head: ResponseHead) -> None:
     """Give ``request`` the upstream's status and end-to-end headers.
 
     Hop-by-hop headers and those the upstream's ``Connection`` lists stay behind
-    (RFC 9110 §7.6.1).  An upstream header replaces twisted.web's own of the same name
-    (its ``Date``) instead of doubling it; repeated upstream headers are all kept.
+    (RFC 9110 §7.6.1).  An upstream header replaces one of HaRP's own of the same name
+    instead of doubling it (HaRP's ``Date`` is only added when the upstream sent none);
+    repeated upstream headers are all kept.
     Over HTTP/1.x they are written as the parser checked them
     (:meth:`harp.web.site.HarpRequest.relay`); HTTP/2 needs them in ``Headers``.
     """
