@@ -9,6 +9,7 @@ client, at most :data:`WINDOW` bytes wait here while the client's socket is paus
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Final, Protocol
 
@@ -43,7 +44,10 @@ class BodyPipe:
 
     def __init__(self, flow: FlowControl, length: int | None) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
-        self._flow = flow
+        # Weak: the request holds its pipe, and a strong link back would make every
+        # request with a body a cycle only the garbage collector frees.  A request that
+        # is gone has no client to pause.
+        self._flow = weakref.ref(flow)
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._consumer: IConsumer | None = None
@@ -157,9 +161,13 @@ class BodyPipe:
     def _pause_client(self) -> None:
         if not self._client_paused and not self._discarding:
             self._client_paused = True
-            self._flow.pause_client()
+            flow = self._flow()
+            if flow is not None:
+                flow.pause_client()
 
     def _resume_client(self) -> None:
         if self._client_paused:
             self._client_paused = False
-            self._flow.resume_client()
+            flow = self._flow()
+            if flow is not None:
+                flow.resume_client()

@@ -250,6 +250,9 @@ class _Forward:
 
     def _end(self) -> None:
         self.finished = True
+        # The request no longer needs to tell this exchange it is gone; dropping the
+        # link also leaves no request <-> exchange cycle for the garbage collector.
+        cast(HarpRequest, self.request).on_lost = None
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()

@@ -481,7 +481,9 @@ class HarpRequest(Request):
         # No super(): it would create the buffer (BytesIO or temp file) we avoid.
         self.content = None
         self.has_body = length is None or length > 0
-        self.body = BodyPipe(self, length)
+        # No pipe for a bodiless request: the pipe points back at its request, so each
+        # one would be a reference cycle left to the garbage collector (docs/performance.md).
+        self.body = BodyPipe(self, length) if self.has_body else None
         if self.has_body:
             self._arm_rate_check()
 
