@@ -118,9 +118,19 @@ class Deadlines:
 _shared: WeakKeyDictionary[IReactorTime, Deadlines] = WeakKeyDictionary()
 
 
+#: The clock asked for last and its deadlines: a process has one reactor, and a look-up
+#: in the weak dictionary makes a weak reference per call (asked twice per request).
+_last: tuple[IReactorTime, Deadlines] | None = None
+
+
 def deadlines_for(clock: IReactorTime) -> Deadlines:
     """The one :class:`Deadlines` of ``clock`` (the reactor, or a test's fake clock)."""
+    global _last
+    last = _last
+    if last is not None and last[0] is clock:
+        return last[1]
     deadlines = _shared.get(clock)
     if deadlines is None:
         deadlines = _shared[clock] = Deadlines(clock)
+    _last = (clock, deadlines)
     return deadlines

@@ -21,7 +21,6 @@ forwarder) receives the events through the :class:`ExchangeHandler` protocol.
 from __future__ import annotations
 
 from collections import deque
-from functools import partial
 from typing import Any, Final, Protocol
 
 from twisted.internet.defer import Deferred
@@ -193,6 +192,13 @@ class UpstreamConnection(TwistedProtocol):
         if handler is not None:
             handler.response_done()
 
+    def expire(self) -> None:
+        """Idle too long in the pool (or the pool is closing): close, never reuse."""
+        cancel(self.idle_timer)
+        self.state = "closed"
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def _fail(self, reason: str) -> None:
         handler, self.handler = self.handler, None
         before = self.state == "head"
@@ -256,7 +262,7 @@ class ConnectionPool:
             return
         idle.append(connection)
         connection.idle_timer = self.deadlines.rearm(
-            connection.idle_timer, self.idle_timeout, partial(self._expire, connection)
+            connection.idle_timer, self.idle_timeout, connection.expire
         )
 
     def forget(self, connection: UpstreamConnection) -> None:
@@ -269,18 +275,12 @@ class ConnectionPool:
             if not idle:
                 del self.idle[connection.key]
 
-    def _expire(self, connection: UpstreamConnection) -> None:
-        cancel(connection.idle_timer)
-        connection.state = "closed"
-        if connection.transport is not None:
-            connection.transport.loseConnection()
-
     def close_all(self) -> None:
         """Close every idle connection and keep none from now on (shutdown)."""
         self.closing = True
         for idle in list(self.idle.values()):
             for connection in list(idle):
-                self._expire(connection)
+                connection.expire()
         self.idle.clear()
 
     def idle_count(self) -> int:

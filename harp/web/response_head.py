@@ -8,7 +8,6 @@ is handed to a relay (only on ``101``) or stays HTTP (docs/security.md, upgrades
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 #: A response head larger than this is a broken upstream, not a slow one.
@@ -25,17 +24,29 @@ class BadResponse(Exception):
     """The upstream's response head is not HTTP/1.x."""
 
 
-@dataclass(frozen=True, slots=True)
 class ResponseHead:
-    status: int
-    reason: bytes
-    headers: tuple[tuple[bytes, bytes], ...]
-    #: The head exactly as received, terminating blank line included.
-    raw: bytes
-    #: ``headers`` by name, built once by the parser: the framing and hop-by-hop
-    #: questions asked of every response (Content-Length, Transfer-Encoding,
-    #: Connection) are then one dict look-up each instead of a scan.
-    index: dict[bytes, list[bytes]] = field(compare=False, repr=False)
+    """One parsed response head (a plain slotted class: one is made per response, and a
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``)."""
+
+    __slots__ = ("headers", "index", "raw", "reason", "status")
+
+    def __init__(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], raw: bytes,
+        index: dict[bytes, list[bytes]],
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        #: (lower-case name, value) in the order received.
+        self.headers = headers
+        #: The head exactly as received, terminating blank line included.
+        self.raw = raw
+        #: ``headers`` by name, built once by the parser: the framing and hop-by-hop
+        #: questions asked of every response (Content-Length, Transfer-Encoding,
+        #: Connection) are then one dict look-up each instead of a scan.
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status}, {self.reason!r}, {self.headers!r})"
 
     def values(self, name: bytes) -> Sequence[bytes]:
         """All values of header ``name`` (lower-case), in order."""
@@ -81,19 +92,40 @@ def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:
         raise BadResponse("bad status line")
     headers: list[tuple[bytes, bytes]] = []
     index: dict[bytes, list[bytes]] = {}
+    parsed_lines = _PARSED_LINES
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name.translate(None, _TCHAR):
-            raise BadResponse("bad header line")  # a name must be a token (RFC 9110 §5.1)
-        name = name.lower()
-        value = value.strip(b" \t")
-        headers.append((name, value))
+        header = parsed_lines.get(line)
+        if header is None:
+            header = _parse_header_line(line)
+            if len(line) <= _MAX_REMEMBERED_LINE:
+                if len(parsed_lines) >= _MAX_REMEMBERED_LINES:
+                    parsed_lines.clear()
+                parsed_lines[line] = header
+        headers.append(header)
+        name, value = header
         known = index.get(name)
         if known is None:
             index[name] = [value]
         else:
             known.append(value)
-    return ResponseHead(int(code), reason, tuple(headers), raw, index), buffer[end + 4 :]
+    return ResponseHead(int(code), reason, headers, raw, index), buffer[end + 4 :]
+
+
+#: Header lines already parsed, as ``(lower-case name, value)``: an ExApp sends the
+#: same lines response after response (Server, Content-Type, Connection...), and the
+#: parse is a pure function of the line, so a look-up replaces it (docs/performance.md).
+#: Bounded: short lines only, and emptied when full (a changing Date line adds one a
+#: second).
+_PARSED_LINES: Final[dict[bytes, tuple[bytes, bytes]]] = {}
+_MAX_REMEMBERED_LINES: Final = 2048
+_MAX_REMEMBERED_LINE: Final = 256
+
+
+def _parse_header_line(line: bytes) -> tuple[bytes, bytes]:
+    name, colon, value = line.partition(b":")
+    if not colon or not name or name.translate(None, _TCHAR):
+        raise BadResponse("bad header line")  # a name must be a token (RFC 9110 §5.1)
+    return name.lower(), value.strip(b" \t")
 
 
 def body_framing(head: ResponseHead, method: bytes) -> tuple[str, int]:
