@@ -130,7 +130,10 @@ class K8sLifecycle:
             reply = await self.client.call(GET, self._path("pods"), query=query)
             if not reply.ok:
                 raise _unexpected(f"Error listing pods for deployment '{name}'", reply.status)
-            answer = watch.see(reply.items(), self.reactor.seconds())
+            found = reply.items()
+            answer = watch.see(found, self.reactor.seconds())
+            if answer is None and not found and not await self._deployment_exists(name):
+                answer = pods.not_found(name)
             if answer is not None:
                 log.info("deployment {name}: {status} ({health})", name=name,
                          status=answer["status"], health=answer["health"])
@@ -138,6 +141,14 @@ class K8sLifecycle:
             await deferLater(self.reactor, pods.POLL_INTERVAL)
         log.warn("deployment {name} did not become ready in time", name=name)
         return Outcome(200, payload=watch.timeout())
+
+    async def _deployment_exists(self, name: str) -> bool:
+        """Asked only while no pod is seen: a Deployment that is not there will never
+        make one (docs/kubernetes.md#endpoints)."""
+        reply = await self.client.call(GET, self._path("deployments", name))
+        if reply.status in (200, 404):
+            return reply.status == 200
+        raise _unexpected(f"Error checking deployment '{name}'", reply.status)
 
     async def remove(self, spec: RemovePayload) -> Outcome:
         app = spec.exapp

@@ -210,6 +210,22 @@ def test_wait_for_start_reports_an_image_error(harp: HarpProcess, key: str,
                              "reason": "Error", "message": None}
 
 
+def test_wait_for_start_without_a_deployment_answers_at_once(
+        harp: HarpProcess, key: str, kube: KubeAPI) -> None:
+    """No pod and no Deployment: nothing will ever start, so the answer comes now (the
+    reference polls for an hour) in the usual shape; a pod without a Deployment is still
+    judged as before."""
+    waited = call(harp, key, "/k8s/exapp/wait_for_start", {"name": "never-created",
+                                                            "instance_id": ""})
+    assert waited.status == 200
+    assert waited.json() == {"started": False, "status": "NotFound", "health": "not_ready",
+                             "reason": "NotFound",
+                             "message": "Deployment 'nc-app-never-created' not found."}
+    calls = [(m, p) for m, p, _ in kube.requests() if "never-created" in p]
+    assert calls[-1] == ("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/"
+                                "nc-app-never-created")
+
+
 def test_bad_payloads_are_400(harp: HarpProcess, key: str) -> None:
     assert call(harp, key, "/k8s/exapp/exists", b"{nope").body == b"Invalid JSON body"
     missing = call(harp, key, "/k8s/exapp/create", {"name": APP})

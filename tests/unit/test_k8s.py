@@ -426,6 +426,18 @@ def test_pod_watch_verdicts() -> None:
     assert crash.pulled_at == 5
 
 
+def test_pod_watch_never_waits_past_its_cap() -> None:
+    """An image pulled late does not restart the clock: the whole wait stays within
+    MAX_WAIT, inside AppAPI's own 3700 s timeout."""
+    late = pods.PodWatch(0)
+    assert late.see([_pod("Running", running=True)], pods.MAX_WAIT - 10) is None
+    assert not late.expired(pods.MAX_WAIT)
+    assert late.expired(pods.MAX_WAIT + 1)  # 11 s after the pull, not 90
+    assert pods.not_found("nc-app-x") == {
+        "started": False, "status": "NotFound", "health": "not_ready", "reason": "NotFound",
+        "message": "Deployment 'nc-app-x' not found."}
+
+
 def _node(name: str, ready: bool, *addresses: tuple[str, str]) -> dict[str, Any]:
     return {"metadata": {"name": name}, "status": {
         "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
