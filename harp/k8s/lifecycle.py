@@ -27,7 +27,7 @@ from harp.k8s.services import (
     Upstream,
     load_balancer_address,
     node_choice,
-    node_port,
+    recorded_host,
     service_port,
     service_type,
 )
@@ -230,7 +230,7 @@ class K8sLifecycle:
         service = await self._read_service(name)
         upstream = await self._upstream(spec, name, service)
         if reply.status == 409:  # only once it answered: a failed expose changes nothing
-            await self._record_node_choice(spec, name, service)
+            await self._record_reach(spec, name, service)
         return upstream
 
     async def _upstream(self, spec: ExposeSpec, name: str, service: dict[str, Any]) -> Upstream:
@@ -241,38 +241,36 @@ class K8sLifecycle:
                 if host is None:
                     host = await self._wait_for_load_balancer(spec, name)
                 return host, port
-            if spec.expose_type == "nodeport" and spec.upstream_host:
-                return spec.upstream_host, node_port(service)  # no need to ask for nodes
-            found = await self.discovery.service_upstream(service, spec.node)
+            return await self.discovery.service_upstream(service, spec.node,
+                                                         spec.upstream_host)
         except NoUpstream as exc:
             raise K8sUnavailable(str(exc)) from None
-        return spec.upstream_host or found[0], found[1]
 
-    async def _record_node_choice(self, spec: ExposeSpec, name: str,
-                                  service: dict[str, Any]) -> None:
-        """An existing NodePort Service (409) gets this ``expose``'s node choice, so that
-        re-discovery picks the node answered now (a new Service has it from
-        :func:`~harp.k8s.manifests.service`).  Best effort, like the manual annotations:
-        without it, routing after a cache miss uses the choice recorded before."""
-        if service_type(service) != "NodePort":
-            return
+    async def _record_reach(self, spec: ExposeSpec, name: str,
+                            service: dict[str, Any]) -> None:
+        """An existing Service (409) gets this ``expose``'s upstream host and (NodePort)
+        node choice, so that re-discovery reaches the app as answered now (a new Service
+        has them from :func:`~harp.k8s.manifests.service`).  Best effort, like the manual
+        annotations: without it, routing after a cache miss uses what was recorded before."""
+        kind = service_type(service)
         try:
-            if node_choice(service) == spec.node:
+            if recorded_host(service) == spec.upstream_host and (
+                    kind != "NodePort" or node_choice(service) == spec.node):
                 return
         except BadRecordedChoice:
             pass  # replaced below
         try:
             reply = await self.client.call(
                 PATCH, self._path("services", name),
-                body=manifests.node_choice_patch(spec.node), content_type=STRATEGIC_MERGE,
+                body=manifests.reach_patch(spec, kind), content_type=STRATEGIC_MERGE,
             )
         except K8sUnavailable as exc:
-            log.warn("could not record the node choice on Service {name}: {error}",
+            log.warn("could not record the upstream choice on Service {name}: {error}",
                      name=name, error=exc.message)
             return
         if not reply.ok:
-            log.warn("could not record the node choice on Service {name}: {status} {error}",
-                     name=name, status=reply.status, error=reply.error())
+            log.warn("could not record the upstream choice on Service {name}: {status} "
+                     "{error}", name=name, status=reply.status, error=reply.error())
 
     async def _read_service(self, name: str) -> dict[str, Any]:
         reply = await self.client.call(GET, self._path("services", name))

@@ -32,7 +32,9 @@ MANAGED_BY_HARP: Final = "harp"
 ANNOTATION_EXPOSE_TYPE: Final = "appapi.nextcloud.com/expose-type"
 ANNOTATION_UPSTREAM_HOST: Final = "appapi.nextcloud.com/upstream-host"
 ANNOTATION_UPSTREAM_PORT: Final = "appapi.nextcloud.com/upstream-port"
-#: A NodePort Service's node choice, read back by re-discovery (docs/kubernetes.md#routing).
+#: How ``expose`` reached the app, recorded on its Service and read back by re-discovery
+#: (docs/kubernetes.md#routing): ``upstream-host`` (any type, when given; on a Deployment
+#: it is the manual upstream instead) and a NodePort Service's node choice.
 ANNOTATION_NODE_ADDRESS_TYPE: Final = "appapi.nextcloud.com/node-address-type"
 ANNOTATION_NODE_NAME: Final = "appapi.nextcloud.com/node-name"
 ANNOTATION_NODE_LABEL_SELECTOR: Final = "appapi.nextcloud.com/node-label-selector"
@@ -206,9 +208,20 @@ def node_choice_annotations(choice: NodeChoice) -> dict[str, str | None]:
     }
 
 
-def node_choice_patch(choice: NodeChoice) -> dict[str, Any]:
-    """``expose`` on an existing NodePort Service (409): its node choice replaced."""
-    return {"metadata": {"annotations": node_choice_annotations(choice)}}
+def reach_annotations(spec: ExposeSpec, kind: str) -> dict[str, str | None]:
+    """What ``expose`` records on a Service of type ``kind`` so that re-discovery reaches
+    the app as it did: an explicit ``upstream_host`` (it wins over any address the Service
+    gives), and for a NodePort Service the node choice.  Every key present, None for unset
+    (see :func:`node_choice_annotations`)."""
+    out: dict[str, str | None] = {ANNOTATION_UPSTREAM_HOST: spec.upstream_host}
+    if kind == "NodePort":
+        out.update(node_choice_annotations(spec.node))
+    return out
+
+
+def reach_patch(spec: ExposeSpec, kind: str) -> dict[str, Any]:
+    """``expose`` on an existing Service (409): what it records there replaced."""
+    return {"metadata": {"annotations": reach_annotations(spec, kind)}}
 
 
 def service(spec: ExposeSpec) -> dict[str, Any]:
@@ -216,9 +229,9 @@ def service(spec: ExposeSpec) -> dict[str, Any]:
 
     The caller's ``service_labels`` come first: HaRP's own labels win, since discovery and
     ``remove`` find Services by them (``part-of`` of another app would route that app here,
-    docs/kubernetes.md#routing).  A NodePort Service carries the node choice as
-    annotations (after the operator's own, which cannot override them), so a
-    re-discovery reaches the node ``expose`` answered with.
+    docs/kubernetes.md#routing).  The Service carries :func:`reach_annotations` (after
+    the operator's own, which cannot override them), so a re-discovery reaches the host
+    or node ``expose`` answered with.
     """
     app = spec.exapp
     name = deployment_name(app)
@@ -226,9 +239,8 @@ def service(spec: ExposeSpec) -> dict[str, Any]:
     service_labels = {**spec.service_labels, **labels(app), LABEL_MANAGED_BY: MANAGED_BY_HARP}
     metadata: dict[str, Any] = {"name": name, "labels": service_labels}
     annotations = dict(spec.service_annotations)
-    if kind == "NodePort":
-        recorded = node_choice_annotations(spec.node)
-        annotations.update({k: v for k, v in recorded.items() if v is not None})
+    recorded = reach_annotations(spec, kind)
+    annotations.update({k: v for k, v in recorded.items() if v is not None})
     if annotations:
         metadata["annotations"] = annotations
     port: dict[str, Any] = {

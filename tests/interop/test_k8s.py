@@ -343,6 +343,59 @@ def test_nodeport_rediscovery_keeps_the_chosen_node(
         kube.remove_nodes()
 
 
+def test_nodeport_rediscovery_keeps_the_given_upstream_host(
+    tmp_path: Path, harp: HarpProcess, key: str, kube: KubeAPI, exapp: ExAppProcess,
+    nextcloud: FakeNextcloud, harp_settings: dict[str, str], deployed: None,
+) -> None:
+    """``expose`` nodeport with an ``upstream_host`` (an edge address in front of the
+    nodes); after a cache miss, and in a fresh HaRP, requests still go to that host, not to
+    the default node.
+
+    The only node's address (127.0.0.2) refuses the NodePort, as in the node-choice test
+    above: a request reaches the app only through the host ``expose`` was given."""
+    kube.remove_nodes()
+    kube.add_node("node-a", [("InternalIP", "127.0.0.2")])
+    host_key = "appapi.nextcloud.com/upstream-host"
+    try:
+        exposed = expose(harp, key, 8080, "nodeport", node_port=exapp.port,
+                         upstream_host="127.0.0.1",
+                         service_annotations={host_key: "203.0.113.7"})
+        assert (exposed.json()["host"], exposed.json()["port"]) == ("127.0.0.1", exapp.port)
+        service = kube.get("v1/services", DEPLOY)
+        assert service is not None  # HaRP's value wins over the operator's annotation
+        assert service["metadata"]["annotations"] == {
+            host_key: "127.0.0.1", "appapi.nextcloud.com/node-address-type": "InternalIP"}
+        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+        assert ok(public(harp)).status == 200
+        fresh = start_harp(tmp_path, key, nextcloud, HP_WORKERS="1", **harp_settings)
+        try:
+            assert ok(public(fresh)).status == 200
+        finally:
+            fresh.stop()
+
+        # Edited into something expose would refuse: the default node (refused, 503),
+        # with a warning (throttled, so said once here).
+        kube.patch("v1/services", DEPLOY, {"metadata": {"annotations": {
+            host_key: "not a host/x"}}})
+        for _ in range(2):
+            assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+            assert ok(public(harp)).status == 503
+        assert harp.output().count("recorded upstream host is not usable") == 1
+        # Exposing again on the existing Service (409) records the host again; without
+        # one, the record is removed and the node is used.
+        assert expose(harp, key, 8080, "nodeport", upstream_host="127.0.0.1").json()[
+            "host"] == "127.0.0.1"
+        assert kube.get("v1/services", DEPLOY)["metadata"]["annotations"][  # type: ignore[index]
+            host_key] == "127.0.0.1"
+        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+        assert ok(public(harp)).status == 200
+        assert expose(harp, key, 8080, "nodeport").json()["host"] == "127.0.0.2"
+        assert host_key not in kube.get("v1/services", DEPLOY)["metadata"][  # type: ignore[index]
+            "annotations"]
+    finally:
+        kube.remove_nodes()
+
+
 def test_loadbalancer_expose_waits_for_the_address(
     harp: HarpProcess, key: str, kube: KubeAPI, exapp: ExAppProcess, deployed: None,
 ) -> None:

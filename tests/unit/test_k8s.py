@@ -273,10 +273,32 @@ def test_nodeport_service_records_the_node_choice() -> None:
                                                     "expose_type": kind}))
         assert "annotations" not in other["metadata"]
     # Re-exposing an existing Service: every key, None removing an earlier choice.
-    assert manifests.node_choice_patch(NodeChoice(label_selector="pool=edge")) == {
-        "metadata": {"annotations": {NODE_ANNOTATIONS[0]: "InternalIP",
+    again = ExposeSpec.parse({"name": "a", "port": 80, "expose_type": "nodeport",
+                              "node_label_selector": "pool=edge"})
+    assert manifests.reach_patch(again, "NodePort") == {
+        "metadata": {"annotations": {HOST_ANNOTATION: None,
+                                     NODE_ANNOTATIONS[0]: "InternalIP",
                                      NODE_ANNOTATIONS[1]: None,
                                      NODE_ANNOTATIONS[2]: "pool=edge"}}}
+
+
+HOST_ANNOTATION = "appapi.nextcloud.com/upstream-host"
+
+
+def test_every_service_records_an_explicit_upstream_host() -> None:
+    for kind in ("clusterip", "nodeport", "loadbalancer"):
+        spec = ExposeSpec.parse({"name": "a", "port": 80, "expose_type": kind,
+                                 "upstream_host": "edge.example",
+                                 "service_annotations": {HOST_ANNOTATION: "operator's"}})
+        body = manifests.service(spec)
+        assert body["metadata"]["annotations"][HOST_ANNOTATION] == "edge.example"
+        assert services.recorded_host(body) == "edge.example"
+    assert manifests.reach_patch(spec, "LoadBalancer") == {
+        "metadata": {"annotations": {HOST_ANNOTATION: "edge.example"}}}
+    assert services.recorded_host({"metadata": {}}) is None  # older HaRP, or by hand
+    for bad in ("not a host/x", 7, "x" * 300):
+        with pytest.raises(services.BadRecordedChoice, match=HOST_ANNOTATION):
+            services.recorded_host(_annotated({HOST_ANNOTATION: bad}))
 
 
 def _annotated(annotations: Any) -> dict[str, Any]:
@@ -385,8 +407,23 @@ def test_rediscovery_honours_the_recorded_node_and_falls_back(
     assert len(_warnings(events)) == 3  # a fresh Discovery, and the minute is up
 
 
-def _warnings(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(e) for e in events if "recorded node choice" in formatEvent(e)]
+def test_rediscovery_honours_the_recorded_upstream_host_and_falls_back(
+        events: list[LogEvent]) -> None:
+    nodes = [_node("first", True, ("InternalIP", "10.0.0.1"))]
+    service = _annotated({HOST_ANNOTATION: "edge.example", NODE_ANNOTATIONS[1]: "gone"})
+    service["spec"]["ports"] = [{"port": 80, "nodePort": 30080}]
+    cluster = _Cluster(service, nodes)
+    assert _rediscover(cluster) == ("edge.example", 30080)  # no node asked for
+    service["spec"] = {"type": "ClusterIP", "clusterIP": "10.96.0.9", "ports": [{"port": 80}]}
+    assert _rediscover(cluster) == ("edge.example", 80)
+    assert not _warnings(events, "upstream host")
+    service["metadata"]["annotations"] = {HOST_ANNOTATION: "bad host"}
+    assert _rediscover(cluster) == ("10.96.0.9", 80)  # the Service's own address
+    assert len(_warnings(events, "upstream host")) == 1
+
+
+def _warnings(events: list[LogEvent], what: str = "node choice") -> list[str]:
+    return [formatEvent(e) for e in events if f"recorded {what}" in formatEvent(e)]
 
 
 # --- reading the cluster
