@@ -13,7 +13,9 @@ NodePort Service the node it chose (:func:`~harp.k8s.services.node_choice`), bot
 recorded on the Service — on a registry cache miss (the record fetched
 from Nextcloud) and on every ``/exapp_storage`` push, so a push can never put the app id
 back as the host (reference regression #101).  When nothing is found (an app that
-is not on Kubernetes) the record is used as it is.  An API error raises
+is not on Kubernetes) the record is used as it is.  An object recorded as another ExApp's
+(their names collide, :mod:`harp.k8s.owners`) is never used: that would send this app's
+requests to the other app.  An API error raises
 :class:`~harp.k8s.client.K8sUnavailable`: the caller answers 503 (control plane) or 404
 (routing) and caches nothing.
 """
@@ -26,6 +28,7 @@ from typing import Any, Final
 from harp.exapps import ExAppRecord
 from harp.k8s import manifests
 from harp.k8s.client import K8sClient, K8sUnavailable
+from harp.k8s.owners import belongs_to
 from harp.k8s.payloads import NodeChoice
 from harp.k8s.services import (
     BadRecordedChoice,
@@ -90,6 +93,8 @@ class Discovery:
         service = reply.data if reply.status == 200 and isinstance(reply.data, dict) else None
         if service is None and reply.status != 404:
             raise self._error(app_id, "Service", reply.status)
+        if service is not None and not belongs_to(service, app_id):
+            service = None
         if service is None:
             listed = await self.client.call(
                 GET, self.path("services"),
@@ -97,7 +102,7 @@ class Discovery:
             )
             if not listed.ok:
                 raise self._error(app_id, "Service", listed.status)
-            found = [s for s in listed.items() if isinstance(s, dict)]
+            found = [s for s in listed.items() if isinstance(s, dict) and belongs_to(s, app_id)]
             service = found[0] if found else None
         if service is None:
             return await self._manual(app_id, name, part_of)
@@ -182,7 +187,7 @@ class Discovery:
     async def _manual(self, app_id: str, name: str, part_of: str) -> Upstream | None:
         reply = await self.client.call(GET, self.path("deployments", name))
         if reply.status == 200 and isinstance(reply.data, dict):
-            found = manual_upstream(reply.data)
+            found = manual_upstream(reply.data) if belongs_to(reply.data, app_id) else None
             if found is not None:
                 return found
         elif reply.status != 404:
@@ -194,7 +199,9 @@ class Discovery:
         if not listed.ok:
             raise self._error(app_id, "Deployment", listed.status)
         for deployment in listed.items():
-            found = manual_upstream(deployment) if isinstance(deployment, dict) else None
+            found = None
+            if isinstance(deployment, dict) and belongs_to(deployment, app_id):
+                found = manual_upstream(deployment)
             if found is not None:
                 return found
         return None

@@ -29,6 +29,9 @@ LABEL_ROLE: Final = "app.kubernetes.io/role"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY_HARP: Final = "harp"
 
+#: Which ExApp an object belongs to, unchanged (names collide; docs/kubernetes.md#behaviour).
+ANNOTATION_EXAPP: Final = "appapi.nextcloud.com/exapp"
+ANNOTATION_ROLE: Final = "appapi.nextcloud.com/role"
 ANNOTATION_EXPOSE_TYPE: Final = "appapi.nextcloud.com/expose-type"
 ANNOTATION_UPSTREAM_HOST: Final = "appapi.nextcloud.com/upstream-host"
 ANNOTATION_UPSTREAM_PORT: Final = "appapi.nextcloud.com/upstream-port"
@@ -100,6 +103,15 @@ def labels(app: ExAppName) -> dict[str, str]:
     return out
 
 
+def owner_annotations(app: ExAppName, with_role: bool = True) -> dict[str, str]:
+    """The ExApp an object is made for, as given (not sanitized, so not cut or folded):
+    what :mod:`harp.k8s.owners` compares.  Without the role for the PVC all roles share."""
+    out = {ANNOTATION_EXAPP: app.base}
+    if with_role and app.role_suffix:
+        out[ANNOTATION_ROLE] = app.role_suffix
+    return out
+
+
 def pvc(app: ExAppName, size: str, storage_class: str) -> dict[str, Any]:
     """The app's one data volume, shared by all its roles (hence no ``app`` label)."""
     base = part_of(app)
@@ -115,6 +127,7 @@ def pvc(app: ExAppName, size: str, storage_class: str) -> dict[str, Any]:
         "metadata": {
             "name": pvc_name(app),
             "labels": {LABEL_NAME: base, LABEL_PART_OF: base, LABEL_COMPONENT: "exapp-data"},
+            "annotations": owner_annotations(app, with_role=False),
         },
         "spec": spec,
     }
@@ -176,7 +189,8 @@ def deployment(spec: CreateSpec, host_aliases: HostAliases) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "labels": app_labels},
+        "metadata": {"name": name, "labels": app_labels,
+                     "annotations": owner_annotations(app)},
         "spec": {
             "replicas": 0,
             "selector": {"matchLabels": {LABEL_APP: name}},
@@ -238,11 +252,12 @@ def service(spec: ExposeSpec) -> dict[str, Any]:
     kind = SERVICE_TYPES[spec.expose_type]
     service_labels = {**spec.service_labels, **labels(app), LABEL_MANAGED_BY: MANAGED_BY_HARP}
     metadata: dict[str, Any] = {"name": name, "labels": service_labels}
-    annotations = dict(spec.service_annotations)
+    annotations = {k: v for k, v in spec.service_annotations.items()
+                   if k not in (ANNOTATION_EXAPP, ANNOTATION_ROLE)}  # HaRP's alone
     recorded = reach_annotations(spec, kind)
     annotations.update({k: v for k, v in recorded.items() if v is not None})
-    if annotations:
-        metadata["annotations"] = annotations
+    annotations.update(owner_annotations(app))
+    metadata["annotations"] = annotations
     port: dict[str, Any] = {
         "name": "http", "port": spec.service_port or spec.port, "targetPort": spec.port,
     }
