@@ -3,8 +3,10 @@
 (docs/kubernetes.md#endpoints).
 
 No request in sight (:mod:`harp.k8s.routes` adapts them) and no cluster state kept: every
-call asks the API.  An API answer HaRP has no mapping for is a 503 naming its status; an
-unreachable API is a :class:`~harp.k8s.client.K8sUnavailable` (503).
+call asks the API.  An object of the app's name that another ExApp's operation made (the
+names collide) is refused with 409 before anything changes (:mod:`harp.k8s.owners`).  An
+API answer HaRP has no mapping for is a 503 naming its status; an unreachable API is a
+:class:`~harp.k8s.client.K8sUnavailable` (503).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from twisted.internet.task import deferLater
 from harp.docker.lifecycle import NO_CONTENT, Outcome
 from harp.docker.names import ExAppName, RemovePayload
 from harp.exapps import ExAppRecord
-from harp.k8s import manifests, pods
+from harp.k8s import manifests, owners, pods
 from harp.k8s.client import STRATEGIC_MERGE, K8sClient, K8sUnavailable
 from harp.k8s.discovery import Discovery, with_upstream
 from harp.k8s.payloads import CreateSpec, ExposeSpec
@@ -27,7 +29,7 @@ from harp.k8s.services import (
     Upstream,
     load_balancer_address,
     node_choice,
-    node_port,
+    recorded_host,
     service_port,
     service_type,
 )
@@ -70,13 +72,27 @@ class K8sLifecycle:
         return self.discovery.path(kind, name)
 
     async def exists(self, app: ExAppName) -> Outcome:
+        deployment = await self._deployment(app)
+        return Outcome(200, payload={"exists": deployment is not None})
+
+    async def _deployment(self, app: ExAppName) -> dict[str, Any] | None:
+        """The app's Deployment, None if there is none; another ExApp's (the names
+        collide) raises :class:`~harp.k8s.owners.NameTaken`."""
         name = manifests.deployment_name(app)
-        reply = await self.client.call(GET, self._path("deployments", name))
-        if reply.status in (200, 404):
-            return Outcome(200, payload={"exists": reply.status == 200})
-        log.error("checking deployment {name}: {status} {error}", name=name,
-                  status=reply.status, error=reply.error())
-        raise _unexpected(f"Error checking deployment '{name}'", reply.status)
+        return await self._own("deployments", "Deployment", name, app)
+
+    async def _own(self, kind: str, what: str, name: str, app: ExAppName) -> dict[str, Any] | None:
+        """The object ``name`` of ``kind``, checked to be this app's (the PVC: any role's)."""
+        reply = await self.client.call(GET, self._path(kind, name))
+        if reply.status == 404:
+            return None
+        if reply.status != 200 or not isinstance(reply.data, dict):
+            log.error("checking {what} {name}: {status} {error}", what=what, name=name,
+                      status=reply.status, error=reply.error())
+            raise _unexpected(f"Error checking {what.lower()} '{name}'", reply.status)
+        owners.check(reply.data, app, what, name,
+                     roles_share=kind == "persistentvolumeclaims")
+        return reply.data
 
     async def create(self, spec: CreateSpec) -> Outcome:
         app = spec.exapp
@@ -85,7 +101,9 @@ class K8sLifecycle:
             log.warn("{name}: mount_points are ignored on Kubernetes", name=name)
         pvc = manifests.pvc(app, self.storage_size, self.storage_class)
         reply = await self.client.call(POST, self._path("persistentvolumeclaims"), body=pvc)
-        if reply.status not in (200, 201, 409):
+        if reply.status == 409:  # another role's (shared), or another ExApp's (refused)
+            await self._own("persistentvolumeclaims", "PVC", claim, app)
+        elif reply.status not in (200, 201):
             log.error("creating PVC {name}: {status} {error}", name=claim, status=reply.status,
                       error=reply.error())
             raise _unexpected(f"Failed to create PVC '{claim}'", reply.status)
@@ -95,6 +113,7 @@ class K8sLifecycle:
             log.info("created deployment {name} (PVC {claim})", name=name, claim=claim)
             return Outcome(201, payload={"name": name})
         if reply.status == 409:
+            await self._deployment(app)  # another ExApp's: say so
             return _text(409, f"Deployment '{name}' already exists.")
         log.error("creating deployment {name}: {status} {error}", name=name,
                   status=reply.status, error=reply.error())
@@ -109,6 +128,8 @@ class K8sLifecycle:
     async def _scale(self, app: ExAppName, replicas: int, verb: str) -> Outcome:
         """Idempotent: a second start (stop) is 204 again, unlike Docker's 200."""
         name = manifests.deployment_name(app)
+        if await self._deployment(app) is None:
+            return _text(404, f"Deployment '{name}' not found.")
         reply = await self.client.call(
             PATCH, self._path("deployments", name), body=manifests.replicas_patch(replicas),
             content_type=STRATEGIC_MERGE,
@@ -130,7 +151,10 @@ class K8sLifecycle:
             reply = await self.client.call(GET, self._path("pods"), query=query)
             if not reply.ok:
                 raise _unexpected(f"Error listing pods for deployment '{name}'", reply.status)
-            answer = watch.see(reply.items(), self.reactor.seconds())
+            found = reply.items()
+            answer = watch.see(found, self.reactor.seconds())
+            if answer is None and not found and await self._deployment(app) is None:
+                answer = pods.not_found(name)
             if answer is not None:
                 log.info("deployment {name}: {status} ({health})", name=name,
                          status=answer["status"], health=answer["health"])
@@ -141,12 +165,15 @@ class K8sLifecycle:
 
     async def remove(self, spec: RemovePayload) -> Outcome:
         app = spec.exapp
-        name = manifests.deployment_name(app)
+        name, claim = manifests.deployment_name(app), manifests.pvc_name(app)
+        # Checked before anything is deleted: another ExApp's objects all stay.
+        await self._deployment(app)
+        if spec.remove_data:
+            await self._own("persistentvolumeclaims", "PVC", claim, app)
         reply = await self.client.call(DELETE, self._path("deployments", name))
         if reply.status not in (200, 202, 404):
             raise _unexpected(f"Error removing deployment '{name}'", reply.status)
         if spec.remove_data:
-            claim = manifests.pvc_name(app)
             reply = await self.client.call(DELETE, self._path("persistentvolumeclaims", claim))
             if reply.status not in (200, 202, 404):
                 raise _unexpected(f"Error removing PVC '{claim}'", reply.status)
@@ -154,12 +181,18 @@ class K8sLifecycle:
         reply = await self.client.call(GET, self._path("services", name))
         if reply.status == 200 and isinstance(reply.data, dict):
             svc_labels = (reply.data.get("metadata") or {}).get("labels") or {}
-            if svc_labels.get(manifests.LABEL_MANAGED_BY) == manifests.MANAGED_BY_HARP:
+            mine = svc_labels.get(manifests.LABEL_MANAGED_BY) == manifests.MANAGED_BY_HARP
+            try:
+                owners.check(reply.data, app, "Service", name)
+            except owners.NameTaken:
+                mine = False
+            if mine:
                 reply = await self.client.call(DELETE, self._path("services", name))
                 if reply.status not in (200, 202, 404):
                     raise _unexpected(f"Error removing Service '{name}'", reply.status)
             else:
-                log.info("keeping Service {name}: not managed by HaRP", name=name)
+                log.info("keeping Service {name}: not managed by HaRP for this ExApp",
+                         name=name)
         elif reply.status != 404:
             log.warn("Service {name}: lookup answered {status}, not removed", name=name,
                      status=reply.status)
@@ -196,6 +229,9 @@ class K8sLifecycle:
         upstream = spec.upstream_host, spec.upstream_port or spec.port
         if self.client.unusable() is None:
             try:
+                if await self._deployment(spec.exapp) is None:
+                    log.warn("could not annotate deployment {name}: there is none", name=name)
+                    return upstream
                 reply = await self.client.call(
                     PATCH, self._path("deployments", name),
                     body=manifests.manual_patch(*upstream), content_type=STRATEGIC_MERGE,
@@ -217,9 +253,11 @@ class K8sLifecycle:
                       status=reply.status, error=reply.error())
             raise _unexpected(f"Failed to create Service '{name}'", reply.status)
         service = await self._read_service(name)
+        if reply.status == 409:
+            owners.check(service, spec.exapp, "Service", name)
         upstream = await self._upstream(spec, name, service)
         if reply.status == 409:  # only once it answered: a failed expose changes nothing
-            await self._record_node_choice(spec, name, service)
+            await self._record_reach(spec, name, service)
         return upstream
 
     async def _upstream(self, spec: ExposeSpec, name: str, service: dict[str, Any]) -> Upstream:
@@ -230,38 +268,36 @@ class K8sLifecycle:
                 if host is None:
                     host = await self._wait_for_load_balancer(spec, name)
                 return host, port
-            if spec.expose_type == "nodeport" and spec.upstream_host:
-                return spec.upstream_host, node_port(service)  # no need to ask for nodes
-            found = await self.discovery.service_upstream(service, spec.node)
+            return await self.discovery.service_upstream(service, spec.node,
+                                                         spec.upstream_host)
         except NoUpstream as exc:
             raise K8sUnavailable(str(exc)) from None
-        return spec.upstream_host or found[0], found[1]
 
-    async def _record_node_choice(self, spec: ExposeSpec, name: str,
-                                  service: dict[str, Any]) -> None:
-        """An existing NodePort Service (409) gets this ``expose``'s node choice, so that
-        re-discovery picks the node answered now (a new Service has it from
-        :func:`~harp.k8s.manifests.service`).  Best effort, like the manual annotations:
-        without it, routing after a cache miss uses the choice recorded before."""
-        if service_type(service) != "NodePort":
-            return
+    async def _record_reach(self, spec: ExposeSpec, name: str,
+                            service: dict[str, Any]) -> None:
+        """An existing Service (409) gets this ``expose``'s upstream host and (NodePort)
+        node choice, so that re-discovery reaches the app as answered now (a new Service
+        has them from :func:`~harp.k8s.manifests.service`).  Best effort, like the manual
+        annotations: without it, routing after a cache miss uses what was recorded before."""
+        kind = service_type(service)
         try:
-            if node_choice(service) == spec.node:
+            if recorded_host(service) == spec.upstream_host and (
+                    kind != "NodePort" or node_choice(service) == spec.node):
                 return
         except BadRecordedChoice:
             pass  # replaced below
         try:
             reply = await self.client.call(
                 PATCH, self._path("services", name),
-                body=manifests.node_choice_patch(spec.node), content_type=STRATEGIC_MERGE,
+                body=manifests.reach_patch(spec, kind), content_type=STRATEGIC_MERGE,
             )
         except K8sUnavailable as exc:
-            log.warn("could not record the node choice on Service {name}: {error}",
+            log.warn("could not record the upstream choice on Service {name}: {error}",
                      name=name, error=exc.message)
             return
         if not reply.ok:
-            log.warn("could not record the node choice on Service {name}: {status} {error}",
-                     name=name, status=reply.status, error=reply.error())
+            log.warn("could not record the upstream choice on Service {name}: {status} "
+                     "{error}", name=name, status=reply.status, error=reply.error())
 
     async def _read_service(self, name: str) -> dict[str, Any]:
         reply = await self.client.call(GET, self._path("services", name))

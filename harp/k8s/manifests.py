@@ -29,10 +29,15 @@ LABEL_ROLE: Final = "app.kubernetes.io/role"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY_HARP: Final = "harp"
 
+#: Which ExApp an object belongs to, unchanged (names collide; docs/kubernetes.md#behaviour).
+ANNOTATION_EXAPP: Final = "appapi.nextcloud.com/exapp"
+ANNOTATION_ROLE: Final = "appapi.nextcloud.com/role"
 ANNOTATION_EXPOSE_TYPE: Final = "appapi.nextcloud.com/expose-type"
 ANNOTATION_UPSTREAM_HOST: Final = "appapi.nextcloud.com/upstream-host"
 ANNOTATION_UPSTREAM_PORT: Final = "appapi.nextcloud.com/upstream-port"
-#: A NodePort Service's node choice, read back by re-discovery (docs/kubernetes.md#routing).
+#: How ``expose`` reached the app, recorded on its Service and read back by re-discovery
+#: (docs/kubernetes.md#routing): ``upstream-host`` (any type, when given; on a Deployment
+#: it is the manual upstream instead) and a NodePort Service's node choice.
 ANNOTATION_NODE_ADDRESS_TYPE: Final = "appapi.nextcloud.com/node-address-type"
 ANNOTATION_NODE_NAME: Final = "appapi.nextcloud.com/node-name"
 ANNOTATION_NODE_LABEL_SELECTOR: Final = "appapi.nextcloud.com/node-label-selector"
@@ -98,6 +103,15 @@ def labels(app: ExAppName) -> dict[str, str]:
     return out
 
 
+def owner_annotations(app: ExAppName, with_role: bool = True) -> dict[str, str]:
+    """The ExApp an object is made for, as given (not sanitized, so not cut or folded):
+    what :mod:`harp.k8s.owners` compares.  Without the role for the PVC all roles share."""
+    out = {ANNOTATION_EXAPP: app.base}
+    if with_role and app.role_suffix:
+        out[ANNOTATION_ROLE] = app.role_suffix
+    return out
+
+
 def pvc(app: ExAppName, size: str, storage_class: str) -> dict[str, Any]:
     """The app's one data volume, shared by all its roles (hence no ``app`` label)."""
     base = part_of(app)
@@ -113,6 +127,7 @@ def pvc(app: ExAppName, size: str, storage_class: str) -> dict[str, Any]:
         "metadata": {
             "name": pvc_name(app),
             "labels": {LABEL_NAME: base, LABEL_PART_OF: base, LABEL_COMPONENT: "exapp-data"},
+            "annotations": owner_annotations(app, with_role=False),
         },
         "spec": spec,
     }
@@ -174,7 +189,8 @@ def deployment(spec: CreateSpec, host_aliases: HostAliases) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "labels": app_labels},
+        "metadata": {"name": name, "labels": app_labels,
+                     "annotations": owner_annotations(app)},
         "spec": {
             "replicas": 0,
             "selector": {"matchLabels": {LABEL_APP: name}},
@@ -206,9 +222,20 @@ def node_choice_annotations(choice: NodeChoice) -> dict[str, str | None]:
     }
 
 
-def node_choice_patch(choice: NodeChoice) -> dict[str, Any]:
-    """``expose`` on an existing NodePort Service (409): its node choice replaced."""
-    return {"metadata": {"annotations": node_choice_annotations(choice)}}
+def reach_annotations(spec: ExposeSpec, kind: str) -> dict[str, str | None]:
+    """What ``expose`` records on a Service of type ``kind`` so that re-discovery reaches
+    the app as it did: an explicit ``upstream_host`` (it wins over any address the Service
+    gives), and for a NodePort Service the node choice.  Every key present, None for unset
+    (see :func:`node_choice_annotations`)."""
+    out: dict[str, str | None] = {ANNOTATION_UPSTREAM_HOST: spec.upstream_host}
+    if kind == "NodePort":
+        out.update(node_choice_annotations(spec.node))
+    return out
+
+
+def reach_patch(spec: ExposeSpec, kind: str) -> dict[str, Any]:
+    """``expose`` on an existing Service (409): what it records there replaced."""
+    return {"metadata": {"annotations": reach_annotations(spec, kind)}}
 
 
 def service(spec: ExposeSpec) -> dict[str, Any]:
@@ -216,21 +243,21 @@ def service(spec: ExposeSpec) -> dict[str, Any]:
 
     The caller's ``service_labels`` come first: HaRP's own labels win, since discovery and
     ``remove`` find Services by them (``part-of`` of another app would route that app here,
-    docs/kubernetes.md#routing).  A NodePort Service carries the node choice as
-    annotations (after the operator's own, which cannot override them), so a
-    re-discovery reaches the node ``expose`` answered with.
+    docs/kubernetes.md#routing).  The Service carries :func:`reach_annotations` (after
+    the operator's own, which cannot override them), so a re-discovery reaches the host
+    or node ``expose`` answered with.
     """
     app = spec.exapp
     name = deployment_name(app)
     kind = SERVICE_TYPES[spec.expose_type]
     service_labels = {**spec.service_labels, **labels(app), LABEL_MANAGED_BY: MANAGED_BY_HARP}
     metadata: dict[str, Any] = {"name": name, "labels": service_labels}
-    annotations = dict(spec.service_annotations)
-    if kind == "NodePort":
-        recorded = node_choice_annotations(spec.node)
-        annotations.update({k: v for k, v in recorded.items() if v is not None})
-    if annotations:
-        metadata["annotations"] = annotations
+    annotations = {k: v for k, v in spec.service_annotations.items()
+                   if k not in (ANNOTATION_EXAPP, ANNOTATION_ROLE)}  # HaRP's alone
+    recorded = reach_annotations(spec, kind)
+    annotations.update({k: v for k, v in recorded.items() if v is not None})
+    annotations.update(owner_annotations(app))
+    metadata["annotations"] = annotations
     port: dict[str, Any] = {
         "name": "http", "port": spec.service_port or spec.port, "targetPort": spec.port,
     }

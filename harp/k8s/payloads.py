@@ -123,6 +123,11 @@ class NodeChoice:
                    _choice_text("node_label_selector", label_selector))
 
 
+def valid_upstream_host(value: str) -> bool:
+    """The one rule for an ``upstream_host``, in a payload and read back from a Service."""
+    return _HOST_RE.fullmatch(value) is not None
+
+
 def _choice_text(field: str, value: object) -> str | None:
     if value is None or value == "":
         return None
@@ -162,7 +167,7 @@ class ExposeSpec:
         if expose_type not in EXPOSE_TYPES:
             raise _invalid("expose_type", "must be " + ", ".join(EXPOSE_TYPES))
         upstream_host = _optional(payload, "upstream_host")
-        if upstream_host is not None and not _HOST_RE.fullmatch(upstream_host):
+        if upstream_host is not None and not valid_upstream_host(upstream_host):
             raise _invalid("upstream_host", "must be a host name or an IP address")
         if expose_type == "manual" and not upstream_host:
             raise _invalid("upstream_host", "is required when expose_type='manual'")

@@ -8,10 +8,15 @@ AppAPI waits (up to 3700 s) for ``started: true``; every answer carries ``starte
 * Failed or Unknown → not started, the phase / ``not_ready``;
 * an image error (``ErrImagePull``, ``ImagePullBackOff``, ``InvalidImageName``) → not
   started at once, the reason as ``status`` and ``reason``, ``health: image_error``;
+* no pod at all, and no Deployment either (never created, or removed meanwhile) →
+  not started at once, ``NotFound``/``not_ready`` (:func:`not_found`): nothing would
+  ever make a pod, so waiting could only end at the time limit;
 * anything else → keep waiting.
 
-:class:`PodWatch` holds the two time limits: pulling an image may take up to an hour,
-but once it is pulled the app has 90 s to become Ready.
+:class:`PodWatch` holds the time limits: pulling an image may take up to an hour, but
+once it is pulled the app has 90 s to become Ready; and the whole wait never exceeds
+:data:`MAX_WAIT`, so AppAPI (which gives up after 3700 s) always gets an answer — the
+reference restarts the 90 s at a pull that ends late, and can run past it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ IMAGE_ERRORS: Final = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidIma
 #: Waiting reasons that still mean "image not there yet" (or no status at all).
 _PULLING: Final = frozenset({"ContainerCreating", "PodInitializing"})
 STARTUP_TIMEOUT: Final = 90.0
-PULL_TIMEOUT: Final = 3600.0
+#: The longest wait of all, image pull included (docs/kubernetes.md#endpoints).
+MAX_WAIT: Final = 3600.0
 POLL_INTERVAL: Final = 1.0
 
 
@@ -77,6 +83,13 @@ def reply(started: bool, status: str, health: str, reason: str | None,
             "message": message}
 
 
+def not_found(deployment: str) -> dict[str, Any]:
+    """The answer for a Deployment that is not there: ``NotFound`` is the API's own
+    reason for it; ``not_ready`` keeps ``health`` to the reference's words."""
+    return reply(False, "NotFound", "not_ready", "NotFound",
+                 f"Deployment '{deployment}' not found.")
+
+
 class PodWatch:
     """Successive polls of one Deployment's pods; :meth:`see` answers or says "wait"."""
 
@@ -108,9 +121,9 @@ class PodWatch:
         return None
 
     def expired(self, now: float) -> bool:
-        if self.pulled_at is not None:
-            return now - self.pulled_at > STARTUP_TIMEOUT
-        return now - self.started_at > PULL_TIMEOUT
+        if now - self.started_at > MAX_WAIT:
+            return True
+        return self.pulled_at is not None and now - self.pulled_at > STARTUP_TIMEOUT
 
     def timeout(self) -> dict[str, Any]:
         return reply(False, self.phase, "timeout", self.reason, self.message)

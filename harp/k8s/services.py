@@ -23,7 +23,7 @@ from harp.k8s.manifests import (
     ANNOTATION_UPSTREAM_HOST,
     ANNOTATION_UPSTREAM_PORT,
 )
-from harp.k8s.payloads import BadNodeChoice, NodeChoice
+from harp.k8s.payloads import BadNodeChoice, NodeChoice, valid_upstream_host
 
 Upstream = tuple[str, int]
 
@@ -33,8 +33,8 @@ class NoUpstream(Exception):
 
 
 class BadRecordedChoice(Exception):
-    """A Service's node-choice annotations hold a value ``expose`` would refuse (edited
-    by hand): the message names the annotation, for the log."""
+    """A Service's recorded upstream host or node choice holds a value ``expose`` would
+    refuse (edited by hand): the message names the annotation, for the log."""
 
 
 def _first_port(service: dict[str, Any], key: str) -> int:
@@ -110,13 +110,31 @@ _CHOICE_ANNOTATIONS = {
 }
 
 
+def _annotations(service: dict[str, Any]) -> dict[str, Any]:
+    annotations = (service.get("metadata") or {}).get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise BadRecordedChoice("metadata.annotations is not an object")
+    return annotations
+
+
+def recorded_host(service: dict[str, Any]) -> str | None:
+    """The ``upstream_host`` an ``expose`` gave, recorded on its Service (None: none
+    given, or a Service made before HaRP recorded it); checked by the payload's rule, a
+    bad value raises :class:`BadRecordedChoice`."""
+    value = _annotations(service).get(ANNOTATION_UPSTREAM_HOST)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not valid_upstream_host(value):
+        raise BadRecordedChoice(f"{ANNOTATION_UPSTREAM_HOST} must be a host name or an "
+                                "IP address")
+    return value
+
+
 def node_choice(service: dict[str, Any]) -> NodeChoice:
     """The node choice ``expose`` recorded on a Service; the default for one without
     (made by an older HaRP, or not by HaRP).  Checked by the payload's own rule
     (:meth:`NodeChoice.of`): a bad value raises :class:`BadRecordedChoice`."""
-    annotations = (service.get("metadata") or {}).get("annotations") or {}
-    if not isinstance(annotations, dict):
-        raise BadRecordedChoice("metadata.annotations is not an object")
+    annotations = _annotations(service)
     try:
         return NodeChoice.of(*(annotations.get(key) for key in _CHOICE_ANNOTATIONS.values()))
     except BadNodeChoice as exc:

@@ -34,6 +34,8 @@ APP = "k8s-test-exapp"
 DEPLOY = "nc-app-k8s-test-exapp"
 NS = "nextcloud-exapps"
 IMAGE = "ghcr.io/nextcloud/app-skeleton-python:latest"
+#: What HaRP records on every object it makes for the app (docs/kubernetes.md#behaviour).
+OWNER = {"appapi.nextcloud.com/exapp": "nc_app_" + APP}
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +212,58 @@ def test_wait_for_start_reports_an_image_error(harp: HarpProcess, key: str,
                              "reason": "Error", "message": None}
 
 
+def test_wait_for_start_without_a_deployment_answers_at_once(
+        harp: HarpProcess, key: str, kube: KubeAPI) -> None:
+    """No pod and no Deployment: nothing will ever start, so the answer comes now (the
+    reference polls for an hour) in the usual shape; a pod without a Deployment is still
+    judged as before."""
+    waited = call(harp, key, "/k8s/exapp/wait_for_start", {"name": "never-created",
+                                                            "instance_id": ""})
+    assert waited.status == 200
+    assert waited.json() == {"started": False, "status": "NotFound", "health": "not_ready",
+                             "reason": "NotFound",
+                             "message": "Deployment 'nc-app-never-created' not found."}
+    calls = [(m, p) for m, p, _ in kube.requests() if "never-created" in p]
+    assert calls[-1] == ("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/"
+                                "nc-app-never-created")
+
+
+def test_colliding_names_are_refused_and_leave_the_owner_alone(
+        harp: HarpProcess, key: str, kube: KubeAPI) -> None:
+    """Two app ids that share their first 60 characters get one Kubernetes name (cut to
+    63, as the reference does): the second app's operations are refused with 409 before
+    they change anything, and its requests are never routed to the first app's Service."""
+    first, second = "c" * 60 + "-first", "c" * 60 + "-second"
+    name = ("nc-app-" + "c" * 60)[:63]
+
+    def op(app: str, endpoint: str, **fields: Any) -> Any:
+        return call(harp, key, f"/k8s/exapp/{endpoint}",
+                    {"name": app, "instance_id": "", **fields})
+
+    assert op(first, "create", image=IMAGE).status == 201
+    assert op(first, "expose", port=8080, expose_type="clusterip").status in (200, 404)
+    before = (kube.get("apps/v1/deployments", name), kube.get("v1/services", name),
+              kube.get("v1/persistentvolumeclaims", name))
+    assert all(before)
+    try:
+        for endpoint, fields in (("exists", {}), ("create", {"image": IMAGE}),
+                                 ("start", {}), ("stop", {}), ("wait_for_start", {}),
+                                 ("expose", {"port": 8080, "expose_type": "clusterip"}),
+                                 ("expose", {"port": 8080, "expose_type": "manual",
+                                             "upstream_host": "127.0.0.1"}),
+                                 ("remove", {"remove_data": True})):
+            refused = op(second, endpoint, **fields)
+            assert refused.status == 409, (endpoint, refused.status, refused.body)
+            assert f"belongs to ExApp 'nc_app_{first}'".encode() in refused.body
+        after = (kube.get("apps/v1/deployments", name), kube.get("v1/services", name),
+                 kube.get("v1/persistentvolumeclaims", name))
+        assert after == before
+        assert op(first, "exists").json() == {"exists": True}
+    finally:
+        assert op(first, "remove", remove_data=True).status == 204
+    assert kube.get("apps/v1/deployments", name) is None
+
+
 def test_bad_payloads_are_400(harp: HarpProcess, key: str) -> None:
     assert call(harp, key, "/k8s/exapp/exists", b"{nope").body == b"Invalid JSON body"
     missing = call(harp, key, "/k8s/exapp/create", {"name": APP})
@@ -292,7 +346,7 @@ def test_nodeport_rediscovery_keeps_the_chosen_node(
         service = kube.get("v1/services", DEPLOY)
         assert service is not None
         assert service["metadata"]["annotations"] == {
-            "appapi.nextcloud.com/node-address-type": "InternalIP",
+            **OWNER, "appapi.nextcloud.com/node-address-type": "InternalIP",
             "appapi.nextcloud.com/node-name": "node-b"}
         assert ok(public(harp)).status == 200
         assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
@@ -315,14 +369,67 @@ def test_nodeport_rediscovery_keeps_the_chosen_node(
         # the choice gives a node (a failed expose leaves the Service as it was).
         failed = expose(harp, key, 8080, "nodeport", node_label_selector="pool=b")
         assert failed.status == 503  # no node carries that label
-        assert not kube.get("v1/services", DEPLOY)["metadata"]["annotations"]  # type: ignore[index]
+        assert kube.get("v1/services", DEPLOY)["metadata"]["annotations"] == OWNER  # type: ignore[index]
         again = expose(harp, key, 8080, "nodeport", node_name="node-b")
         assert again.json()["host"] == "127.0.0.1"
         assert kube.get("v1/services", DEPLOY)["metadata"]["annotations"] == {  # type: ignore[index]
-            "appapi.nextcloud.com/node-address-type": "InternalIP",
+            **OWNER, "appapi.nextcloud.com/node-address-type": "InternalIP",
             "appapi.nextcloud.com/node-name": "node-b"}
         assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
         assert ok(public(harp)).status == 200
+    finally:
+        kube.remove_nodes()
+
+
+def test_nodeport_rediscovery_keeps_the_given_upstream_host(
+    tmp_path: Path, harp: HarpProcess, key: str, kube: KubeAPI, exapp: ExAppProcess,
+    nextcloud: FakeNextcloud, harp_settings: dict[str, str], deployed: None,
+) -> None:
+    """``expose`` nodeport with an ``upstream_host`` (an edge address in front of the
+    nodes); after a cache miss, and in a fresh HaRP, requests still go to that host, not to
+    the default node.
+
+    The only node's address (127.0.0.2) refuses the NodePort, as in the node-choice test
+    above: a request reaches the app only through the host ``expose`` was given."""
+    kube.remove_nodes()
+    kube.add_node("node-a", [("InternalIP", "127.0.0.2")])
+    host_key = "appapi.nextcloud.com/upstream-host"
+    try:
+        exposed = expose(harp, key, 8080, "nodeport", node_port=exapp.port,
+                         upstream_host="127.0.0.1",
+                         service_annotations={host_key: "203.0.113.7"})
+        assert (exposed.json()["host"], exposed.json()["port"]) == ("127.0.0.1", exapp.port)
+        service = kube.get("v1/services", DEPLOY)
+        assert service is not None  # HaRP's value wins over the operator's annotation
+        assert service["metadata"]["annotations"] == {
+            **OWNER, host_key: "127.0.0.1", "appapi.nextcloud.com/node-address-type": "InternalIP"}
+        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+        assert ok(public(harp)).status == 200
+        fresh = start_harp(tmp_path, key, nextcloud, HP_WORKERS="1", **harp_settings)
+        try:
+            assert ok(public(fresh)).status == 200
+        finally:
+            fresh.stop()
+
+        # Edited into something expose would refuse: the default node (refused, 503),
+        # with a warning (throttled, so said once here).
+        kube.patch("v1/services", DEPLOY, {"metadata": {"annotations": {
+            host_key: "not a host/x"}}})
+        for _ in range(2):
+            assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+            assert ok(public(harp)).status == 503
+        assert harp.output().count("recorded upstream host is not usable") == 1
+        # Exposing again on the existing Service (409) records the host again; without
+        # one, the record is removed and the node is used.
+        assert expose(harp, key, 8080, "nodeport", upstream_host="127.0.0.1").json()[
+            "host"] == "127.0.0.1"
+        assert kube.get("v1/services", DEPLOY)["metadata"]["annotations"][  # type: ignore[index]
+            host_key] == "127.0.0.1"
+        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+        assert ok(public(harp)).status == 200
+        assert expose(harp, key, 8080, "nodeport").json()["host"] == "127.0.0.2"
+        assert host_key not in kube.get("v1/services", DEPLOY)["metadata"][  # type: ignore[index]
+            "annotations"]
     finally:
         kube.remove_nodes()
 
@@ -354,7 +461,7 @@ def test_manual_expose_is_kept_on_the_deployment(
                      upstream_port=exapp.port)
     assert exposed.json()["port"] == exapp.port
     annotations = kube.get("apps/v1/deployments", DEPLOY)["metadata"]["annotations"]  # type: ignore[index]
-    assert annotations == {"appapi.nextcloud.com/expose-type": "manual",
+    assert annotations == {**OWNER, "appapi.nextcloud.com/expose-type": "manual",
                            "appapi.nextcloud.com/upstream-host": "127.0.0.1",
                            "appapi.nextcloud.com/upstream-port": str(exapp.port)}
     assert ok(public(harp)).status == 200

@@ -19,7 +19,7 @@ from twisted.logger import LogEvent, formatEvent
 
 from harp.config import ConfigError, Settings
 from harp.docker.names import ExAppName, PayloadError, parse_json_object
-from harp.k8s import manifests, pods, services
+from harp.k8s import manifests, owners, pods, services
 from harp.k8s.client import K8sReply, K8sUnavailable, _NoVerification, tls_policy
 from harp.k8s.discovery import Discovery
 from harp.k8s.payloads import CreateSpec, ExposeSpec, NodeChoice
@@ -238,7 +238,7 @@ def test_deployment_pvc_and_service_bodies() -> None:
         "name": "my_App", "port": 80, "service_port": 8080, "expose_type": "loadbalancer",
         "node_port": 30001, "external_traffic_policy": "Local", "load_balancer_ip": "1.2.3.4",
         "service_annotations": {"a": "b"}, "service_labels": {"team": "x"}}))
-    assert lb["metadata"]["annotations"] == {"a": "b"}
+    assert lb["metadata"]["annotations"] == {"a": "b", OWNER: "nc_app_my_App"}
     assert lb["metadata"]["labels"]["team"] == "x"
     assert lb["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "harp"
     assert lb["spec"] == {"type": "LoadBalancer", "selector": {"app": "nc-app-my-app"},
@@ -249,6 +249,7 @@ def test_deployment_pvc_and_service_bodies() -> None:
     assert "externalTrafficPolicy" not in cluster["spec"]
 
 
+OWNER = "appapi.nextcloud.com/exapp"
 NODE_ANNOTATIONS = ("appapi.nextcloud.com/node-address-type", "appapi.nextcloud.com/node-name",
                     "appapi.nextcloud.com/node-label-selector")
 
@@ -261,22 +262,46 @@ def test_nodeport_service_records_the_node_choice() -> None:
     assert spec.node == NodeChoice("ExternalIP", "worker-2", None)
     body = manifests.service(spec)
     assert body["metadata"]["annotations"] == {
-        "team": "x", NODE_ANNOTATIONS[0]: "ExternalIP", NODE_ANNOTATIONS[1]: "worker-2"}
+        OWNER: "nc_app_my_App", "team": "x", NODE_ANNOTATIONS[0]: "ExternalIP",
+        NODE_ANNOTATIONS[1]: "worker-2"}
     # Read back from the Service, the same choice (what re-discovery uses).
     assert services.node_choice(body) == spec.node
     # The default is recorded too (its address type), and no other type records one.
     default = manifests.service(ExposeSpec.parse({"name": "a", "port": 80,
                                                   "expose_type": "nodeport"}))
-    assert default["metadata"]["annotations"] == {NODE_ANNOTATIONS[0]: "InternalIP"}
+    assert default["metadata"]["annotations"] == {OWNER: "nc_app_a",
+                                                  NODE_ANNOTATIONS[0]: "InternalIP"}
     for kind in ("clusterip", "loadbalancer"):
         other = manifests.service(ExposeSpec.parse({"name": "a", "port": 80, "node_name": "n",
                                                     "expose_type": kind}))
-        assert "annotations" not in other["metadata"]
+        assert other["metadata"]["annotations"] == {OWNER: "nc_app_a"}
     # Re-exposing an existing Service: every key, None removing an earlier choice.
-    assert manifests.node_choice_patch(NodeChoice(label_selector="pool=edge")) == {
-        "metadata": {"annotations": {NODE_ANNOTATIONS[0]: "InternalIP",
+    again = ExposeSpec.parse({"name": "a", "port": 80, "expose_type": "nodeport",
+                              "node_label_selector": "pool=edge"})
+    assert manifests.reach_patch(again, "NodePort") == {
+        "metadata": {"annotations": {HOST_ANNOTATION: None,
+                                     NODE_ANNOTATIONS[0]: "InternalIP",
                                      NODE_ANNOTATIONS[1]: None,
                                      NODE_ANNOTATIONS[2]: "pool=edge"}}}
+
+
+HOST_ANNOTATION = "appapi.nextcloud.com/upstream-host"
+
+
+def test_every_service_records_an_explicit_upstream_host() -> None:
+    for kind in ("clusterip", "nodeport", "loadbalancer"):
+        spec = ExposeSpec.parse({"name": "a", "port": 80, "expose_type": kind,
+                                 "upstream_host": "edge.example",
+                                 "service_annotations": {HOST_ANNOTATION: "operator's"}})
+        body = manifests.service(spec)
+        assert body["metadata"]["annotations"][HOST_ANNOTATION] == "edge.example"
+        assert services.recorded_host(body) == "edge.example"
+    assert manifests.reach_patch(spec, "LoadBalancer") == {
+        "metadata": {"annotations": {HOST_ANNOTATION: "edge.example"}}}
+    assert services.recorded_host({"metadata": {}}) is None  # older HaRP, or by hand
+    for bad in ("not a host/x", 7, "x" * 300):
+        with pytest.raises(services.BadRecordedChoice, match=HOST_ANNOTATION):
+            services.recorded_host(_annotated({HOST_ANNOTATION: bad}))
 
 
 def _annotated(annotations: Any) -> dict[str, Any]:
@@ -385,8 +410,91 @@ def test_rediscovery_honours_the_recorded_node_and_falls_back(
     assert len(_warnings(events)) == 3  # a fresh Discovery, and the minute is up
 
 
-def _warnings(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(e) for e in events if "recorded node choice" in formatEvent(e)]
+def test_rediscovery_honours_the_recorded_upstream_host_and_falls_back(
+        events: list[LogEvent]) -> None:
+    nodes = [_node("first", True, ("InternalIP", "10.0.0.1"))]
+    service = _annotated({HOST_ANNOTATION: "edge.example", NODE_ANNOTATIONS[1]: "gone"})
+    service["spec"]["ports"] = [{"port": 80, "nodePort": 30080}]
+    cluster = _Cluster(service, nodes)
+    assert _rediscover(cluster) == ("edge.example", 30080)  # no node asked for
+    service["spec"] = {"type": "ClusterIP", "clusterIP": "10.96.0.9", "ports": [{"port": 80}]}
+    assert _rediscover(cluster) == ("edge.example", 80)
+    assert not _warnings(events, "upstream host")
+    service["metadata"]["annotations"] = {HOST_ANNOTATION: "bad host"}
+    assert _rediscover(cluster) == ("10.96.0.9", 80)  # the Service's own address
+    assert len(_warnings(events, "upstream host")) == 1
+
+
+def test_ownership_is_recorded_checked_and_honoured_by_discovery() -> None:
+    """Names collide (cut to 63, case folded); the record on the object does not."""
+    long_a, long_b = ExAppName("x" * 60 + "a"), ExAppName("x" * 60 + "b")
+    assert manifests.deployment_name(long_a) == manifests.deployment_name(long_b)
+    deployment = manifests.deployment(CreateSpec.parse({"name": long_a.name, "image": "i"}),
+                                      ())
+    owners.check(deployment, long_a, "Deployment", "d")
+    with pytest.raises(owners.NameTaken, match=f"belongs to ExApp 'nc_app_{long_a.name}'"):
+        owners.check(deployment, long_b, "Deployment", "d")
+    assert owners.NameTaken.status == 409
+    with pytest.raises(owners.NameTaken):  # a case-only twin, or another role
+        owners.check(deployment, ExAppName(long_a.name.upper()), "Deployment", "d")
+    role = manifests.deployment(CreateSpec.parse({"name": "app", "role_suffix": "rp",
+                                                  "image": "i"}), ())
+    with pytest.raises(owners.NameTaken, match="'nc_app_app_rp', not 'nc_app_app'"):
+        owners.check(role, ExAppName("app"), "Deployment", "d")
+    claim = manifests.pvc(ExAppName("app", role_suffix="rp"), "1Gi", "")
+    owners.check(claim, ExAppName("app"), "PVC", "p", roles_share=True)  # shared by roles
+    with pytest.raises(owners.NameTaken):
+        owners.check(claim, ExAppName("app2"), "PVC", "p", roles_share=True)
+    # Made by the reference, an older HaRP or by hand: no record, taken as the caller's.
+    owners.check({"metadata": {"name": "d"}}, long_b, "Deployment", "d")
+    # The operator cannot record another owner through service_annotations.
+    spec = ExposeSpec.parse({"name": "app", "port": 80, "service_annotations": {
+        "appapi.nextcloud.com/exapp": "nc_app_victim", "appapi.nextcloud.com/role": "x"}})
+    assert owners.recorded_owner(manifests.service(spec)) == ("nc_app_app", "")
+    # Routing: another app's Service is not this app's upstream (routed ids are lower case).
+    assert owners.belongs_to(deployment, long_a.name.upper())
+    assert not owners.belongs_to(deployment, long_b.name)
+    assert owners.belongs_to({}, "anything")
+
+
+class _Objects:
+    """A K8sClient whose named Service and Deployment are another app's."""
+
+    namespace = "ns"
+
+    def __init__(self, other: str) -> None:
+        self.reactor = Clock()
+        self.annotations = {"appapi.nextcloud.com/exapp": f"nc_app_{other}"}
+
+    def unusable(self) -> str | None:
+        return None
+
+    async def call(self, method: bytes, path: str, **kwargs: Any) -> K8sReply:
+        found = self._object("/deployments" in path)
+        return K8sReply(200, {"items": [found]} if kwargs.get("query") else found)
+
+    def _object(self, deployment: bool) -> dict[str, Any]:
+        if deployment:
+            return {"metadata": {"annotations": {
+                **self.annotations, "appapi.nextcloud.com/expose-type": "manual",
+                "appapi.nextcloud.com/upstream-host": "10.0.0.9",
+                "appapi.nextcloud.com/upstream-port": "80"}}}
+        return {"metadata": {"annotations": self.annotations},
+                "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.1", "ports": [{"port": 80}]}}
+
+
+def test_discovery_skips_objects_of_a_colliding_app() -> None:
+    found: list[Any] = []
+    discovery = Discovery(_Objects("other"))  # type: ignore[arg-type]
+    Deferred.fromCoroutine(discovery.upstream("app")).addBoth(found.append)
+    assert found == [None]  # neither the Service nor the manual annotations
+    Deferred.fromCoroutine(Discovery(_Objects("app")).upstream(  # type: ignore[arg-type]
+        "app")).addBoth(found.append)
+    assert found[1] == ("10.96.0.1", 80)
+
+
+def _warnings(events: list[LogEvent], what: str = "node choice") -> list[str]:
+    return [formatEvent(e) for e in events if f"recorded {what}" in formatEvent(e)]
 
 
 # --- reading the cluster
@@ -424,6 +532,18 @@ def test_pod_watch_verdicts() -> None:
     crash = pods.PodWatch(0)
     crash.see([_pod("Running", "CrashLoopBackOff")], 5)
     assert crash.pulled_at == 5
+
+
+def test_pod_watch_never_waits_past_its_cap() -> None:
+    """An image pulled late does not restart the clock: the whole wait stays within
+    MAX_WAIT, inside AppAPI's own 3700 s timeout."""
+    late = pods.PodWatch(0)
+    assert late.see([_pod("Running", running=True)], pods.MAX_WAIT - 10) is None
+    assert not late.expired(pods.MAX_WAIT)
+    assert late.expired(pods.MAX_WAIT + 1)  # 11 s after the pull, not 90
+    assert pods.not_found("nc-app-x") == {
+        "started": False, "status": "NotFound", "health": "not_ready", "reason": "NotFound",
+        "message": "Deployment 'nc-app-x' not found."}
 
 
 def _node(name: str, ready: bool, *addresses: tuple[str, str]) -> dict[str, Any]:
