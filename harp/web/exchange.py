@@ -142,7 +142,7 @@ class UpstreamConnection(TwistedProtocol):
         self.reusable = (
             framing != "close"
             and not head.raw.startswith(b"HTTP/1.0")
-            and b"close" not in head.tokens(b"connection")
+            and b"close" not in head.connection_tokens()
         )
         body = self.body
         body.start(framing, remaining)

@@ -1,14 +1,19 @@
 """Parsing an upstream's HTTP/1.1 response head from raw bytes (pure, no I/O).
 
-Used where HaRP speaks to an ExApp on a raw connection — the WebSocket upgrade — and
-must know what the ExApp answered before it decides whether the client connection
-is handed to a relay (only on ``101``) or stays HTTP (docs/security.md, upgrades).
+Used by the pooled upstream exchange (harp/web/exchange.py) for every proxied answer,
+and by the WebSocket upgrade, which must know what the ExApp answered before it decides
+whether the client connection is handed to a relay (only on ``101``) or stays HTTP
+(docs/security.md, upgrades).  Heads are remembered by their bytes, and what is asked of a
+head (framing, the headers to relay) is worked out once per remembered head
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Final
+
+from harp.web.headers import HOP_BY_HOP
 
 #: A response head larger than this is a broken upstream, not a slow one.
 MAX_HEAD: Final = 64 * 1024
@@ -28,7 +33,10 @@ class ResponseHead:
     """One parsed response head (a plain slotted class: one is made per response, and a
     frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``)."""
 
-    __slots__ = ("headers", "index", "raw", "reason", "status")
+    __slots__ = (
+        "_connection", "_end_to_end", "_framing", "headers", "index", "raw", "reason",
+        "status",
+    )
 
     def __init__(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], raw: bytes,
@@ -44,6 +52,11 @@ class ResponseHead:
         #: questions asked of every response (Content-Length, Transfer-Encoding,
         #: Connection) are then one dict look-up each instead of a scan.
         self.index = index
+        # Answers worked out on first use and kept: a remembered head (see
+        # parse_response_head) is shared by every response that sent the same bytes.
+        self._connection: frozenset[bytes] | None = None
+        self._end_to_end: list[tuple[bytes, bytes]] | None = None
+        self._framing: tuple[str, int] | str | None = None
 
     def __repr__(self) -> str:
         return f"ResponseHead({self.status}, {self.reason!r}, {self.headers!r})"
@@ -65,6 +78,26 @@ class ResponseHead:
         }
 
 
+    def connection_tokens(self) -> frozenset[bytes]:
+        """The tokens of ``Connection`` (``close``, ``keep-alive``, listed names)."""
+        tokens = self._connection
+        if tokens is None:
+            tokens = self._connection = frozenset(self.tokens(b"connection"))
+        return tokens
+
+    def end_to_end(self) -> list[tuple[bytes, bytes]]:
+        """The headers a proxy relays: not hop-by-hop, not listed in ``Connection``
+        (RFC 9110 §7.6.1).  Shared: callers must not change the list."""
+        kept = self._end_to_end
+        if kept is None:
+            listed = self.connection_tokens()
+            kept = self._end_to_end = [
+                (name, value) for name, value in self.headers
+                if name not in HOP_BY_HOP and name not in listed
+            ]
+        return kept
+
+
 def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:
     """``(head, bytes after it)``, or None if the head is not complete yet.
 
@@ -79,7 +112,28 @@ def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:
     if end > MAX_HEAD:
         raise BadResponse("response head too large")
     raw = buffer[: end + 4]
-    text = buffer[:end]
+    head = _HEADS.get(raw)
+    if head is None:
+        head = _parse(raw, end)
+        if end < _MAX_REMEMBERED_HEAD:
+            if len(_HEADS) >= _MAX_REMEMBERED_HEADS:
+                _HEADS.clear()
+            _HEADS[raw] = head
+    return head, buffer[end + 4 :]
+
+
+#: Heads already parsed, by their bytes: an ExApp (a static file server above all) sends
+#: the same head answer after answer until its ``Date`` changes, and a head is a pure
+#: function of its bytes, so the parse, the framing and the relayed headers are worked out
+#: once and shared (docs/performance.md).  Bounded: heads under 2 KiB, emptied when full.
+_HEADS: Final[dict[bytes, ResponseHead]] = {}
+_MAX_REMEMBERED_HEADS: Final = 512
+_MAX_REMEMBERED_HEAD: Final = 2048
+
+
+def _parse(raw: bytes, end: int) -> ResponseHead:
+    """The head ``raw`` (``end``: where its blank line starts), checked."""
+    text = raw[:end]
     lines = text.split(b"\r\n")
     breaks = len(lines) - 1
     if text.count(b"\r") != breaks or text.count(b"\n") != breaks or b"\x00" in text:
@@ -108,7 +162,7 @@ def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:
             index[name] = [value]
         else:
             known.append(value)
-    return ResponseHead(int(code), reason, headers, raw, index), buffer[end + 4 :]
+    return ResponseHead(int(code), reason, headers, raw, index)
 
 
 #: Header lines already parsed, as ``(lower-case name, value)``: an ExApp sends the
@@ -133,7 +187,22 @@ def body_framing(head: ResponseHead, method: bytes) -> tuple[str, int]:
     or ``("close", 0)`` (RFC 9112 §6.3).  Raises :class:`BadResponse` for an ambiguous
     framing (several or bad Content-Length, a coding other than chunked).
     """
-    if method == b"HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
+    if method == b"HEAD":
+        return "none", 0
+    framing = head._framing
+    if framing is None:
+        try:
+            framing = _framing(head)
+        except BadResponse as exc:
+            framing = str(exc)
+        head._framing = framing
+    if isinstance(framing, str):
+        raise BadResponse(framing)
+    return framing
+
+
+def _framing(head: ResponseHead) -> tuple[str, int]:
+    if head.status in (204, 304) or 100 <= head.status < 200:
         return "none", 0
     codings = head.tokens(b"transfer-encoding")
     if codings:

@@ -15,7 +15,6 @@ from twisted.web.server import Request
 
 from harp.logs import HarpLogger
 from harp.web.h2 import HarpH2Stream
-from harp.web.headers import HOP_BY_HOP
 from harp.web.response_head import ResponseHead
 
 PLAIN: Final = b"text/plain"
@@ -122,11 +121,7 @@ def relay_head(request: Request, head: ResponseHead) -> None:
     Over HTTP/1.x they are written as the parser checked them
     (:meth:`harp.web.site.HarpRequest.relay`); HTTP/2 needs them in ``Headers``.
     """
-    listed = head.tokens(b"connection")
-    kept = [
-        (name, value) for name, value in head.headers
-        if name not in HOP_BY_HOP and name not in listed
-    ]
+    kept = head.end_to_end()
     relay = getattr(request, "relay", None)
     if relay is not None and not isinstance(request.channel, HarpH2Stream):
         relay(head.status, head.reason, kept)

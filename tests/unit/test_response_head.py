@@ -74,3 +74,55 @@ def test_fuzz_only_bad_response(data: bytes) -> None:
             body_framing(parsed[0], b"GET")
     except BadResponse:
         pass
+
+
+# --- remembered heads (the same bytes, answer after answer, are parsed once)
+
+
+def test_same_bytes_give_the_same_head_and_the_rest_is_each_responses_own() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n"
+    first = parse_response_head(raw + b"ok")
+    second = parse_response_head(raw + b"OK")
+    assert first is not None and second is not None
+    assert first[0] is second[0]
+    assert (first[1], second[1]) == (b"ok", b"OK")
+    assert body_framing(second[0], b"GET") == ("length", 2)
+    assert body_framing(second[0], b"HEAD") == ("none", 0)  # the method still counts
+    assert second[0].end_to_end() == [(b"server", b"up"), (b"content-length", b"2")]
+
+
+def test_a_remembered_head_with_a_bad_framing_is_refused_every_time() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+    for _ in range(3):
+        parsed = parse_response_head(raw)
+        assert parsed is not None
+        with pytest.raises(BadResponse, match="conflicting content-length"):
+            body_framing(parsed[0], b"GET")
+
+
+def test_a_bad_head_is_refused_every_time() -> None:
+    for _ in range(3):
+        with pytest.raises(BadResponse):
+            parse_response_head(b"HTTP/1.1 200 OK\r\nA: b\x00\r\n\r\n")
+
+
+def test_connection_listed_and_hop_by_hop_headers_are_not_relayed() -> None:
+    parsed = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: t=5\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Kept: 2\r\n\r\n"
+    )
+    assert parsed is not None
+    head = parsed[0]
+    assert head.connection_tokens() == {b"close", b"x-secret"}
+    assert head.end_to_end() == [(b"x-kept", b"2")]
+
+
+def test_heads_are_remembered_within_bounds() -> None:
+    from harp.web import response_head as module
+
+    for n in range(module._MAX_REMEMBERED_HEADS * 2):
+        parse_response_head(b"HTTP/1.1 200 OK\r\nX-N: %d\r\n\r\n" % n)
+    assert len(module._HEADS) <= module._MAX_REMEMBERED_HEADS
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * module._MAX_REMEMBERED_HEAD + b"\r\n\r\n"
+    parse_response_head(big)
+    assert big not in module._HEADS
