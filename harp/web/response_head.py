@@ -30,8 +30,10 @@ class BadResponse(Exception):
 
 
 class ResponseHead:
-    """One parsed response head (a plain slotted class: one is made per response, and a
-    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``)."""
+    """One parsed response head, shared by every answer that sent the same bytes.
+
+    A plain slotted class: a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``, and its answers are memoised on the object."""
 
     __slots__ = (
         "_connection", "_end_to_end", "_framing", "headers", "index", "raw", "reason",
