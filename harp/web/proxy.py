@@ -262,21 +262,25 @@ class _Forward:
         responses.internal_error(self.request, failure, log, "proxying failed")
 
 
-def _request_lines(
-    request: Request, target: bytes, drop: frozenset[bytes], listed: frozenset[bytes],
-    host: bytes | None,
-) -> list[bytes]:
-    """The request line and the client's headers to pass on (one per line, unjoined).
-
-    ``target`` is the checked, normalised path (never the client's raw one) and the
-    query is the client's; headers named in ``drop`` or ``listed`` stay behind; ``host``
-    is the Host to send when the client gave none (None: send none).
-    """
+def _request_line(request: Request, target: bytes) -> bytes:
+    """``METHOD target HTTP/1.1``: ``target`` is the checked, normalised path (never the
+    client's raw one) and the query is the client's."""
     _, _, query = request.uri.partition(b"?")
     path = target or b"/"
     if query:
         path = path + b"?" + query
-    lines = [b"%s %s HTTP/1.1" % (request.method, path)]
+    return b"%s %s HTTP/1.1" % (request.method, path)
+
+
+def _header_lines(
+    request: Request, drop: frozenset[bytes], listed: frozenset[bytes], host: bytes | None,
+) -> list[bytes]:
+    """The client's headers to pass on (one per line, unjoined).
+
+    Headers named in ``drop`` or ``listed`` stay behind; ``host`` is the Host to send
+    when the client gave none (None: send none).
+    """
+    lines = []
     has_host = False
     for name, values in request.requestHeaders.getAllRawHeaders():
         lower = name.lower()
@@ -289,6 +293,38 @@ def _request_lines(
     if host is not None and not has_host:
         lines.append(b"Host: " + host)
     return lines
+
+
+#: The forwarded header lines of a request head already seen, by (its header bytes as
+#: received, the upstream's authority).  Why: a client sends the same headers request after
+#: request (the path is in the request line, not here), and what is forwarded is a pure
+#: function of those bytes, as the one-pass parser turned them into ``requestHeaders``
+#: (harp.web.site.HarpChannel._whole_head, which keeps them as ``header_block``);
+#: docs/performance.md.  Bounded: blocks up to 2 KiB, emptied when full.
+_FORWARDED: Final[dict[tuple[bytes, bytes], bytes]] = {}
+_MAX_REMEMBERED_BLOCKS: Final = 1024
+_MAX_REMEMBERED_BLOCK: Final = 2048
+
+
+def _forwarded_headers(request: Request, authority: bytes) -> bytes:
+    """The client's unchanged headers to pass on, joined (CRLF between lines)."""
+    block: bytes | None = getattr(request, "header_block", None)
+    if block is None or len(block) > _MAX_REMEMBERED_BLOCK:
+        return _joined_header_lines(request, authority)
+    key = (block, authority)
+    forwarded = _FORWARDED.get(key)
+    if forwarded is None:
+        forwarded = _joined_header_lines(request, authority)
+        if len(_FORWARDED) >= _MAX_REMEMBERED_BLOCKS:
+            _FORWARDED.clear()
+        _FORWARDED[key] = forwarded
+    return forwarded
+
+
+def _joined_header_lines(request: Request, authority: bytes) -> bytes:
+    return b"\r\n".join(_header_lines(
+        request, _NOT_FORWARDED, connection_listed(request.requestHeaders), authority
+    ))
 
 
 @lru_cache(maxsize=1024)
@@ -332,16 +368,22 @@ class ExAppProxy(ReverseProxyResource):
         body: IBodyProducer | None,
         on_status: Callable[[int], None] | None = None,
         on_unresolvable: Callable[[], None] | None = None,
+        headers_as_received: bool = False,
     ) -> None:
         """Send ``request`` upstream and relay the answer; never raises.
 
         ``body`` streams the request body; its framing (Content-Length or chunked) is
-        written here, never copied from the client.
+        written here, never copied from the client.  ``headers_as_received``: nothing
+        changed ``requestHeaders`` since the head was parsed, so the forwarded lines may
+        come from those remembered for the same header bytes (the ExApp route says so;
+        the Docker passthrough removes headers first and does not).
         """
-        lines = _request_lines(
-            request, target, _NOT_FORWARDED, connection_listed(request.requestHeaders),
-            _authority(host, port),
-        )
+        authority = _authority(host, port)
+        lines = [
+            _request_line(request, target),
+            _forwarded_headers(request, authority) if headers_as_received
+            else _joined_header_lines(request, authority),
+        ]
         for name, value in identity:
             lines.append(name + b": " + value)
         chunked = False
@@ -375,7 +417,8 @@ class ExAppProxy(ReverseProxyResource):
         """Ask the ExApp to switch to ``protocol``; relay bytes only if it answers 101."""
         # The connection-level headers are the point of an upgrade: nothing that
         # Connection lists is dropped, and no Host is made up.
-        lines = _request_lines(request, target, _NOT_FORWARDED_UPGRADE, frozenset(), None)
+        lines = [_request_line(request, target)]
+        lines += _header_lines(request, _NOT_FORWARDED_UPGRADE, frozenset(), None)
         lines.extend(name + b": " + value for name, value in identity)
         head = b"\r\n".join(lines) + b"\r\n\r\n"
 

@@ -36,8 +36,8 @@ class ResponseHead:
     ``object.__setattr__``, and its answers are memoised on the object."""
 
     __slots__ = (
-        "_connection", "_end_to_end", "_framing", "headers", "index", "raw", "reason",
-        "status",
+        "_connection", "_end_to_end", "_framing", "_lines", "headers", "index", "raw",
+        "reason", "status",
     )
 
     def __init__(
@@ -59,6 +59,7 @@ class ResponseHead:
         self._connection: frozenset[bytes] | None = None
         self._end_to_end: list[tuple[bytes, bytes]] | None = None
         self._framing: tuple[str, int] | str | None = None
+        self._lines: tuple[bytes, frozenset[bytes]] | None = None
 
     def __repr__(self) -> str:
         return f"ResponseHead({self.status}, {self.reason!r}, {self.headers!r})"
@@ -98,6 +99,20 @@ class ResponseHead:
                 if name not in HOP_BY_HOP and name not in listed
             ]
         return kept
+
+    def end_to_end_lines(self) -> tuple[bytes, frozenset[bytes]]:
+        """:meth:`end_to_end` as head lines (``name: value`` CRLF each), and their names.
+
+        What an HTTP/1.x response head carries of the upstream's, written once per
+        remembered head (harp.web.site.HarpRequest.relay)."""
+        lines = self._lines
+        if lines is None:
+            kept = self.end_to_end()
+            lines = self._lines = (
+                b"".join([name + b": " + value + b"\r\n" for name, value in kept]),
+                frozenset(name for name, _ in kept),
+            )
+        return lines
 
 
 def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:

@@ -121,11 +121,12 @@ def relay_head(request: Request, head: ResponseHead) -> None:
     Over HTTP/1.x they are written as the parser checked them
     (:meth:`harp.web.site.HarpRequest.relay`); HTTP/2 needs them in ``Headers``.
     """
-    kept = head.end_to_end()
     relay = getattr(request, "relay", None)
     if relay is not None and not isinstance(request.channel, HarpH2Stream):
-        relay(head.status, head.reason, kept)
+        lines, names = head.end_to_end_lines()
+        relay(head.status, head.reason, lines, names)
         return
+    kept = head.end_to_end()
     request.setResponseCode(head.status, head.reason)
     out = request.responseHeaders
     seen: set[bytes] = set()

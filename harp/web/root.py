@@ -176,7 +176,7 @@ class Root(Resource):
         body = request.body if request.has_body else None
         self.proxy.forward(
             request, record.host, record.port, verdict.target, identity, body, on_status,
-            unresolvable,
+            unresolvable, headers_as_received=True,
         )
 
     def _internal_error(self, failure: Failure, request: Request) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -157,16 +157,22 @@ class HarpChannel(http.HTTPChannel):
         self._buffer = data[end + 4:]
         self._busyReceiving = True
         try:
-            self._head_received(lines)
+            self._head_received(lines, head[len(lines[0]) + 2:])
         finally:
             self._busyReceiving = False
         if self._buffer and not getattr(self.transport, "disconnecting", False):
             basic.LineReceiver.dataReceived(self, b"")  # the rest, as LineReceiver goes on
         return True
 
-    def _head_received(self, lines: list[bytes]) -> None:
-        """``lineReceived`` for the request line, each header and the blank line."""
-        request = self.requestFactory(self, len(self.requests))  # type: ignore[attr-defined]
+    def _head_received(self, lines: list[bytes], block: bytes) -> None:
+        """``lineReceived`` for the request line, each header and the blank line.
+
+        ``block``: the header lines as received (``lines[1:]`` unsplit)."""
+        request = cast(
+            "HarpRequest",
+            self.requestFactory(self, len(self.requests)),  # type: ignore[attr-defined]
+        )
+        request.header_block = block
         self.requests.append(request)
         self._HTTPChannel__first_line = 0
         try:
@@ -388,6 +394,10 @@ class HarpRequest(Request):
     """A request processed from its headers on, with a streamed body."""
 
     head: tuple[bytes, bytes, bytes] | None = None
+    #: The header lines of the head as received (after the request line), when the head
+    #: was parsed in one pass: what ``requestHeaders`` was made from, so what is
+    #: forwarded of them can be remembered by these bytes (harp/web/proxy.py).
+    header_block: bytes | None = None
     body: BodyPipe | None = None
     has_body = False
     body_complete = False
@@ -407,13 +417,13 @@ class HarpRequest(Request):
     defaultContentType = None
 
     #: Upstream headers to write as they are with the head (:meth:`relay`).
-    _relayed: list[tuple[bytes, bytes]] | None = None
+    _relayed: tuple[bytes, frozenset[bytes]] | None = None
     _paused = False
     _body_bytes = 0
     _rate_mark = 0
     _rate_timer: IDelayedCall | None = None
 
-    def relay(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def relay(self, status: int, reason: bytes, lines: bytes, names: frozenset[bytes]) -> None:
         """Answer with an upstream's status and end-to-end headers (HTTP/1.x).
 
         Why: through ``Headers`` every upstream header was re-encoded, re-sanitized and
@@ -421,9 +431,11 @@ class HarpRequest(Request):
         parser already refused names that are not tokens and values with CR, LF or NUL
         (harp/web/response_head.py), so the head is written from them as they are,
         names in lower case as the parser gives them (HAProxy sends them so too).
+        ``lines`` are those headers as head lines, ``names`` their names
+        (:meth:`harp.web.response_head.ResponseHead.end_to_end_lines`).
         """
         self.setResponseCode(status, reason)
-        self._relayed = headers
+        self._relayed = (lines, names)
 
     def write(self, data: bytes) -> None:
         if self._relayed is not None:
@@ -444,8 +456,8 @@ class HarpRequest(Request):
             super().write(data)  # twisted.web raises or ignores, as it would
             return
         self.startedWriting = 1
+        lines, names = relayed
         head = [self.clientproto, b" %d " % self.code, self.code_message, b"\r\n"]
-        names = {name for name, _ in relayed}
         if b"date" not in names:
             head += (b"Date: ", http_date(), b"\r\n")
         own = self.responseHeaders
@@ -453,8 +465,7 @@ class HarpRequest(Request):
             if name.lower() not in names:
                 for value in values:
                     head += (name, b": ", value, b"\r\n")
-        for name, value in relayed:
-            head += (name, b": ", value, b"\r\n")
+        head.append(lines)
         for cookie in self.cookies:
             head += (b"Set-Cookie: ", cookie, b"\r\n")
         if self.method == b"HEAD" or self.code in NO_BODY_CODES:

@@ -125,10 +125,10 @@ def _outcome(data: bytes, chunk: int) -> tuple[object, ...]:
     whole_heads = 0
     original = channel._head_received
 
-    def counted(lines: list[bytes]) -> None:
+    def counted(lines: list[bytes], block: bytes) -> None:
         nonlocal whole_heads
         whole_heads += 1
-        original(lines)
+        original(lines, block)
 
     channel._head_received = counted  # type: ignore[method-assign]
     _deliver(channel, data, chunk)

@@ -49,9 +49,10 @@ class FakeProxy:
 
     def forward(self, request: Request, host: str, port: int, target: bytes,
                 identity: list[tuple[bytes, bytes]], body: object, on_status: object,
-                on_unresolvable: object) -> None:
+                on_unresolvable: object, headers_as_received: bool = False) -> None:
         self.forwarded.append({"host": host, "port": port, "target": target,
-                               "identity": dict(identity), "body": body})
+                               "identity": dict(identity), "body": body,
+                               "headers_as_received": headers_as_received})
         responses.finish(request, responses.send(request, 200, b"upstream"))
 
     def upgrade(self, request: Request, host: str, port: int, target: bytes,
@@ -274,6 +275,8 @@ def test_forward_hands_the_identity_to_the_proxy(server: Server) -> None:
     assert call["identity"][b"aa-version"] == b"32"
     assert call["identity"][b"authorization-app-api"] == P.identity_token("", "tok")
     assert call["body"] is None
+    # Nothing on the ExApp route changes the request's headers before they are forwarded.
+    assert call["headers_as_received"] is True
 
 
 def test_websocket_upgrade_goes_to_the_tunnel(server: Server) -> None:
