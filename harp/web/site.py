@@ -35,7 +35,7 @@ from twisted.logger import LogLevel
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import NO_BODY_CODES, _ChunkedTransferDecoder, _parseRequestLine
+from twisted.web.http import NO_BODY_CODES, _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -51,6 +51,7 @@ from harp.web.chunks import BoundedChunkedDecoder
 from harp.web.h2 import HarpH2Connection, HarpH2Stream
 from harp.web.headers import http_date
 from harp.web.limits import ConnectionLimit
+from harp.web.request_line import parse_request_line
 
 log = HarpLogger("harp.access")
 
@@ -96,6 +97,7 @@ class HarpChannel(http.HTTPChannel):
         self._arm_head_timer()
 
     _host: Any = None
+    _peer: Any = None
 
     def getHost(self) -> Any:
         # twisted.web asks for every request (a getsockname syscall each time); the
@@ -104,6 +106,14 @@ class HarpChannel(http.HTTPChannel):
         if host is None:
             host = self._host = super().getHost()
         return host
+
+    def getPeer(self) -> Any:
+        # Asked for every request too (a new address object each time); the peer of a
+        # connection never changes either.
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
@@ -176,7 +186,7 @@ class HarpChannel(http.HTTPChannel):
         self.requests.append(request)
         self._HTTPChannel__first_line = 0
         try:
-            command, path, version = _parseRequestLine(lines[0])
+            command, path, version = parse_request_line(lines[0])
         except ValueError:
             self._respondToBadRequestAndDisconnect()
             return
