@@ -11,15 +11,22 @@ prefix, which HaRP's log lines do not use.
 
 :func:`install` replaces the reactor's ``doIteration`` with the same poll and a plain call
 per event; what the reactor does with an event (reads, writes, disconnections, errors)
-is unchanged.  Other reactors are left alone.
+is unchanged.  The most common event, "readable" alone, goes straight to ``doRead`` with
+the dispatch's own handling of what it returns or raises (its checks for hang-ups,
+errors, writability and a closed descriptor's ``fileno()`` of -1 cannot apply to it, and
+a ``recv`` on a closed socket fails into the same disconnection).  Other reactors are
+left alone.
 """
 
 from __future__ import annotations
 
 import errno
+import select
+import sys
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log as legacy_log
 
 from harp.logs import HarpLogger
 
@@ -33,6 +40,8 @@ def install(reactor: Any) -> bool:
     poller: Any = reactor._poller  # type: ignore[attr-defined]
     selectables: dict[int, Any] = reactor._selectables  # type: ignore[attr-defined]
     dispatch = reactor._doReadOrWrite
+    disconnect = reactor._disconnectSelectable
+    readable_only = select.EPOLLIN
 
     def do_poll(timeout: float | None) -> None:
         try:
@@ -45,6 +54,20 @@ def install(reactor: Any) -> bool:
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:
+                continue
+            if event == readable_only:
+                # The common event, readable and nothing else: what the dispatch would
+                # do for it, without its checks for hang-ups, errors and writability.
+                try:
+                    why = selectable.doRead()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    legacy_log.err()
+                if why:
+                    try:
+                        disconnect(selectable, why, True)
+                    except Exception:
+                        log.failure("error while handling a ready descriptor")
                 continue
             try:
                 dispatch(selectable, fd, event)

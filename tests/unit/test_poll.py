@@ -31,6 +31,15 @@ class BrokenOnClose(Echo):
         raise RuntimeError("bug in connectionLost")
 
 
+class BrokenOnData(Echo):
+    """Raises on the first client's line (a bug in ``dataReceived``)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"hello 0":
+            raise RuntimeError("bug in dataReceived")
+        super().dataReceived(data)
+
+
 def _serve(clients: int, server: type[Protocol]) -> list[bytes]:
     """``clients`` connections each send a line, read the echo and close."""
     reactor: Any = epollreactor.EPollReactor()
@@ -50,6 +59,14 @@ def _serve(clients: int, server: type[Protocol]) -> list[bytes]:
             echoed.append(data)
             assert self.transport is not None
             self.transport.loseConnection()
+            self.ended()
+
+        def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+            if not any(line.endswith(b" %d" % self.n) for line in echoed):
+                echoed.append(b"closed %d" % self.n)  # dropped without an answer
+                self.ended()
+
+        def ended(self) -> None:
             if len(echoed) == clients:
                 # Let the servers see the closes (and run their connectionLost) first.
                 reactor.callLater(0.2, reactor.stop)
@@ -72,6 +89,11 @@ def test_reads_writes_and_closes_go_through() -> None:
 
 def test_a_failing_connection_lost_stops_neither_the_reactor_nor_the_others() -> None:
     assert _serve(5, BrokenOnClose) == sorted(b"hello %d" % n for n in range(5))
+
+
+def test_a_failing_data_received_drops_that_connection_only() -> None:
+    expected = [b"closed 0"] + [b"hello %d" % n for n in range(1, 5)]
+    assert _serve(5, BrokenOnData) == sorted(expected)
 
 
 def test_other_reactors_are_left_alone() -> None:
