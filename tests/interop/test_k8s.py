@@ -326,6 +326,20 @@ def test_nodeport_expose_routes_through_a_node(
     assert ok(public(harp)).status == 200
 
 
+def _reached_after_cache_miss_and_restart(
+    tmp_path: Path, harp: HarpProcess, key: str, nextcloud: FakeNextcloud,
+    harp_settings: dict[str, str],
+) -> None:
+    """Rediscovery: after a cache miss in this HaRP, and in a fresh HaRP, the app answers."""
+    assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
+    assert ok(public(harp)).status == 200
+    fresh = start_harp(tmp_path, key, nextcloud, HP_WORKERS="1", **harp_settings)
+    try:
+        assert ok(public(fresh)).status == 200
+    finally:
+        fresh.stop()
+
+
 def test_nodeport_rediscovery_keeps_the_chosen_node(
     tmp_path: Path, harp: HarpProcess, key: str, kube: KubeAPI, exapp: ExAppProcess,
     nextcloud: FakeNextcloud, harp_settings: dict[str, str], deployed: None,
@@ -349,13 +363,7 @@ def test_nodeport_rediscovery_keeps_the_chosen_node(
             **OWNER, "appapi.nextcloud.com/node-address-type": "InternalIP",
             "appapi.nextcloud.com/node-name": "node-b"}
         assert ok(public(harp)).status == 200
-        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
-        assert ok(public(harp)).status == 200
-        fresh = start_harp(tmp_path, key, nextcloud, HP_WORKERS="1", **harp_settings)
-        try:
-            assert ok(public(fresh)).status == 200
-        finally:
-            fresh.stop()
+        _reached_after_cache_miss_and_restart(tmp_path, harp, key, nextcloud, harp_settings)
 
         # Control: the Service as an older HaRP made it (nothing recorded) gets the
         # default node, which has nothing at the NodePort: connect refused is 503 (an
@@ -403,13 +411,7 @@ def test_nodeport_rediscovery_keeps_the_given_upstream_host(
         assert service is not None  # HaRP's value wins over the operator's annotation
         assert service["metadata"]["annotations"] == {
             **OWNER, host_key: "127.0.0.1", "appapi.nextcloud.com/node-address-type": "InternalIP"}
-        assert call(harp, key, f"/exapp_storage/{APP}", None, "DELETE").status == 204
-        assert ok(public(harp)).status == 200
-        fresh = start_harp(tmp_path, key, nextcloud, HP_WORKERS="1", **harp_settings)
-        try:
-            assert ok(public(fresh)).status == 200
-        finally:
-            fresh.stop()
+        _reached_after_cache_miss_and_restart(tmp_path, harp, key, nextcloud, harp_settings)
 
         # Edited into something expose would refuse: the default node (refused, 503),
         # with a warning (throttled, so said once here).
