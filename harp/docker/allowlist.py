@@ -29,6 +29,7 @@ refused path.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final
 from urllib.parse import unquote_to_bytes
 
@@ -60,7 +61,26 @@ def allowed_target(method: bytes, rest: bytes) -> bytes | None:
 
 
 def allowed_request(method: bytes, rest: bytes, query: bytes) -> tuple[bytes, bytes] | None:
-    """(path, canonical query) to forward for an allowed request, else None (→ 403)."""
+    """(path, canonical query) to forward for an allowed request, else None (→ 403).
+
+    A pure function of its arguments, and AppAPI asks the same few (``_ping``, a
+    container's state, an image) again and again: short ones are remembered
+    (docs/performance.md)."""
+    if len(rest) + len(query) <= _MAX_REMEMBERED:
+        return _remembered(method, rest, query)
+    return _allowed(method, rest, query)
+
+
+#: Longest path + query whose answer is remembered, and how many are.
+_MAX_REMEMBERED: Final = 512
+
+
+@lru_cache(maxsize=1024)
+def _remembered(method: bytes, rest: bytes, query: bytes) -> tuple[bytes, bytes] | None:
+    return _allowed(method, rest, query)
+
+
+def _allowed(method: bytes, rest: bytes, query: bytes) -> tuple[bytes, bytes] | None:
     matched = _match(method, rest)
     if matched is None:
         return None

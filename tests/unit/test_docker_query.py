@@ -104,3 +104,21 @@ def test_encode_parse_round_trip(pairs: list[tuple[str, str]]) -> None:
     allowed = filter_query(encode_query(pairs), LOGS_PARAMS | PULL_PARAMS)
     if any(n not in LOGS_PARAMS | PULL_PARAMS for n, _ in pairs):
         assert allowed is None
+
+
+def test_remembered_answers_are_the_fresh_ones() -> None:
+    from harp.docker import allowlist
+
+    cases = [
+        (b"GET", b"/v1.44/_ping", b""), (b"GET", b"/v1.44/containers/x/json", b"a=1"),
+        (b"POST", b"/images/create", b"fromImage=busybox&tag=1"),
+        (b"POST", b"/images/create", b"fromImage=busybox;fromSrc=x"),
+        (b"DELETE", b"/containers/x", b""), (b"GET", b"/../etc", b""),
+    ]
+    for _ in range(2):  # the second round is answered from memory
+        for method, rest, query in cases:
+            assert allowed_request(method, rest, query) == allowlist._allowed(method, rest, query)
+    long_query = b"fromImage=busybox&x=" + b"a" * allowlist._MAX_REMEMBERED
+    before = allowlist._remembered.cache_info().currsize
+    allowed_request(b"POST", b"/images/create", long_query)
+    assert allowlist._remembered.cache_info().currsize == before  # not remembered
