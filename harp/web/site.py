@@ -74,6 +74,17 @@ FAST_HEAD_MAX: Final = 8192
 #: canonical name twisted.web's framing code compares against.
 _FRAMING: Final = {b"content-length": b"Content-Length", b"transfer-encoding": b"Transfer-Encoding"}
 
+#: Request header blocks already parsed (the header lines of a head as received, without a
+#: framing header), as (header count, ``Headers``' own name → values): a client sends the
+#: same headers request after request, and their parse is a pure function of the bytes.
+#: Bounded: blocks up to 2 KiB, emptied when full (docs/performance.md).
+_PARSED_HEADERS: Final[dict[bytes, tuple[int, tuple[tuple[bytes, tuple[bytes, ...]], ...]]]] = {}
+_MAX_REMEMBERED_BLOCKS: Final = 1024
+_MAX_REMEMBERED_BLOCK: Final = 2048
+#: Whether ``Headers`` keeps its headers in a ``_rawHeaders`` dict, as every Twisted since
+#: 2010 does; if a later one does not, nothing is remembered.
+_HEADERS_DICT: Final = isinstance(getattr(Headers(), "_rawHeaders", None), dict)
+
 #: A head starting with these is for the line-by-line path (an empty line before the
 #: request line, which twisted.web skips once, or whitespace).
 _NOT_A_REQUEST_START: Final = frozenset(b"\r\n \t")
@@ -193,7 +204,7 @@ class HarpChannel(http.HTTPChannel):
         self._command = command
         self._path = path
         self._version = version
-        if not self._headers_received(request.requestHeaders, lines):
+        if not self._headers_received(request.requestHeaders, lines, block):
             return  # refused and dropped (the line-by-line path stops there too)
         self.allHeadersReceived()
         if self.length == 0:
@@ -284,7 +295,7 @@ class HarpChannel(http.HTTPChannel):
             )
         return ok
 
-    def _headers_received(self, headers: Headers, lines: list[bytes]) -> bool:
+    def _headers_received(self, headers: Headers, lines: list[bytes], block: bytes) -> bool:
         """``headerReceived`` for each header line of a whole head, in one loop.
 
         The same checks in the same order of consequence (twisted.web's
@@ -293,9 +304,21 @@ class HarpChannel(http.HTTPChannel):
         drop the request.  Only the two framing headers go through
         :meth:`_maybeChooseTransferDecoder`; the name is canonicalised once (by
         ``addRawHeader``), not twice.
+
+        A block of header lines parsed before without a framing header (so with no
+        effect on the channel but the headers themselves) gives the same headers again:
+        they are copied from :data:`_PARSED_HEADERS` instead (docs/performance.md).
         """
+        start = self._receivedHeaderCount
+        remembered = _PARSED_HEADERS.get(block) if _HEADERS_DICT and not start else None
+        if remembered is not None and remembered[0] <= self.maxHeaders:
+            count, parsed = remembered
+            headers._rawHeaders = {name: list(values) for name, values in parsed}
+            self._receivedHeaderCount = count
+            return True
         add = headers.addRawHeader
-        count = self._receivedHeaderCount
+        count = start
+        framed = False
         for line in lines[1:]:
             # No empty line can be here: the head ended at the first one.
             name, colon, value = line.partition(b":")
@@ -304,8 +327,10 @@ class HarpChannel(http.HTTPChannel):
                 self._respondToBadRequestAndDisconnect()
                 return False
             framing = _FRAMING.get(name.lower())
-            if framing is not None and not self._maybeChooseTransferDecoder(framing, value):
-                return False
+            if framing is not None:
+                framed = True
+                if not self._maybeChooseTransferDecoder(framing, value):
+                    return False
             try:
                 add(name, value)
             except InvalidHeaderName:
@@ -317,6 +342,12 @@ class HarpChannel(http.HTTPChannel):
                 self._respondToBadRequestAndDisconnect()
                 return False
         self._receivedHeaderCount = count
+        if _HEADERS_DICT and not framed and not start and len(block) <= _MAX_REMEMBERED_BLOCK:
+            if len(_PARSED_HEADERS) >= _MAX_REMEMBERED_BLOCKS:
+                _PARSED_HEADERS.clear()
+            _PARSED_HEADERS[block] = (
+                count, tuple((name, tuple(values)) for name, values in headers._rawHeaders.items())
+            )
         return True
 
     def _respondToBadRequestAndDisconnect(self) -> None:
