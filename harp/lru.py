@@ -22,10 +22,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["TTLCache", "TokenBuckets"]
+__all__ = ["TTLCache", "TokenBuckets", "remember"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+def remember(table: dict[K, V], key: K, value: V, limit: int) -> None:
+    """Store a pure function's answer in ``table``, emptied first when it holds ``limit``.
+
+    For the parse memos of the request path (harp/web): cheaper than an LRU's ordering,
+    and a table refills from the traffic that follows."""
+    if len(table) >= limit:
+        table.clear()
+    table[key] = value
 
 
 class TTLCache(Generic[K, V]):

@@ -28,6 +28,7 @@ from twisted.web.server import Request
 
 from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
+from harp.lru import remember
 from harp.web import responses
 from harp.web.body import BodyPipe
 from harp.web.exchange import ChunkedWriter, ConnectionPool, UpstreamConnection
@@ -315,9 +316,7 @@ def _forwarded_headers(request: Request, authority: bytes) -> bytes:
     forwarded = _FORWARDED.get(key)
     if forwarded is None:
         forwarded = _joined_header_lines(request, authority)
-        if len(_FORWARDED) >= _MAX_REMEMBERED_BLOCKS:
-            _FORWARDED.clear()
-        _FORWARDED[key] = forwarded
+        remember(_FORWARDED, key, forwarded, _MAX_REMEMBERED_BLOCKS)
     return forwarded
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+from harp.lru import remember
 from harp.web.headers import HOP_BY_HOP
 
 #: A response head larger than this is a broken upstream, not a slow one.
@@ -133,9 +134,7 @@ def parse_response_head(buffer: bytes) -> tuple[ResponseHead, bytes] | None:
     if head is None:
         head = _parse(raw, end)
         if end < _MAX_REMEMBERED_HEAD:
-            if len(_HEADS) >= _MAX_REMEMBERED_HEADS:
-                _HEADS.clear()
-            _HEADS[raw] = head
+            remember(_HEADS, raw, head, _MAX_REMEMBERED_HEADS)
     return head, buffer[end + 4 :]
 
 
@@ -169,9 +168,7 @@ def _parse(raw: bytes, end: int) -> ResponseHead:
         if header is None:
             header = _parse_header_line(line)
             if len(line) <= _MAX_REMEMBERED_LINE:
-                if len(parsed_lines) >= _MAX_REMEMBERED_LINES:
-                    parsed_lines.clear()
-                parsed_lines[line] = header
+                remember(parsed_lines, line, header, _MAX_REMEMBERED_LINES)
         headers.append(header)
         name, value = header
         known = index.get(name)

@@ -43,6 +43,7 @@ from twisted.web.server import Request, Site
 from harp import logs
 from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
+from harp.lru import remember
 from harp.metrics import Metrics
 from harp.relay import Relay
 from harp.timers import cancel
@@ -343,11 +344,8 @@ class HarpChannel(http.HTTPChannel):
                 return False
         self._receivedHeaderCount = count
         if _HEADERS_DICT and not framed and not start and len(block) <= _MAX_REMEMBERED_BLOCK:
-            if len(_PARSED_HEADERS) >= _MAX_REMEMBERED_BLOCKS:
-                _PARSED_HEADERS.clear()
-            _PARSED_HEADERS[block] = (
-                count, tuple((name, tuple(values)) for name, values in headers._rawHeaders.items())
-            )
+            parsed = tuple((name, tuple(values)) for name, values in headers._rawHeaders.items())
+            remember(_PARSED_HEADERS, block, (count, parsed), _MAX_REMEMBERED_BLOCKS)
         return True
 
     def _respondToBadRequestAndDisconnect(self) -> None:

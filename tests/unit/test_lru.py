@@ -311,3 +311,12 @@ def test_token_bucket_never_exceeds_rate(steps: list[float]) -> None:
         clock.advance(dt)
         granted += buckets.take("k")
     assert granted <= 3 + 2.0 * clock.now + 1e-9
+
+
+def test_remember_empties_a_full_table_first() -> None:
+    from harp.lru import remember
+
+    table: dict[int, str] = {}
+    for n in range(5):
+        remember(table, n, str(n), 3)
+    assert table == {3: "3", 4: "4"}  # emptied when the fourth came, then one more
