@@ -21,15 +21,16 @@ forwarder) receives the events through the :class:`ExchangeHandler` protocol.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 
 from harp.deadlines import Deadline, deadlines_for
+from harp.splice import SPLICE_MIN, Splice, socket_fd
 from harp.timers import cancel
 from harp.web.response_body import ResponseBody
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
@@ -48,6 +49,17 @@ class ExchangeHandler(Protocol):
     def response_done(self) -> None: ...
 
     def exchange_failed(self, reason: str, before_response: bool) -> None: ...
+
+    def splice_sink(self) -> Any:
+        """The client's socket transport the rest of the body may be spliced to, the
+        response head written to it already; None to have the body delivered by
+        :meth:`response_data` (TLS, HTTP/2, a re-framed or finished response)."""
+
+    def response_spliced(self, length: int) -> None:
+        """``length`` more body bytes reached the client by splice."""
+
+    def client_failed(self, reason: str) -> None:
+        """Writing the spliced body to the client failed: the exchange is over."""
 
 
 #: Bytes asked of the kernel per read on an upstream connection (Twisted's default: 64 KiB).
@@ -79,6 +91,8 @@ class UpstreamConnection(TwistedProtocol):
         #: The pool's idle limit (a coarse deadline, reused while the connection lives).
         self.idle_timer: Deadline | None = None
         self.reused = False
+        #: The body being spliced to the client, if it is (harp/splice.py).
+        self.splice: Splice | None = None
 
     def connectionMade(self) -> None:
         # Read the upstream in larger pieces than Twisted's 64 KiB: fewer reactor turns
@@ -101,6 +115,7 @@ class UpstreamConnection(TwistedProtocol):
     def detach(self) -> None:
         """The exchange's owner is gone: never reuse this connection."""
         self.handler = None
+        self._cancel_splice()
         if self.state != "closed":
             self.state = "closed"
             if self.transport is not None:
@@ -156,7 +171,49 @@ class UpstreamConnection(TwistedProtocol):
             return self._complete(rest)
         if rest:
             self._body(rest)
+        if self.state == "body" and body.framing == "length" and body.remaining >= SPLICE_MIN:
+            self._splice()
         return None
+
+    def _splice(self) -> None:
+        """Hand the rest of a large body to the kernel, if both sockets allow it."""
+        handler = self.handler
+        source: Any = self.transport
+        if (
+            handler is None or not self.request_sent or socket_fd(source) is None
+            or source.dataBuffer or source._tempDataLen  # the reader must own the fd alone
+        ):
+            return
+        sink = handler.splice_sink()
+        if sink is None or self.state != "body":
+            return
+        self.splice = Splice(
+            cast(IReactorFDSet, self.pool.reactor), source, sink, self.body.remaining,
+            handler.response_spliced, self._spliced, self._splice_failed,
+        )
+        self.splice.start()
+
+    def _spliced(self) -> None:
+        self.splice = None
+        self.body.remaining = 0
+        self._complete(b"")
+
+    def _splice_failed(self, side: str, reason: str) -> None:
+        self.splice = None
+        if side == "upstream":
+            self._fail(reason)
+            return
+        handler, self.handler = self.handler, None
+        self.state = "closed"
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        if handler is not None:
+            handler.client_failed(reason)
+
+    def _cancel_splice(self) -> None:
+        splice, self.splice = self.splice, None
+        if splice is not None:
+            splice.cancel()
 
     def _body(self, data: bytes) -> None:
         try:
@@ -209,6 +266,7 @@ class UpstreamConnection(TwistedProtocol):
             handler.exchange_failed(reason, before)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancel_splice()
         cancel(self.idle_timer)
         self.idle_timer = None
         state, self.state = self.state, "closed"

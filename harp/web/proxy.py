@@ -29,12 +29,13 @@ from twisted.web.server import Request
 from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
 from harp.lru import remember
+from harp.splice import socket_fd
 from harp.web import responses
 from harp.web.body import BodyPipe
 from harp.web.exchange import ChunkedWriter, ConnectionPool, UpstreamConnection
 from harp.web.headers import HOP_BY_HOP, connection_listed
 from harp.web.response_head import ResponseHead
-from harp.web.site import HarpRequest
+from harp.web.site import HarpChannel, HarpRequest
 from harp.web.upgrade import WebSocketUpgrade
 from harp.web.upstream import UpstreamEndpoints, upstream_uri
 
@@ -212,6 +213,38 @@ class _Forward:
         else:
             self._end()
             responses.abort(self.request)
+
+    def splice_sink(self) -> Any:
+        request = self.request
+        if self.finished or responses.gone(request) or not isinstance(request, HarpRequest):
+            return None
+        channel = request.channel
+        if not isinstance(channel, HarpChannel) or channel.relay is not None:
+            return None
+        sink = channel.transport
+        if socket_fd(sink) is None:
+            return None
+        request.write(b"")  # the head, if it is still waiting for the first body bytes
+        if request.chunked or request.method == b"HEAD" or responses.gone(request):
+            return None
+        if request.producer is not None:
+            # The upstream's transport must not be resumed by the client's drains now.
+            request.unregisterProducer()
+        return sink
+
+    def response_spliced(self, length: int) -> None:
+        timer = self.timer
+        if timer is not None:
+            timer.reset(self.proxy.server_timeout)
+        self.request.sentLength += length
+
+    def client_failed(self, reason: str) -> None:
+        if self.finished:
+            return
+        cast(HarpRequest, self.request).detail = reason
+        self.conn = None
+        self._end()
+        responses.abort(self.request)
 
     # --- ends
 

@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from websockets.sync.client import connect as ws_connect
 from tests.conftest import self_signed_pem
 from tests.interop.conftest import ALL_PUBLIC, public_record, start_harp
 from tests.peers.base import free_port
-from tests.peers.bulk_upstream import BulkUpstream, pattern_sha256
+from tests.peers.bulk_upstream import BulkUpstream, pattern, pattern_sha256
 from tests.peers.exapp_runner import ExAppProcess
 from tests.peers.fake_nextcloud import FakeNextcloud
 from tests.peers.harp import HarpProcess
@@ -193,6 +193,109 @@ def test_download_100mb_bounded_memory(harp: HarpProcess) -> None:
         c.close()
 
 
+def pipes(pid: int) -> int:
+    """Pipes ``pid`` holds: a body HaRP splices holds one while it is in flight."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_large_body_spliced_on_plain_http_only(harp: HarpProcess) -> None:
+    # Halfway through, the upstream pauses: a spliced body holds HaRP's pipe meanwhile;
+    # over TLS the bytes must go through the process (no pipe).  A client that hangs up
+    # mid-body gets its pipe closed at once, and HaRP keeps serving.
+    assert harp.proc is not None
+    pid = harp.proc.pid
+    idle = pipes(pid)
+    target = f"/exapps/bulk/bytes/{8 * MB}?pause=3"
+    client = socket.create_connection(("127.0.0.1", harp.http_port), timeout=30)
+    client.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = 0
+    while received < 4 * MB:
+        received += len(client.recv(1 << 20))
+    assert wait_for(lambda: pipes(pid) == idle + 2), (pipes(pid), idle)
+    client.close()
+    assert wait_for(lambda: pipes(pid) == idle), (pipes(pid), idle)
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    c = http.client.HTTPSConnection("127.0.0.1", harp.https_port, timeout=30, context=ctx)
+    c.request("GET", target)
+    resp = c.getresponse()
+    assert len(resp.read(4 * MB)) == 4 * MB
+    assert pipes(pid) == idle
+    c.close()
+
+    c = conn(harp)
+    c.request("GET", f"/exapps/bulk/bytes/{MB}")
+    body = c.getresponse().read()
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(MB)
+    c.close()
+
+
+def test_spliced_bodies_keep_both_connections(harp: HarpProcess, bulk: BulkUpstream) -> None:
+    # After a spliced body the client's connection serves the next request and the
+    # upstream connection goes back to the pool (the splice ends exactly at its length).
+    c = conn(harp)
+    c.request("GET", "/exapps/bulk/bytes/10")  # a pooled upstream connection to reuse
+    assert c.getresponse().read() == pattern(10)
+    before = bulk.connections
+    for n in (3 * MB + 7, 200, 2 * MB, 128 * 1024 + 1, 10):
+        c.request("GET", f"/exapps/bulk/bytes/{n}")
+        resp = c.getresponse()
+        assert resp.status == 200 and resp.getheader("content-length") == str(n)
+        assert hashlib.sha256(resp.read()).hexdigest() == pattern_sha256(n)
+    c.request("HEAD", f"/exapps/bulk/bytes/{3 * MB}")
+    assert c.getresponse().read() == b""
+    c.close()
+    assert bulk.connections - before <= 1
+
+
+def read_until_cut(resp: http.client.HTTPResponse) -> bytes:
+    """The body of a response that must end cut: a short read or a reset, never whole.
+
+    HaRP aborts the client connection (a reset): what was still in HaRP's send buffer
+    may be lost with it, so only "less than announced" is certain.
+    """
+    got = b""
+    try:
+        while block := resp.read1(1 << 20):
+            got += block
+    except (http.client.IncompleteRead, ConnectionResetError):
+        return got
+    assert len(got) < int(resp.getheader("content-length", "-1")), "ended as if complete"
+    return got
+
+
+def test_upstream_cut_mid_body_is_a_cut_response(harp: HarpProcess) -> None:
+    # The upstream closes 1 MB into a 4 MB body: the client must see a truncated
+    # response (never a complete one), and HaRP keeps serving.
+    c = conn(harp)
+    c.request("GET", f"/exapps/bulk/bytes/{4 * MB}?cut={MB}")
+    resp = c.getresponse()
+    assert resp.getheader("content-length") == str(4 * MB)
+    assert len(read_until_cut(resp)) <= MB
+    c.close()
+    c = conn(harp)
+    c.request("GET", f"/exapps/bulk/bytes/{MB}")
+    assert hashlib.sha256(c.getresponse().read()).hexdigest() == pattern_sha256(MB)
+    c.close()
+
+
 def test_upload_100mb_bounded_memory(harp: HarpProcess) -> None:
     assert harp.proc is not None
     block = os.urandom(MB)
@@ -307,6 +410,24 @@ def test_upstream_that_never_answers_is_504(tmp_path: Path, key: str,
         resp = c.getresponse()
         assert (resp.status, resp.read()) == (504, b"504 Gateway Timeout")
         assert 1.5 < time.monotonic() - start < 6
+        c.close()
+    finally:
+        proc.stop()
+
+
+def test_upstream_silent_mid_body_cuts_the_client(tmp_path: Path, key: str,
+                                                   nextcloud: FakeNextcloud,
+                                                   bulk: BulkUpstream) -> None:
+    # A spliced body whose upstream goes silent longer than HP_TIMEOUT_SERVER: the
+    # client connection is cut (a truncated body never looks complete).
+    proc = start_harp(tmp_path, key, nextcloud, HP_LOG_LEVEL="warning", HP_TIMEOUT_SERVER="2s")
+    try:
+        c = conn(proc)
+        c.request("GET", f"/exapps/bulk/bytes/{8 * MB}?pause=15")
+        resp = c.getresponse()
+        start = time.monotonic()
+        assert len(read_until_cut(resp)) <= 4 * MB
+        assert time.monotonic() - start < 10
         c.close()
     finally:
         proc.stop()

@@ -72,7 +72,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if url.path.startswith("/bytes/"):
-            self._bytes(int(url.path.rsplit("/", 1)[1]), query.get("chunked") == "1")
+            self._bytes(
+                int(url.path.rsplit("/", 1)[1]), query.get("chunked") == "1",
+                cut=int(query.get("cut", "-1")), pause=float(query.get("pause", "0")),
+            )
         elif url.path == "/sse":
             self._sse(int(query.get("n", "3")), float(query.get("interval", "0.5")))
         elif url.path == "/headers":
@@ -127,7 +130,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.owner.lock:
             self.server.owner.uploaded += n
 
-    def _bytes(self, n: int, chunked: bool) -> None:
+    def _bytes(self, n: int, chunked: bool, cut: int = -1, pause: float = 0.0) -> None:
+        """``n`` pattern bytes; ``cut``: close the connection after that many (a
+        truncated body); ``pause``: wait that long (or until stopped) halfway through."""
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         if chunked:
@@ -136,8 +141,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(n))
         self.end_headers()
         sent = 0
+        halfway = n // 2 if pause else -1
         while sent < n:
-            block = _BLOCK[: min(len(_BLOCK), n - sent)]
+            if sent == cut:
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            if halfway >= 0 and sent >= halfway:
+                halfway = -1
+                self.wfile.flush()
+                self.server.owner.stopping.wait(pause)
+            limit = n - sent if cut < 0 else min(n, cut) - sent
+            block = _BLOCK[: min(len(_BLOCK), limit)]
             if chunked:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
             else:
