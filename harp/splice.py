@@ -2,9 +2,9 @@
 
 Why: a large body relayed through Python is copied twice by HaRP (``recv`` into a bytes
 object, ``send`` out of it) and handed through the reactor in 256 KiB pieces; on 1 MB and
-100 MB GETs HaRP spent ≈80 % of its time in those copies (docs/performance.md).  Spliced
-through a pipe, the pages go from one socket to the other without entering the process,
-the way HAProxy's ``option splice-response`` does.
+100 MB GETs HaRP spent ≈80 % of its time in those copies (docs/performance.md#spliced-bodies).
+Spliced through a pipe, the pages go from one socket to the other without entering the
+process, the way HAProxy's ``option splice-response`` does.
 
 Only the plain case is spliced (the caller checks): a Content-Length body still to come
 of at least :data:`SPLICE_MIN` bytes, from a plain TCP or unix socket to a plain
@@ -42,6 +42,8 @@ from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from harp.logs import HarpLogger
+
 #: Smallest body worth the pipe and the reactor changes (≈10 system calls).
 SPLICE_MIN: Final = 128 * 1024
 
@@ -55,6 +57,20 @@ _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: splice(2) exists (Linux, Python 3.10+); elsewhere bodies go through the process.
 AVAILABLE: Final = sys.platform.startswith("linux") and hasattr(os, "splice")
 
+#: What a kernel (or a sandbox such as gVisor) answers when it cannot splice these
+#: descriptors: the body then goes through the process, and no splice is tried again.
+_UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+_splice: Final = getattr(os, "splice", None)
+
+log = HarpLogger("harp.splice")
+
+
+class _Support:
+    """Whether splicing still works in this process (cleared on the first refusal)."""
+
+    usable = AVAILABLE
+
 
 def socket_fd(transport: Any) -> int | None:
     """The descriptor of a plain socket transport, or None (TLS, HTTP/2, tunnels...).
@@ -63,7 +79,7 @@ def socket_fd(transport: Any) -> int | None:
     connection's transport is the TLS protocol wrapping one, and an FRP tunnel's is a
     yamux stream: neither can be spliced.
     """
-    if not AVAILABLE or not isinstance(transport, tcp.Connection):
+    if not _Support.usable or not isinstance(transport, tcp.Connection):
         return None
     if transport.disconnecting or transport.disconnected:
         return None
@@ -99,14 +115,17 @@ class Splice:
     ``progress(n)`` is called after bytes reached the client (for the exchange's timers
     and the access line's byte count), ``done()`` once all ``length`` bytes did, and
     ``failed(side, reason)`` once if either socket fails first (``side`` is
-    ``"upstream"`` or ``"client"``).  After any of the last two, both transports are
-    Twisted's again; the caller decides what to do with the connections.
+    ``"upstream"`` or ``"client"``), and ``fallback(pending, remaining)`` once if the
+    kernel refuses to splice these sockets: ``pending`` are bytes already taken from
+    the upstream but not yet sent, ``remaining`` the bytes still to read.  After any of
+    the last three, both transports are Twisted's again; the caller decides what to do
+    with the connections.
     """
 
     def __init__(
         self, reactor: IReactorFDSet, source: tcp.Connection, sink: tcp.Connection,
         length: int, progress: Callable[[int], None], done: Callable[[], None],
-        failed: Callable[[str, str], None],
+        failed: Callable[[str, str], None], fallback: Callable[[bytes, int], None],
     ) -> None:
         self.reactor = reactor
         self.source = source
@@ -115,6 +134,7 @@ class Splice:
         self.progress = progress
         self.done = done
         self.failed = failed
+        self.fallback = fallback
         self.state = "new"
         self.in_pipe = 0
         self.pipe_r = -1
@@ -165,17 +185,21 @@ class Splice:
         if self.state != "pumping":
             return
         moved = 0
+        splice: Any = _splice
         while True:
             if self.in_pipe:
                 try:
-                    n = os.splice(self.pipe_r, self.sink_fd, self.in_pipe, flags=_FLAGS)
+                    n = splice(self.pipe_r, self.sink_fd, self.in_pipe, flags=_FLAGS)
                 except BlockingIOError:
                     self._want_read(False)
                     self._want_write(True)
                     break
                 except OSError as exc:
                     self._report(moved)
-                    self._fail("client", f"client connection failed: {_name(exc)}")
+                    if exc.errno in _UNSUPPORTED:
+                        self._give_back(exc)
+                    else:
+                        self._fail("client", f"client connection failed: {_name(exc)}")
                     return
                 self.in_pipe -= n
                 moved += n
@@ -187,7 +211,7 @@ class Splice:
                 self.done()
                 return
             try:
-                n = os.splice(
+                n = splice(
                     self.source.fileno(), self.pipe_w, min(self.remaining, PIPE_SIZE),
                     flags=_FLAGS,
                 )
@@ -197,7 +221,10 @@ class Splice:
                 break
             except OSError as exc:
                 self._report(moved)
-                self._fail("upstream", f"upstream connection failed: {_name(exc)}")
+                if exc.errno in _UNSUPPORTED:
+                    self._give_back(exc)
+                else:
+                    self._fail("upstream", f"upstream connection failed: {_name(exc)}")
                 return
             if n == 0:
                 self._report(moved)
@@ -234,6 +261,22 @@ class Splice:
             return
         self._release()
         self.failed(side, reason)
+
+    def _give_back(self, exc: OSError) -> None:
+        """The kernel refuses: hand the body back to the process, and never splice again."""
+        if _Support.usable:
+            _Support.usable = False
+            log.warn(
+                "splice(2) refused ({error}): large bodies are relayed through HaRP",
+                error=_name(exc),
+            )
+        pending = []
+        while self.in_pipe:
+            data = os.read(self.pipe_r, self.in_pipe)
+            self.in_pipe -= len(data)
+            pending.append(data)
+        self._release()
+        self.fallback(b"".join(pending), self.remaining)
 
     def _release(self) -> None:
         """Give both sockets back to Twisted and close the pipe."""

@@ -238,6 +238,12 @@ class _Forward:
             timer.reset(self.proxy.server_timeout)
         self.request.sentLength += length
 
+    def splice_abandoned(self) -> None:
+        request = self.request
+        conn = self.conn
+        if request.producer is None and conn is not None and conn.transport is not None:
+            request.registerProducer(conn.transport, True)
+
     def client_failed(self, reason: str) -> None:
         if self.finished:
             return
