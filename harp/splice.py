@@ -81,8 +81,8 @@ def socket_fd(transport: Any) -> int | None:
     """
     if not _Support.usable or not isinstance(transport, tcp.Connection):
         return None
-    if transport.disconnecting or transport.disconnected:
-        return None
+    if transport.disconnecting or transport.disconnected or getattr(transport, "TLS", False):
+        return None  # closing, or TLS started on the socket itself (Twisted's startTLS)
     fileno: int = transport.fileno()
     return fileno if fileno >= 0 else None
 
