@@ -71,6 +71,11 @@ class ExchangeHandler(Protocol):
 #: connection before the client's backpressure pauses the upstream.
 UPSTREAM_READ_SIZE: Final = 256 * 1024
 
+#: Bytes asked per read while the response head is awaited: the body bytes that come
+#: with the head go through the process, and a large body is spliced from there on
+#: (harp/splice.py), so the first read is kept to Twisted's usual 64 KiB.
+HEAD_READ_SIZE: Final = 64 * 1024
+
 
 class UpstreamConnection(TwistedProtocol):
     """One keep-alive connection to an upstream, parsing one response at a time.
@@ -112,8 +117,9 @@ class UpstreamConnection(TwistedProtocol):
         self.state = "head"
         self.buffer = b""
         self.got_bytes = False
-        assert self.transport is not None
-        self.transport.write(head)
+        transport: Any = self.transport
+        transport.bufferSize = HEAD_READ_SIZE
+        transport.write(head)
 
     def detach(self) -> None:
         """The exchange's owner is gone: never reuse this connection."""
@@ -176,6 +182,8 @@ class UpstreamConnection(TwistedProtocol):
             self._body(rest)
         if self.state == "body" and body.framing == "length" and body.remaining >= SPLICE_MIN:
             self._splice()
+        if self.splice is None and self.transport is not None:
+            self.transport.bufferSize = UPSTREAM_READ_SIZE  # type: ignore[attr-defined]
         return None
 
     def _splice(self) -> None:
