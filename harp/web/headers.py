@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from twisted.web.http import datetimeToString
@@ -38,9 +39,39 @@ def connection_listed(headers: Headers) -> frozenset[bytes]:
 _EMPTY: Final[frozenset[bytes]] = frozenset()
 
 
+#: Whether ``Headers`` keeps its headers in a ``_rawHeaders`` dict (every Twisted since
+#: 2010); if a later one does not, :func:`header_values` asks ``getRawHeaders``.
+_HEADERS_DICT: Final = isinstance(getattr(Headers(), "_rawHeaders", None), dict)
+
+#: The key ``Headers`` stores each name HaRP looks up under (lower case before Twisted
+#: 24.7, Header-Case since): found once per name by storing it, as Twisted does.
+_KEYS: dict[bytes, bytes] = {}
+
+
+def _key(name: bytes) -> bytes:
+    probe = Headers()
+    probe.addRawHeader(name, b"")
+    key: bytes = next(iter(probe.getAllRawHeaders()))[0]
+    _KEYS[name] = key  # names are constants of HaRP's code: a handful of entries
+    return key
+
+
+def header_values(headers: Headers, name: bytes) -> Sequence[bytes] | None:
+    """``headers.getRawHeaders(name)`` for a constant ``name``, without re-encoding it.
+
+    Why: ``getRawHeaders`` canonicalises the name on every call; the request path asks
+    for five headers per request (docs/performance.md).  ``name`` must be one of HaRP's
+    own constants, never client input (:data:`_KEYS` keeps every name it is given).
+    """
+    if not _HEADERS_DICT:
+        return headers.getRawHeaders(name)
+    values: list[bytes] | None = headers._rawHeaders.get(_KEYS.get(name) or _key(name))
+    return values or None
+
+
 def last_header(request: Request, name: bytes) -> bytes | None:
     """The header's last value: the reference keeps the last of repeated headers."""
-    values = request.requestHeaders.getRawHeaders(name)
+    values = header_values(request.requestHeaders, name)
     return values[-1] if values else None
 
 

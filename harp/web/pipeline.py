@@ -24,7 +24,7 @@ from harp.exapps import PUBLIC, ExAppRecord, Route, synthesized
 from harp.logs import HarpLogger, Throttle
 from harp.nextcloud import NextcloudClient, NextcloudError
 from harp.state import ANONYMOUS, State
-from harp.web.headers import KeyCheck, last_header
+from harp.web.headers import KeyCheck, header_values, last_header
 from harp.web.site import HarpRequest
 from harp.web.target import endpoint_key, normalise_path, valid_target
 
@@ -215,8 +215,8 @@ class Pipeline:
         peer = request.getClientAddress()
         host = getattr(peer, "host", None) or "unix"
         headers = request.requestHeaders
-        xff = headers.getRawHeaders(b"x-forwarded-for")
-        xri = headers.getRawHeaders(b"x-real-ip")
+        xff = header_values(headers, b"x-forwarded-for")
+        xri = header_values(headers, b"x-real-ip")
         client = self.resolver.resolve(host, xff, xri[-1] if xri else None)
         # An untrusted peer is always charged itself; a trusted one almost never is.
         if (

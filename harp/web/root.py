@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from harp.logs import HarpLogger
 from harp.web import responses
 from harp.web.control import ControlPlane
+from harp.web.headers import header_values
 from harp.web.pipeline import ControlPlaneCall, Drop, Forward, Pipeline, Reply, Verdict
 from harp.web.proxy import ExAppProxy
 from harp.web.site import HarpRequest
@@ -194,7 +195,7 @@ def upgrade_protocol(request: Request) -> bytes | None:
     ``Upgrade`` must name an allowed protocol and ``Connection`` must list ``upgrade``.
     """
     headers = request.requestHeaders
-    upgrade = headers.getRawHeaders(b"upgrade")
+    upgrade = header_values(headers, b"upgrade")
     if not upgrade or request.method != b"GET" or request.clientproto == b"HTTP/2":
         # HTTP/2 has no Upgrade (the h2 package refuses the header; checked again here):
         # a WebSocket client uses an HTTP/1.1 connection (docs/security.md#http2).

@@ -102,3 +102,26 @@ def test_rearm_makes_one_deadline_then_restarts_it() -> None:
     assert again is first and again.active()
     clock.advance(1.25)
     assert fired == ["first"]  # the deadline keeps the action it was made with
+
+
+def test_a_kept_deadline_cancelled_and_restarted_stays_in_the_set_until_a_sweep() -> None:
+    # A connection's limits are cancelled and restarted around every request: the set
+    # is not touched for that, a cancelled one never fires, and the sweep drops it.
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    fired: list[str] = []
+    kept = deadlines.rearm(None, 1.0, lambda: fired.append("kept"))
+    one_shot = deadlines.call_later(1.0, lambda: fired.append("one-shot"))
+    one_shot.cancel()
+    assert one_shot not in deadlines.armed  # a one-shot leaves at once
+    kept.cancel()
+    assert kept in deadlines.armed and not kept.active()
+    kept.restart(1.0)
+    kept.cancel()
+    clock.advance(TICK)
+    assert kept not in deadlines.armed and fired == []  # swept, never fired
+    assert clock.getDelayedCalls() == []  # and the sweeper stopped
+    kept.restart(1.0)
+    assert kept in deadlines.armed
+    clock.advance(1.0 + TICK)
+    assert fired == ["kept"] and kept not in deadlines.armed
