@@ -20,7 +20,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Request
 
 from harp import docker, logs, poll, writes
@@ -42,6 +41,7 @@ from harp.tlsctx import ReloadableServerContext, TLSConfigError
 from harp.web import responses
 from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
+from harp.web.https import TLSServerFactory
 from harp.web.limits import ConnectionLimit, Pausable
 from harp.web.pipeline import Pipeline
 from harp.web.proxy import ExAppProxy
@@ -353,9 +353,7 @@ def make_service(settings: Settings, env: Mapping[str, str] | None = None) -> Mu
         "HP_EXAPPS_ADDRESS", settings.exapps_address, frontend.site, limit  # type: ignore[arg-type]
     ).setServiceParent(top)
     if https_context is not None:
-        tls_factory = TLSMemoryBIOFactory(
-            https_context, False, frontend.site  # type: ignore[arg-type]
-        )
+        tls_factory = TLSServerFactory(https_context, frontend.site)
         ListenerService(
             "HP_EXAPPS_HTTPS_ADDRESS", settings.exapps_https_address, tls_factory, limit
         ).setServiceParent(top)

@@ -5,22 +5,23 @@ one PEM file, as the reference's HAProxy reads it) and sends SIGHUP.  New connec
 then use the new certificate while established ones keep theirs, so nothing is
 dropped.  A broken new file is refused and the old certificate stays in service.
 
-Every server context gets one policy (:func:`apply_server_policy`), the "intermediate"
-profile of current TLS guidance: TLS 1.2 or newer, forward-secret ECDHE key exchange
-with AEAD ciphers only (no static-RSA, no CBC, no SHA-1 MACs), the server's cipher
-order, no compression (CRIME) and no renegotiation (client-initiated renegotiation is
-a cheap CPU DoS).  TLS 1.3 keeps OpenSSL's defaults, which are all AEAD.
+Every server context gets one policy, the "intermediate" profile of current TLS
+guidance, in two spellings: :func:`load_frontend_context` for the HTTPS frontend
+(standard library ``ssl``, harp/web/https.py) and :func:`apply_server_policy` for the
+FRP server (pyOpenSSL, which checks frpc's client certificates): TLS 1.2 or newer,
+forward-secret ECDHE key exchange with AEAD ciphers only (no static-RSA, no CBC, no
+SHA-1 MACs), the server's cipher order, no compression (CRIME) and no renegotiation
+(client-initiated renegotiation is a cheap CPU DoS).  TLS 1.3 keeps OpenSSL's defaults,
+which are all AEAD.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Final
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.protocols.tls import TLSMemoryBIOProtocol
-from zope.interface import implementer
 
 #: TLS 1.2 suites: ECDHE (ECDSA or RSA certificates) with AES-GCM or ChaCha20-Poly1305.
 TLS12_CIPHERS: Final = ":".join((
@@ -57,69 +58,49 @@ def apply_server_policy(ctx: SSL.Context) -> None:
     ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
 
 
-def load_server_context(pem: Path, http2: bool = True) -> SSL.Context:
-    """Build a server context (:func:`apply_server_policy`) from one PEM: chain and key.
+def load_frontend_context(pem: Path, http2: bool = True) -> ssl.SSLContext:
+    """The HTTPS frontend's context (standard library ``ssl``, harp/web/https.py) from
+    one PEM (chain and key), with the policy of :func:`apply_server_policy`.
 
-    ``http2`` (``HP_HTTP2``) decides whether ``h2`` is offered by ALPN.
+    ALPN offers ``h2`` (if ``http2``, ``HP_HTTP2``), ``http/1.1`` and ``http/1.0``, the
+    server's order of preference winning.  A client offering only protocols we do not
+    speak (``h2`` with ``HP_HTTP2=false``) must not get a failed handshake: like a
+    server without ALPN, OpenSSL then finishes it without selecting a protocol, and the
+    client falls back to HTTP/1.1 (curl, browsers and Go all do).  Selecting a protocol
+    it did not offer would violate RFC 7301, and a fatal alert would make HaRP
+    unreachable for it.
     """
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    apply_server_policy(ctx)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    )
+    ctx.set_ciphers(TLS12_CIPHERS)
     try:
-        ctx.use_certificate_chain_file(str(pem))
-        ctx.use_privatekey_file(str(pem))
-        ctx.check_privatekey()
-    except SSL.Error as exc:
+        ctx.load_cert_chain(str(pem))
+    except ssl.SSLError as exc:
         raise TLSConfigError(
-            f"{pem}: not a usable PEM certificate chain with its private key ({_reason(exc)})"
+            f"{pem}: not a usable PEM certificate chain with its private key "
+            f"({exc.reason or exc.strerror or 'unknown OpenSSL error'})"
         ) from None
     except OSError as exc:
         raise TLSConfigError(f"{pem}: cannot be read ({exc.strerror})") from None
-    ctx.set_alpn_select_callback(select_alpn if http2 else select_alpn_http1)
+    ctx.set_alpn_protocols([p.decode("ascii") for p in (ALPN_PROTOCOLS if http2 else ALPN_HTTP1)])
     return ctx
 
 
-def select_alpn(
-    conn: SSL.Connection, offered: list[bytes], ours: tuple[bytes, ...] = ALPN_PROTOCOLS
-) -> bytes | SSL._NoOverlappingProtocols:
-    """Our first protocol the client offered (``h2``, ``http/1.1``), else no ALPN at all.
-
-    A client offering only protocols we do not speak (``h2`` with ``HP_HTTP2=false``)
-    must not get a failed handshake: like a server without ALPN, we finish it without
-    selecting a protocol, and the client falls back to HTTP/1.1 (curl, browsers and Go
-    all do).  Selecting a protocol it did not offer would violate RFC 7301, and a fatal
-    alert would make HaRP unreachable for it.
-    """
-    for protocol in ours:
-        if protocol in offered:
-            return protocol
-    # pyOpenSSL (>= 20, we require 24.2) turns this into SSL_TLSEXT_ERR_NOACK.
-    return SSL.NO_OVERLAPPING_PROTOCOLS
-
-
-def select_alpn_http1(
-    conn: SSL.Connection, offered: list[bytes]
-) -> bytes | SSL._NoOverlappingProtocols:
-    """:func:`select_alpn` without ``h2`` (``HP_HTTP2=false``)."""
-    return select_alpn(conn, offered, ALPN_HTTP1)
-
-
-def _reason(exc: SSL.Error) -> str:
-    details = [part[2] for part in exc.args[0] if isinstance(part, tuple) and len(part) == 3]
-    return "; ".join(str(d) for d in details) or "unknown OpenSSL error"
-
-
-@implementer(IOpenSSLServerConnectionCreator)
 class ReloadableServerContext:
-    """Hands each new TLS connection the current context; :meth:`reload` swaps it."""
+    """Hands each new HTTPS connection the current context; :meth:`reload` swaps it."""
 
     def __init__(self, pem: Path, http2: bool = True) -> None:
         self.path = pem
         self.http2 = http2
-        self._context = load_server_context(pem, http2)
+        self._context = load_frontend_context(pem, http2)
 
-    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+    def server_context(self) -> ssl.SSLContext:
+        return self._context
 
     def reload(self) -> None:
         """Load the file again; on error keep the current context and raise."""
-        self._context = load_server_context(self.path, self.http2)
+        self._context = load_frontend_context(self.path, self.http2)

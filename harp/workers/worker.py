@@ -45,7 +45,6 @@ from twisted.logger import (
     globalLogBeginner,
 )
 from twisted.protocols import amp
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -55,6 +54,7 @@ from harp.exapps import ExAppRecord
 from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from harp.tlsctx import ReloadableServerContext, TLSConfigError
 from harp.web import responses
+from harp.web.https import TLSServerFactory
 from harp.web.storage import app_id_of, read_record
 from harp.workers import commands
 from harp.workers.mirror import MirrorState
@@ -237,7 +237,7 @@ class Worker:
         for listen in self.listens:
             factory: Any = site
             if listen.variable == "HP_EXAPPS_HTTPS_ADDRESS" and self.tls is not None:
-                factory = TLSMemoryBIOFactory(self.tls, False, site)
+                factory = TLSServerFactory(self.tls, site)
             port = reactor.adoptStreamPort(  # type: ignore[attr-defined]
                 listen.fd, listen.family, factory
             )

@@ -265,6 +265,28 @@ def test_spliced_bodies_keep_both_connections(harp: HarpProcess, bulk: BulkUpstr
     assert bulk.connections - before <= 1
 
 
+def test_pipelined_request_behind_a_spliced_body(harp: HarpProcess) -> None:
+    # Two requests in one write: the second waits in the channel while the first
+    # body is spliced, then gets its own answer; the bytes of the two never mix.
+    client = socket.create_connection(("127.0.0.1", harp.http_port), timeout=30)
+    first, second = 2 * MB + 3, 1000
+    client.sendall(
+        f"GET /exapps/bulk/bytes/{first} HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"GET /exapps/bulk/bytes/{second} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    stream = client.makefile("rb")
+    for n in (first, second):
+        assert stream.readline().startswith(b"HTTP/1.1 200")
+        length = None
+        while (line := stream.readline()) != b"\r\n":
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        assert length == n
+        assert hashlib.sha256(stream.read(n)).hexdigest() == pattern_sha256(n)
+    client.close()
+
+
 def read_until_cut(resp: http.client.HTTPResponse) -> bytes:
     """The body of a response that must end cut: a short read or a reset, never whole.
 

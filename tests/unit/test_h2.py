@@ -10,28 +10,14 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
-from OpenSSL import SSL
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp.tlsctx import select_alpn, select_alpn_http1
 from harp.web import h2 as harp_h2
 from harp.web.body import WINDOW
 from harp.web.site import HarpChannel, HarpRequest, HarpSite
-
-
-@pytest.mark.parametrize(("offered", "on", "off"), [
-    ([b"h2", b"http/1.1"], b"h2", b"http/1.1"),
-    ([b"http/1.1", b"h2"], b"h2", b"http/1.1"),
-    ([b"http/1.1"], b"http/1.1", b"http/1.1"),
-    ([b"h2"], b"h2", SSL.NO_OVERLAPPING_PROTOCOLS),
-])
-def test_alpn_offers_h2_only_when_enabled(offered: list[bytes], on: Any, off: Any) -> None:
-    conn: Any = None
-    assert select_alpn(conn, offered) == on
-    assert select_alpn_http1(conn, offered) == off
 
 
 class _Answer(Resource):
