@@ -119,7 +119,11 @@ class TLSServerProtocol(ProtocolWrapper):
     def write(self, data: bytes) -> None:
         if self.state == "open":
             if data:
-                self._tls.write(data)
+                try:
+                    self._tls.write(data)
+                except (ssl.SSLError, OSError, ValueError) as exc:
+                    self._failed(exc)
+                    return
                 self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
         elif self.state == "handshake":
             self._early.append(bytes(data))

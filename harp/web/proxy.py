@@ -341,27 +341,32 @@ def _header_lines(
 #: function of those bytes, as the one-pass parser turned them into ``requestHeaders``
 #: (harp.web.site.HarpChannel._whole_head, which keeps them as ``header_block``);
 #: docs/performance.md.  Bounded: blocks up to 2 KiB, emptied when full.
-_FORWARDED: Final[dict[tuple[bytes, bytes], bytes]] = {}
+_FORWARDED: Final[dict[tuple[bytes, bytes, frozenset[bytes]], bytes]] = {}
 _MAX_REMEMBERED_BLOCKS: Final = 1024
 _MAX_REMEMBERED_BLOCK: Final = 2048
+_NOTHING: Final[frozenset[bytes]] = frozenset()
 
 
-def _forwarded_headers(request: Request, authority: bytes) -> bytes:
-    """The client's unchanged headers to pass on, joined (CRLF between lines)."""
+def _forwarded_headers(request: Request, authority: bytes, also_drop: frozenset[bytes]) -> bytes:
+    """The client's unchanged headers to pass on, joined (CRLF between lines), without
+    those named in ``also_drop`` (a constant of the caller: part of the memo's key)."""
     block: bytes | None = getattr(request, "header_block", None)
     if block is None or len(block) > _MAX_REMEMBERED_BLOCK:
-        return _joined_header_lines(request, authority)
-    key = (block, authority)
+        return _joined_header_lines(request, authority, also_drop)
+    key = (block, authority, also_drop)
     forwarded = _FORWARDED.get(key)
     if forwarded is None:
-        forwarded = _joined_header_lines(request, authority)
+        forwarded = _joined_header_lines(request, authority, also_drop)
         remember(_FORWARDED, key, forwarded, _MAX_REMEMBERED_BLOCKS)
     return forwarded
 
 
-def _joined_header_lines(request: Request, authority: bytes) -> bytes:
+def _joined_header_lines(
+    request: Request, authority: bytes, also_drop: frozenset[bytes] = _NOTHING,
+) -> bytes:
+    drop = _NOT_FORWARDED | also_drop if also_drop else _NOT_FORWARDED
     return b"\r\n".join(_header_lines(
-        request, _NOT_FORWARDED, connection_listed(request.requestHeaders), authority
+        request, drop, connection_listed(request.requestHeaders), authority
     ))
 
 
@@ -407,20 +412,22 @@ class ExAppProxy(ReverseProxyResource):
         on_status: Callable[[int], None] | None = None,
         on_unresolvable: Callable[[], None] | None = None,
         headers_as_received: bool = False,
+        also_drop: frozenset[bytes] = _NOTHING,
     ) -> None:
         """Send ``request`` upstream and relay the answer; never raises.
 
         ``body`` streams the request body; its framing (Content-Length or chunked) is
         written here, never copied from the client.  ``headers_as_received``: nothing
         changed ``requestHeaders`` since the head was parsed, so the forwarded lines may
-        come from those remembered for the same header bytes (the ExApp route says so;
-        the Docker passthrough removes headers first and does not).
+        come from those remembered for the same header bytes.  ``also_drop``: header
+        names (lower case, a constant) kept back on top of the hop-by-hop, HaRP and
+        identity headers (the Docker passthrough's secrets).
         """
         authority = _authority(host, port)
         lines = [
             _request_line(request, target),
-            _forwarded_headers(request, authority) if headers_as_received
-            else _joined_header_lines(request, authority),
+            _forwarded_headers(request, authority, also_drop) if headers_as_received
+            else _joined_header_lines(request, authority, also_drop),
         ]
         for name, value in identity:
             lines.append(name + b": " + value)

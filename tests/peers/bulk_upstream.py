@@ -78,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif url.path == "/sse":
             self._sse(int(query.get("n", "3")), float(query.get("interval", "0.5")))
-        elif url.path == "/headers":
+        elif url.path in ("/headers", "/v1.44/_ping"):  # the latter: as a Docker engine
             self._send(200, json.dumps({k.lower(): v for k, v in self.headers.items()}).encode())
         elif url.path == "/hang":
             self.server.owner.stopping.wait()

@@ -76,3 +76,35 @@ def test_remembered_blocks_are_bounded(stack: Stack, monkeypatch: pytest.MonkeyP
     proxy._FORWARDED.clear()
     assert b"X-Big: bbb" in _sent_upstream(stack, big)
     assert not proxy._FORWARDED
+
+
+def test_the_docker_secrets_stay_behind_whichever_route_saw_the_bytes_first() -> None:
+    # One header block, remembered for the ExApp route (Authorization and Cookie pass)
+    # and for the Docker passthrough (HaRP's secrets never reach an engine): two entries.
+    from twisted.web.http_headers import Headers
+
+    from harp.docker.passthrough import _SECRET_HEADERS
+
+    block = (b"Host: x\r\nAuthorization: Basic c2VjcmV0\r\nCookie: a=b\r\n"
+             b"harp-shared-key: k\r\ndocker-engine-port: 24001\r\nAccept: */*")
+
+    class Parsed:
+        header_block = block
+        requestHeaders = Headers()
+
+    for line in block.split(b"\r\n"):
+        name, _, value = line.partition(b": ")
+        Parsed.requestHeaders.addRawHeader(name, value)
+    proxy._FORWARDED.clear()
+    for order in ((frozenset(), _SECRET_HEADERS), (_SECRET_HEADERS, frozenset())):
+        proxy._FORWARDED.clear()
+        answers = {drop: proxy._forwarded_headers(Parsed, b"e:1", drop)  # type: ignore[arg-type]
+                   for drop in order}
+        assert len(proxy._FORWARDED) == 2
+        docker = answers[_SECRET_HEADERS].lower()
+        for secret in (b"authorization", b"cookie", b"harp-shared-key", b"docker-engine-port"):
+            assert secret not in docker
+        assert b"accept: */*" in docker and b"host: x" in docker
+        exapp = answers[frozenset()].lower()
+        assert b"authorization: basic" in exapp and b"cookie: a=b" in exapp
+        assert b"harp-shared-key" not in exapp
