@@ -61,7 +61,13 @@ AVAILABLE: Final = sys.platform.startswith("linux") and hasattr(os, "splice")
 #: descriptors: the body then goes through the process, and no splice is tried again.
 _UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
-_splice: Final = getattr(os, "splice", None)
+
+def _no_splice(*args: object, **kwargs: object) -> int:
+    raise OSError(errno.ENOSYS, "splice(2) is not available")
+
+
+#: ``os.splice``; where it does not exist, a stand-in that refuses like such a kernel.
+_splice: Callable[..., int] = getattr(os, "splice", _no_splice)
 
 log = HarpLogger("harp.splice")
 
@@ -185,22 +191,15 @@ class Splice:
         if self.state != "pumping":
             return
         moved = 0
-        splice: Any = _splice
         while True:
             if self.in_pipe:
-                try:
-                    n = splice(self.pipe_r, self.sink_fd, self.in_pipe, flags=_FLAGS)
-                except BlockingIOError:
+                n = self._move(self.pipe_r, self.sink_fd, self.in_pipe, "client", moved)
+                if n is None:
+                    return
+                if n < 0:
                     self._want_read(False)
                     self._want_write(True)
                     break
-                except OSError as exc:
-                    self._report(moved)
-                    if exc.errno in _UNSUPPORTED:
-                        self._give_back(exc)
-                    else:
-                        self._fail("client", f"client connection failed: {_name(exc)}")
-                    return
                 self.in_pipe -= n
                 moved += n
                 continue
@@ -210,22 +209,16 @@ class Splice:
                 self.state = "done"
                 self.done()
                 return
-            try:
-                n = splice(
-                    self.source.fileno(), self.pipe_w, min(self.remaining, PIPE_SIZE),
-                    flags=_FLAGS,
-                )
-            except BlockingIOError:
+            n = self._move(
+                self.source.fileno(), self.pipe_w, min(self.remaining, PIPE_SIZE), "upstream",
+                moved,
+            )
+            if n is None:
+                return
+            if n < 0:
                 self._want_write(False)
                 self._want_read(True)
                 break
-            except OSError as exc:
-                self._report(moved)
-                if exc.errno in _UNSUPPORTED:
-                    self._give_back(exc)
-                else:
-                    self._fail("upstream", f"upstream connection failed: {_name(exc)}")
-                return
             if n == 0:
                 self._report(moved)
                 self._fail("upstream", "upstream closed the connection mid-body")
@@ -233,6 +226,22 @@ class Splice:
             self.remaining -= n
             self.in_pipe += n
         self._report(moved)
+
+    def _move(self, src: int, dst: int, count: int, side: str, moved: int) -> int | None:
+        """One splice: the bytes moved, -1 if it would block, None if the splice ended
+        (a failure or the kernel's refusal, reported after the ``moved`` bytes)."""
+        try:
+            n: int = _splice(src, dst, count, flags=_FLAGS)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            self._report(moved)
+            if exc.errno in _UNSUPPORTED:
+                self._give_back(exc)
+            else:
+                self._fail(side, f"{side} connection failed: {_name(exc)}")
+            return None
+        return n
 
     def _report(self, moved: int) -> None:
         if moved:

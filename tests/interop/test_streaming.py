@@ -421,38 +421,37 @@ def test_idle_keep_alive_closed(harp: HarpProcess) -> None:
     c.close()
 
 
-def test_upstream_that_never_answers_is_504(tmp_path: Path, key: str,
-                                            nextcloud: FakeNextcloud,
-                                            bulk: BulkUpstream) -> None:
+@pytest.fixture
+def impatient_harp(tmp_path: Path, key: str, nextcloud: FakeNextcloud,
+                   bulk: BulkUpstream) -> Iterator[HarpProcess]:
+    """A HaRP of its own with ``HP_TIMEOUT_SERVER=2s``, in front of the bulk upstream."""
     proc = start_harp(tmp_path, key, nextcloud, HP_LOG_LEVEL="warning", HP_TIMEOUT_SERVER="2s")
     try:
-        c = conn(proc)
-        start = time.monotonic()
-        c.request("GET", "/exapps/bulk/hang")
-        resp = c.getresponse()
-        assert (resp.status, resp.read()) == (504, b"504 Gateway Timeout")
-        assert 1.5 < time.monotonic() - start < 6
-        c.close()
+        yield proc
     finally:
         proc.stop()
 
 
-def test_upstream_silent_mid_body_cuts_the_client(tmp_path: Path, key: str,
-                                                   nextcloud: FakeNextcloud,
-                                                   bulk: BulkUpstream) -> None:
+def test_upstream_that_never_answers_is_504(impatient_harp: HarpProcess) -> None:
+    c = conn(impatient_harp)
+    start = time.monotonic()
+    c.request("GET", "/exapps/bulk/hang")
+    resp = c.getresponse()
+    assert (resp.status, resp.read()) == (504, b"504 Gateway Timeout")
+    assert 1.5 < time.monotonic() - start < 6
+    c.close()
+
+
+def test_upstream_silent_mid_body_cuts_the_client(impatient_harp: HarpProcess) -> None:
     # A spliced body whose upstream goes silent longer than HP_TIMEOUT_SERVER: the
     # client connection is cut (a truncated body never looks complete).
-    proc = start_harp(tmp_path, key, nextcloud, HP_LOG_LEVEL="warning", HP_TIMEOUT_SERVER="2s")
-    try:
-        c = conn(proc)
-        c.request("GET", f"/exapps/bulk/bytes/{8 * MB}?pause=15")
-        resp = c.getresponse()
-        start = time.monotonic()
-        assert len(read_until_cut(resp)) <= 4 * MB
-        assert time.monotonic() - start < 10
-        c.close()
-    finally:
-        proc.stop()
+    c = conn(impatient_harp)
+    c.request("GET", f"/exapps/bulk/bytes/{8 * MB}?pause=15")
+    resp = c.getresponse()
+    start = time.monotonic()
+    assert len(read_until_cut(resp)) <= 4 * MB
+    assert time.monotonic() - start < 10
+    c.close()
 
 
 def test_no_descriptor_leak(harp: HarpProcess) -> None:
