@@ -224,6 +224,8 @@ class UpstreamConnection(TwistedProtocol):
     def _splice_refused(self, pending: bytes, remaining: int) -> None:
         """The kernel cannot splice: the rest of the body goes through :meth:`_body`."""
         self.splice = None
+        if self.transport is not None:
+            self.transport.bufferSize = UPSTREAM_READ_SIZE  # type: ignore[attr-defined]
         handler = self.handler
         if handler is not None:
             handler.splice_abandoned()

@@ -149,3 +149,20 @@ def test_chunked_writer_frames() -> None:
     writer.write(b"")
     writer.finish()
     assert transport.value() == b"5\r\nhello\r\n0\r\n\r\n"
+
+
+def test_a_splice_given_back_delivers_the_rest_through_the_process() -> None:
+    # harp/splice.py hands back what it took from the upstream when the kernel refuses:
+    # those bytes come first, the rest follows through dataReceived, the body ends
+    # exactly at its length and the connection is reused.
+    abandoned: list[bool] = []
+    pool, conn, transport, handler = _exchange(
+        b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab"
+    )
+    handler.splice_abandoned = lambda: abandoned.append(True)  # type: ignore[attr-defined]
+    conn._splice_refused(b"cde", 5)  # 2 delivered, 3 taken by the splice, 5 still to read
+    assert abandoned == [True] and handler.data == b"abcde" and not handler.done
+    conn.dataReceived(b"fghij")
+    assert (handler.data, handler.done) == (b"abcdefghij", True)
+    assert conn.state == "idle" and pool.take(conn.key) is conn
+    assert transport.value().startswith(b"GET / HTTP/1.1\r\n")
