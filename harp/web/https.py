@@ -74,6 +74,8 @@ class TLSServerProtocol(ProtocolWrapper):
     # --- from the client
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state in ("closing", "failed"):
+            return  # nothing more is read; the BIO must not grow meanwhile
         self._incoming.write(data)
         if self.state == "handshake":
             try:
