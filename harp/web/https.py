@@ -27,9 +27,11 @@ import ssl
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import LogLevel
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import alsoProvides
 
+from harp import logs
 from harp.logs import HarpLogger
 
 log = HarpLogger("harp.https")
@@ -163,7 +165,8 @@ class TLSServerProtocol(ProtocolWrapper):
 
     def _failed(self, exc: Exception) -> None:
         """A handshake or record error: send the alert OpenSSL wrote, then close."""
-        log.debug("TLS connection from {peer} failed: {error}", peer=_peer(self), error=exc)
+        if logs.enabled(LogLevel.debug):  # a scanner's flood costs no formatting
+            log.debug("TLS connection from {peer} failed: {error}", peer=_peer(self), error=exc)
         self.state = "failed"
         self._send_tls()
         if self.transport is not None:
