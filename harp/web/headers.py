@@ -40,8 +40,9 @@ _EMPTY: Final[frozenset[bytes]] = frozenset()
 
 
 #: Whether ``Headers`` keeps its headers in a ``_rawHeaders`` dict (every Twisted since
-#: 2010); if a later one does not, :func:`header_values` asks ``getRawHeaders``.
-_HEADERS_DICT: Final = isinstance(getattr(Headers(), "_rawHeaders", None), dict)
+#: 2010); if a later one does not, :func:`header_values` asks ``getRawHeaders`` and the
+#: request-header memo (harp/web/site.py) remembers nothing.
+HEADERS_DICT: Final = isinstance(getattr(Headers(), "_rawHeaders", None), dict)
 
 #: The key ``Headers`` stores each name HaRP looks up under (lower case before Twisted
 #: 24.7, Header-Case since): found once per name by storing it, as Twisted does.
@@ -63,7 +64,7 @@ def header_values(headers: Headers, name: bytes) -> Sequence[bytes] | None:
     for five headers per request (docs/performance.md).  ``name`` must be one of HaRP's
     own constants, never client input (:data:`_KEYS` keeps every name it is given).
     """
-    if not _HEADERS_DICT:
+    if not HEADERS_DICT:
         return headers.getRawHeaders(name)
     values: list[bytes] | None = headers._rawHeaders.get(_KEYS.get(name) or _key(name))
     return values or None

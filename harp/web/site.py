@@ -50,7 +50,7 @@ from harp.timers import cancel
 from harp.web.body import BodyPipe
 from harp.web.chunks import BoundedChunkedDecoder
 from harp.web.h2 import HarpH2Connection, HarpH2Stream
-from harp.web.headers import http_date
+from harp.web.headers import HEADERS_DICT, http_date
 from harp.web.limits import ConnectionLimit
 from harp.web.request_line import parse_request_line
 
@@ -82,9 +82,6 @@ _FRAMING: Final = {b"content-length": b"Content-Length", b"transfer-encoding": b
 _PARSED_HEADERS: Final[dict[bytes, tuple[int, tuple[tuple[bytes, tuple[bytes, ...]], ...]]]] = {}
 _MAX_REMEMBERED_BLOCKS: Final = 1024
 _MAX_REMEMBERED_BLOCK: Final = 2048
-#: Whether ``Headers`` keeps its headers in a ``_rawHeaders`` dict, as every Twisted since
-#: 2010 does; if a later one does not, nothing is remembered.
-_HEADERS_DICT: Final = isinstance(getattr(Headers(), "_rawHeaders", None), dict)
 
 #: A head starting with these is for the line-by-line path (an empty line before the
 #: request line, which twisted.web skips once, or whitespace).
@@ -311,7 +308,7 @@ class HarpChannel(http.HTTPChannel):
         they are copied from :data:`_PARSED_HEADERS` instead (docs/performance.md).
         """
         start = self._receivedHeaderCount
-        remembered = _PARSED_HEADERS.get(block) if _HEADERS_DICT and not start else None
+        remembered = _PARSED_HEADERS.get(block) if HEADERS_DICT and not start else None
         if remembered is not None and remembered[0] <= self.maxHeaders:
             count, parsed = remembered
             headers._rawHeaders = {name: list(values) for name, values in parsed}
@@ -343,7 +340,7 @@ class HarpChannel(http.HTTPChannel):
                 self._respondToBadRequestAndDisconnect()
                 return False
         self._receivedHeaderCount = count
-        if _HEADERS_DICT and not framed and not start and len(block) <= _MAX_REMEMBERED_BLOCK:
+        if HEADERS_DICT and not framed and not start and len(block) <= _MAX_REMEMBERED_BLOCK:
             parsed = tuple((name, tuple(values)) for name, values in headers._rawHeaders.items())
             remember(_PARSED_HEADERS, block, (count, parsed), _MAX_REMEMBERED_BLOCKS)
         return True
