@@ -35,7 +35,7 @@ import fcntl
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
@@ -75,7 +75,7 @@ log = HarpLogger("harp.splice")
 class _Support:
     """Whether splicing still works in this process (cleared on the first refusal)."""
 
-    usable = AVAILABLE
+    usable: ClassVar[bool] = AVAILABLE
 
 
 def socket_fd(transport: Any) -> int | None:

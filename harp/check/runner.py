@@ -15,8 +15,9 @@ import datetime
 from collections.abc import Iterator, Mapping
 from typing import TextIO
 
-from harp.check import certs, engines, frontends, kubernetes, nextcloud, redis
+from harp.check import build, certs, engines, frontends, kubernetes, nextcloud, redis
 from harp.check.result import Result, Status, failed, passed
+from harp.compiled import MODULES, compiled_modules
 from harp.config import ConfigError, Settings
 
 CONFIG = "config"
@@ -33,6 +34,7 @@ def checks(settings: Settings, app_id: str | None, docker_api: str) -> Iterator[
     now = datetime.datetime.now(datetime.UTC)
     remarks = "; ".join(settings.warnings)
     yield passed(CONFIG, "environment valid" + (f" ({remarks})" if remarks else ""))
+    yield build.build(compiled_modules(), MODULES)
     yield certs.https_certificate(settings.https_cert_path, now)
     yield certs.frp_certificates(settings.frp_certs_dir, settings.frp_disable_tls, now)
     http_result = frontends.http_frontend(settings)

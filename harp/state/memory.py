@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from harp.bans import FailureTable, ban_key
 from harp.exapps import ExAppRecord
 from harp.logs import HarpLogger
@@ -29,6 +31,8 @@ def _log_ban_table_full() -> None:
     )
 
 
+# Subclassed outside the compiled modules (harp/compiled.py): the Redis and primary states.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemoryState:
     def __init__(
         self,
@@ -91,6 +95,7 @@ class MemoryState:
 MAX_REMOTE_BANS: Final = 100_000
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SharedBansState(MemoryState):
     """A :class:`MemoryState` that also enforces bans decided elsewhere.
 

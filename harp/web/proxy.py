@@ -18,6 +18,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Final, cast
 
+from mypy_extensions import mypyc_attr
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.python.failure import Failure
@@ -383,6 +384,8 @@ def _uri(host: str, port: int) -> URI:
                b"", b"", b"")
 
 
+# Tests stand in for it with interpreted subclasses (it is compiled, harp/compiled.py).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ExAppProxy(ReverseProxyResource):
     """Proxy requests to the upstream chosen by the pipeline (see module docstring)."""
 

@@ -105,8 +105,8 @@ def setup(
 def test_all_green(setup: Setup) -> None:
     out = setup.check("--app-id", APP)
     assert out.code == 0, out
-    expected = ["config", "https-cert", "frp-certs", "harp-http", "harp-https", "harp-frp",
-                "nextcloud", "shared-key", "clock", "redis", "kubernetes", "docker",
+    expected = ["config", "build", "https-cert", "frp-certs", "harp-http", "harp-https",
+                "harp-frp", "nextcloud", "shared-key", "clock", "redis", "kubernetes", "docker",
                 "frp-engines"]
     assert list(out.lines) == expected, out
     skipped = ("redis", "kubernetes")  # state in memory; no Kubernetes backend

@@ -85,10 +85,17 @@ def test_lifecycle_no_engine_is_json_503() -> None:
     assert json.loads(body)["docker_engine_port"] == "24001"
 
 
+class _NoProxy(ExAppProxy):
+    """A proxy never built (the compiled passthrough checks its type, harp/compiled.py)."""
+
+    def __init__(self) -> None:
+        pass
+
+
 def _passthrough(port: bytes, method: bytes, uri: bytes) -> Request:
     clock = Clock()
     # Never reached: every case here is answered before forwarding.
-    passthrough = DockerPassthrough(_endpoints(clock), cast(ExAppProxy, None))
+    passthrough = DockerPassthrough(_endpoints(clock), _NoProxy())
     request = _request(port, uri=uri, method=method)
     passthrough.passthrough(request, uri.partition(b"?")[0])
     assert request.finished

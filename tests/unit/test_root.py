@@ -30,6 +30,7 @@ from harp.web import pipeline as P
 from harp.web import responses
 from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
+from harp.web.proxy import ExAppProxy
 from harp.web.root import CONTROL_BODY_LIMIT, Root
 from harp.web.site import HarpChannel, HarpRequest, HarpSite
 
@@ -40,8 +41,23 @@ CLIENT = "192.0.2.20"
 WITH_KEY = b"harp-shared-key: " + KEY + b"\r\n"
 
 
-class FakeProxy:
-    """Stands in for ``ExAppProxy``: records the hand-off and answers 200 "upstream"."""
+class _RecordingPipeline(P.Pipeline):
+    """The real pipeline, recording each verdict it returns (what Root acted on)."""
+
+    def __init__(self, verdicts: list[P.Verdict], *args: Any) -> None:
+        super().__init__(*args)
+        self.verdicts = verdicts
+
+    async def decide(self, request: Request, client: str) -> P.Verdict:
+        verdict = await super().decide(request, client)
+        self.verdicts.append(verdict)
+        return verdict
+
+
+class FakeProxy(ExAppProxy):
+    """Stands in for ``ExAppProxy``: records the hand-off and answers 200 "upstream".
+
+    A subclass, not a look-alike: the compiled root (harp/compiled.py) checks the type."""
 
     def __init__(self) -> None:
         self.forwarded: list[dict[str, Any]] = []
@@ -83,8 +99,10 @@ class Server:
         }))
         trusted, _ = parse_trusted_proxies("")
         # No Nextcloud: every record is in the state, no request carries credentials.
-        self.pipeline = P.Pipeline(
-            self.state, None, KeyCheck(KEY.decode()),  # type: ignore[arg-type]
+        #: Every verdict the pipeline returned, in order: what Root acted on.
+        self.verdicts: list[P.Verdict] = []
+        self.pipeline = _RecordingPipeline(
+            self.verdicts, self.state, None, KeyCheck(KEY.decode()),  # type: ignore[arg-type]
             ClientAddressResolver(trusted),
         )
         self.control = ControlPlane()
@@ -96,16 +114,6 @@ class Server:
         )
         self.site = HarpSite(self.root, head_timeout=30.0)
         self.clock = MemoryReactorClock()
-        #: Every verdict the pipeline returned, in order: what Root acted on.
-        self.verdicts: list[P.Verdict] = []
-        decide = self.pipeline.decide
-
-        async def recorded(request: Request, client: str) -> P.Verdict:
-            verdict = await decide(request, client)
-            self.verdicts.append(verdict)
-            return verdict
-
-        self.pipeline.decide = recorded  # type: ignore[method-assign]
 
     def connect(self, client: str = CLIENT) -> tuple[HarpChannel, StringTransport]:
         channel = self.site.buildProtocol(None)

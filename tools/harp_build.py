@@ -1,0 +1,117 @@
+"""HaRP's PEP 517 build backend: setuptools, plus mypyc for the per-request modules.
+
+Why a backend of our own: compiling needs mypy (mypyc) and, for the types mypyc compiles
+against, HaRP's own dependencies in the build environment — requirements that exist only
+when compiling.  setuptools cannot declare requirements that depend on the build, so this
+thin layer decides once, puts the answer in ``HARP_COMPILE`` for setup.py and asks for
+what the compile needs.  Editable installs and sdists are never compiled: a compiled
+module next to its source would shadow every later edit of it.
+
+``HARP_COMPILE``: ``1`` compile (the build fails if it cannot), ``0`` do not, unset: compile
+when a C compiler and Python's headers are present (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from setuptools import build_meta as _setuptools
+from setuptools.build_meta import (  # noqa: F401  (the hooks this backend does not change)
+    build_sdist,
+    get_requires_for_build_sdist,
+)
+
+#: The compiler's own pins: the same source compiles to the same C.
+COMPILER = ("mypy==2.4.1", "mypy-zope==1.0.17")
+
+
+def _can_compile() -> bool:
+    """A C compiler and Python's headers, as setuptools' build_ext will look for them."""
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    include = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return bool(cc) and shutil.which(cc[0]) is not None and include.exists()
+
+
+def _compile() -> bool:
+    """Settle ``HARP_COMPILE`` for this build (and for setup.py, which reads it)."""
+    wanted = os.environ.get("HARP_COMPILE", "")
+    if wanted not in ("", "0", "1"):
+        raise SystemExit(f"HARP_COMPILE must be 0 or 1, not {wanted!r}")
+    compile_ = wanted == "1" or (wanted == "" and _can_compile())
+    if wanted == "" and not compile_:
+        print(
+            "harp: no C compiler or Python headers: building without the compiled "
+            "per-request modules (slower; see docs/performance.md)",
+            file=sys.stderr,
+        )
+    os.environ["HARP_COMPILE"] = "1" if compile_ else "0"
+    return compile_
+
+
+def _dependencies() -> list[str]:
+    """HaRP's runtime dependencies (pyproject.toml): mypyc compiles against their types."""
+    with open("pyproject.toml", "rb") as file:
+        project: dict[str, Any] = tomllib.load(file)["project"]
+    return list(project["dependencies"])
+
+
+def _pure() -> None:
+    """For the hooks that run setup.py only to learn something (requirements, metadata):
+    nothing to compile there, and the compiler may not be installed yet."""
+    os.environ["HARP_COMPILE"] = "0"
+
+
+def get_requires_for_build_wheel(config_settings: Any = None) -> list[str]:
+    compile_ = _compile()
+    _pure()
+    requires: list[str] = _setuptools.get_requires_for_build_wheel(config_settings)
+    if compile_:
+        requires += [*COMPILER, *_dependencies()]
+    return requires
+
+
+def prepare_metadata_for_build_wheel(
+    metadata_directory: str, config_settings: Any = None
+) -> str:
+    _pure()
+    name: str = _setuptools.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+    return name
+
+
+def build_wheel(
+    wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None
+) -> str:
+    _compile()
+    name: str = _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
+    return name
+
+
+def get_requires_for_build_editable(config_settings: Any = None) -> list[str]:
+    _pure()
+    requires: list[str] = _setuptools.get_requires_for_build_editable(config_settings)
+    return requires
+
+
+def prepare_metadata_for_build_editable(
+    metadata_directory: str, config_settings: Any = None
+) -> str:
+    _pure()
+    name: str = _setuptools.prepare_metadata_for_build_editable(
+        metadata_directory, config_settings
+    )
+    return name
+
+
+def build_editable(
+    wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None
+) -> str:
+    os.environ["HARP_COMPILE"] = "0"
+    name: str = _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
+    return name
