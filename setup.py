@@ -1,8 +1,9 @@
-"""Build hook: HaRP's per-request modules compiled by mypyc when ``HARP_COMPILE=1``.
+"""Build hook: HaRP's per-request modules compiled by mypyc when the backend says so.
 
-Everything else about the package is in pyproject.toml.  ``HARP_COMPILE`` is settled by the
-build backend (tools/harp_build.py) before this runs: ``1`` when a C compiler and Python's
-headers are there (or when asked for), ``0`` otherwise.  The list of modules is
+Everything else about the package is in pyproject.toml.  The build backend
+(tools/harp_build.py) settles ``HARP_COMPILE`` before this runs and sets
+``HARP_SETUP_COMPILE=1`` when this build compiles (a C compiler and Python's headers are
+there, or ``HARP_COMPILE=1`` asked for it).  The list of modules is
 harp/compiled.py's, read without importing HaRP (docs/performance.md, "Compiled modules").
 """
 
@@ -14,7 +15,7 @@ import runpy
 from setuptools import setup
 
 ext_modules = []
-if os.environ.get("HARP_COMPILE") == "1":
+if os.environ.get("HARP_SETUP_COMPILE") == "1":
     from mypyc.build import mypycify
 
     modules = runpy.run_path(os.path.join("harp", "compiled.py"))["MODULES"]

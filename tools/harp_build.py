@@ -3,8 +3,8 @@
 Why a backend of our own: compiling needs mypy (mypyc) and, for the types mypyc compiles
 against, HaRP's own dependencies in the build environment — requirements that exist only
 when compiling.  setuptools cannot declare requirements that depend on the build, so this
-thin layer decides once, puts the answer in ``HARP_COMPILE`` for setup.py and asks for
-what the compile needs.  Editable installs and sdists are never compiled: a compiled
+thin layer decides, tells setup.py (``HARP_SETUP_COMPILE``) and asks for what the
+compile needs.  Editable installs and sdists are never compiled: a compiled
 module next to its source would shadow every later edit of it.
 
 ``HARP_COMPILE``: ``1`` compile (the build fails if it cannot), ``0`` do not, unset: compile
@@ -39,8 +39,13 @@ def _can_compile() -> bool:
     return bool(cc) and shutil.which(cc[0]) is not None and include.exists()
 
 
+#: What setup.py reads: ``1`` compile now.  Not ``HARP_COMPILE`` itself: build front-ends
+#: (tox) call every hook in one process, so the user's choice must stay as it was given.
+SETUP_FLAG = "HARP_SETUP_COMPILE"
+
+
 def _compile() -> bool:
-    """Settle ``HARP_COMPILE`` for this build (and for setup.py, which reads it)."""
+    """Settle whether this build compiles, and tell setup.py."""
     wanted = os.environ.get("HARP_COMPILE", "")
     if wanted not in ("", "0", "1"):
         raise SystemExit(f"HARP_COMPILE must be 0 or 1, not {wanted!r}")
@@ -51,7 +56,7 @@ def _compile() -> bool:
             "per-request modules (slower; see docs/performance.md)",
             file=sys.stderr,
         )
-    os.environ["HARP_COMPILE"] = "1" if compile_ else "0"
+    os.environ[SETUP_FLAG] = "1" if compile_ else "0"
     return compile_
 
 
@@ -65,7 +70,7 @@ def _dependencies() -> list[str]:
 def _pure() -> None:
     """For the hooks that run setup.py only to learn something (requirements, metadata):
     nothing to compile there, and the compiler may not be installed yet."""
-    os.environ["HARP_COMPILE"] = "0"
+    os.environ[SETUP_FLAG] = "0"
 
 
 def get_requires_for_build_wheel(config_settings: Any = None) -> list[str]:
@@ -112,6 +117,6 @@ def prepare_metadata_for_build_editable(
 def build_editable(
     wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None
 ) -> str:
-    os.environ["HARP_COMPILE"] = "0"
+    _pure()
     name: str = _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
     return name

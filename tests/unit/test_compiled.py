@@ -57,10 +57,12 @@ def test_backend_settles_harp_compile(
 ) -> None:
     backend = _backend()
     monkeypatch.setenv("HARP_COMPILE", wanted)
+    monkeypatch.delenv("HARP_SETUP_COMPILE", raising=False)
     monkeypatch.setattr(backend, "_can_compile", lambda: can)
     assert backend._compile() is compiles
-    # setup.py compiles exactly when the backend left "1".
-    assert os.environ["HARP_COMPILE"] == ("1" if compiles else "0")
+    # setup.py compiles exactly when the backend left "1"; the user's choice stays.
+    assert os.environ[backend.SETUP_FLAG] == ("1" if compiles else "0")
+    assert os.environ["HARP_COMPILE"] == wanted
 
 
 def test_backend_refuses_a_bad_harp_compile(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,9 +77,31 @@ def test_compiling_asks_for_the_compiler_and_harps_dependencies(
 ) -> None:
     backend = _backend()
     monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HARP_SETUP_COMPILE", raising=False)
     monkeypatch.setenv("HARP_COMPILE", "1")
     requires = backend.get_requires_for_build_wheel()
     assert any(r.startswith("mypy==") for r in requires)
     assert any(r.startswith("twisted") for r in requires)
     monkeypatch.setenv("HARP_COMPILE", "0")
     assert not any(r.startswith("mypy") for r in backend.get_requires_for_build_wheel())
+
+
+def test_one_process_runs_every_hook_and_still_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tox calls get_requires_for_build_wheel (which runs setup.py without compiling) and
+    # build_wheel in the same process: the second must still compile.
+    backend = _backend()
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HARP_SETUP_COMPILE", raising=False)
+    monkeypatch.setenv("HARP_COMPILE", "1")
+    seen: list[str | None] = []
+    monkeypatch.setattr(
+        backend._setuptools, "get_requires_for_build_wheel",
+        lambda settings=None: seen.append(os.environ.get(backend.SETUP_FLAG)) or [],
+    )
+    monkeypatch.setattr(
+        backend._setuptools, "build_wheel",
+        lambda *args: seen.append(os.environ.get(backend.SETUP_FLAG)) or "harp.whl",
+    )
+    backend.get_requires_for_build_wheel()
+    backend.build_wheel("dist")
+    assert seen == ["0", "1"]
