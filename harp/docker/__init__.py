@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from harp.docker.engines import EngineEndpoints
 from harp.docker.lifecycle import DockerLifecycle
@@ -26,7 +26,7 @@ from harp.docker.passthrough import DockerPassthrough
 from harp.docker.routes import LifecycleRoutes
 from harp.web.control import ControlPlane
 from harp.web.proxy import ExAppProxy
-from harp.web.upstream import TunnelLookup, UpstreamEndpoints
+from harp.web.upstream import TunnelLookup
 
 __all__ = [
     "DockerLifecycle", "DockerPassthrough", "DockerSide", "EngineEndpoints", "LifecycleRoutes",
@@ -57,11 +57,7 @@ def build(
     endpoints = EngineEndpoints(reactor, socket_path, tunnels, connect_timeout)
     routes = LifecycleRoutes(reactor, endpoints, DockerLifecycle(reactor, frp_certs_dir))
     routes.register(control)
-    # ExAppProxy only needs an IAgentEndpointFactory; it is annotated with the ExApp one.
-    proxy = ExAppProxy(
-        reactor, connect_timeout, server_timeout,
-        endpoints=cast(UpstreamEndpoints, endpoints),
-    )
+    proxy = ExAppProxy(reactor, connect_timeout, server_timeout, endpoints=endpoints)
     return DockerSide(
         DockerPassthrough(endpoints, proxy),
         (routes.pool.closeCachedConnections, proxy.pool.close_all),

@@ -38,7 +38,7 @@ from harp.web.headers import HOP_BY_HOP, connection_listed
 from harp.web.response_head import ResponseHead
 from harp.web.site import HarpChannel, HarpRequest
 from harp.web.upgrade import WebSocketUpgrade
-from harp.web.upstream import UpstreamEndpoints, upstream_uri
+from harp.web.upstream import EndpointFactory, UpstreamEndpoints, upstream_uri
 
 log = HarpLogger("harp.proxy")
 
@@ -393,7 +393,7 @@ class ExAppProxy(ReverseProxyResource):
 
     def __init__(
         self, reactor: Any, connect_timeout: float, server_timeout: float,
-        endpoints: UpstreamEndpoints | None = None,
+        endpoints: EndpointFactory | None = None,
     ) -> None:
         super().__init__("", 0, b"", reactor)
         # Sized for the concurrency, like HAProxy's http-reuse: every connection an

@@ -52,6 +52,17 @@ class _BoundedConnect:
 
 
 @implementer(IAgentEndpointFactory)
+class EndpointFactory(Protocol):
+    """What the proxy needs to reach an upstream: an endpoint for its URI.
+
+    Twisted's ``IAgentEndpointFactory``, as a structural type: the ExApps'
+    :class:`UpstreamEndpoints` and the Docker engines' ``EngineEndpoints`` both provide it,
+    and a compiled caller (harp/compiled.py) checks the declared type at run time.
+    """
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint: ...
+
+
 class UpstreamEndpoints:
     def __init__(
         self, reactor: IReactorCore, connect_timeout: float, tunnels: TunnelLookup | None = None
