@@ -25,6 +25,7 @@ import argparse
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from bench import idle, procstat, wrk
 from bench.harness import Stack, stack
@@ -122,6 +123,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _build(pid: int) -> str:
+    """Whether the HaRP under test runs its compiled modules (harp/compiled.py): the
+    figures of the two builds differ by about a third."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    return "compiled (mypyc)" if "harp__mypyc" in maps else "interpreted"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for tool in ("wrk", NGINX):
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [run_scenario(st, args, sc) for sc in scenarios]
         log_growth = st.harp.log_path.stat().st_size - log_start
         harp_env = {k: v for k, v in st.env.items() if k in extra}
+        build = _build(st.pid)
 
     print()
     print(text(rows, with_reference))
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrk -t2 ({conns}), {args.duration:g} s per run, {args.reps} interleaved reps, "
           f"medians; ratio = HaRP ÷ direct (median of per-rep ratios); CPU 100 = one core; "
           f"HaRP env extra: {harp_env or 'none'}; total {time.monotonic() - started:.0f} s")
-    print(f"HaRP log written during the runs: {log_growth:,} bytes")
+    print(f"HaRP log written during the runs: {log_growth:,} bytes; HaRP build: {build}")
     if idle_result is not None:
         print(
             f"{idle_result.connections} idle connections: "
