@@ -6,6 +6,9 @@
 # WHEELS: a folder of the build context holding harp's wheel, its dependencies' wheels and
 # pip's own wheel (tools/build-image fills build/image/wheels). Set, the build installs only
 # from it and needs no network; empty, pip installs the source tree from the package index.
+# tools/build-image's wheel has the compiled per-request modules (harp/compiled.py); the
+# source-tree path compiles them only where BASE has a C compiler and Python's headers
+# (python:3.11-slim has not: HaRP then runs interpreted, `python -m harp check` says so).
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS build

@@ -7,10 +7,14 @@ removes most of the interpreter's cost per call without changing the code.  The 
 the per-request path of the ExApp frontends and the Docker passthrough; everything else
 (start-up, the control plane, FRP, Docker and Kubernetes lifecycles) stays interpreted.
 
-Not compiled, on purpose: :mod:`harp.web.site`.  Its channel and request subclass
-twisted.web's and share private attributes with it; a compiled class keeps attributes that
-mypy cannot see in the base class in slots of its own, so the two would each read their own
-copy of a counter (twisted.web's header-size limit, for one).
+Not compiled: :mod:`harp.web.site`.  Its channel, request and site subclass twisted.web's
+and share attributes with them.  Compiled as native classes, the attributes mypy cannot see
+in the Python base class get slots of their own, so twisted.web and HaRP would each read
+their own copy (of, for one, the header-size counter behind twisted.web's head limit);
+compiled as regular classes (``native_class=False``), every read of a twisted.web attribute
+is checked against twisted.web's annotation, which the values do not always follow
+(``timeOut`` is annotated ``int`` and holds HaRP's float seconds).  Its pure part is
+compiled where it lives on its own (:mod:`harp.web.relayed_head`).
 
 ``setup.py`` reads :data:`MODULES` without importing HaRP; the modules stay valid Python,
 so a build without a C compiler (or with ``HARP_COMPILE=0``) runs the same code, slower.
@@ -43,6 +47,7 @@ MODULES: Final = (
     "harp.web.limits",
     "harp.web.pipeline",
     "harp.web.proxy",
+    "harp.web.relayed_head",
     "harp.web.request_line",
     "harp.web.response_body",
     "harp.web.response_head",

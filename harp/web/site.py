@@ -52,6 +52,7 @@ from harp.web.chunks import BoundedChunkedDecoder
 from harp.web.h2 import HarpH2Connection, HarpH2Stream
 from harp.web.headers import HEADERS_DICT, http_date
 from harp.web.limits import ConnectionLimit
+from harp.web.relayed_head import relayed_head
 from harp.web.request_line import parse_request_line
 
 log = HarpLogger("harp.access")
@@ -493,36 +494,20 @@ class HarpRequest(Request):
             return
         self.startedWriting = 1
         lines, names = relayed
-        head = [self.clientproto, b" %d " % self.code, self.code_message, b"\r\n"]
-        if b"date" not in names:
-            head += (b"Date: ", http_date(), b"\r\n")
-        own = self.responseHeaders
-        for name, values in own.getAllRawHeaders():  # Connection...
-            if name.lower() not in names:
-                for value in values:
-                    head += (name, b": ", value, b"\r\n")
-        head.append(lines)
-        for cookie in self.cookies:
-            head += (b"Set-Cookie: ", cookie, b"\r\n")
-        if self.method == b"HEAD" or self.code in NO_BODY_CODES:
-            head.append(b"\r\n")
-            self.channel.write(b"".join(head))
+        bodiless = self.method == b"HEAD" or self.code in NO_BODY_CODES
+        head, chunked = relayed_head(
+            self.clientproto, self.code, self.code_message, lines, names,
+            self.responseHeaders.getAllRawHeaders(), self.cookies, bodiless, data,
+        )
+        if bodiless:
+            self.channel.write(head)
             self.write = _discard  # type: ignore[method-assign]  # as twisted.web: no body
             return
-        if (
-            self.clientproto == b"HTTP/1.1"
-            and b"content-length" not in names and not own.hasHeader(b"content-length")
-        ):
-            # No length: chunked, so the connection stays usable (as twisted.web).
-            head.append(b"transfer-encoding: chunked\r\n\r\n")
+        if chunked:
             self.chunked = 1
-            if data:
-                head += (b"%x\r\n" % len(data), data, b"\r\n")
-        else:
-            head += (b"\r\n", data)
         self.sentLength += len(data)
         # One buffer: writeSequence would check and queue each of the pieces.
-        self.channel.write(b"".join(head))
+        self.channel.write(head)
 
     def gotLength(self, length: int | None) -> None:
         # No super(): it would create the buffer (BytesIO or temp file) we avoid.

@@ -24,6 +24,7 @@ from harp.docker.passthrough import DockerPassthrough
 from harp.docker.routes import MISSING_PORT, LifecycleRoutes
 from harp.web.control import ControlPlane, Handler
 from harp.web.proxy import ExAppProxy
+from harp.web.site import HarpRequest
 
 
 class _Control:
@@ -43,7 +44,10 @@ def _endpoints(clock: Clock) -> EngineEndpoints:
 
 def _request(port: bytes | None, body: bytes = b"", uri: bytes = b"/", method: bytes = b"POST"
              ) -> Request:
-    request = Request(DummyChannel())
+    # HaRP's request, as the frontends make it (compiled code checks the type); its body
+    # counts as received, as for the control plane's buffered requests.
+    request = HarpRequest(DummyChannel())
+    request.body_complete = True
     request.method = method
     request.uri = uri
     request.content = BytesIO(body)
