@@ -19,6 +19,7 @@ import shutil
 import sys
 import sysconfig
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +83,6 @@ def get_requires_for_build_wheel(config_settings: Any = None) -> list[str]:
     return requires
 
 
-def prepare_metadata_for_build_wheel(
-    metadata_directory: str, config_settings: Any = None
-) -> str:
-    _pure()
-    name: str = _setuptools.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
-    return name
-
-
 def build_wheel(
     wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None
 ) -> str:
@@ -98,25 +91,21 @@ def build_wheel(
     return name
 
 
-def get_requires_for_build_editable(config_settings: Any = None) -> list[str]:
-    _pure()
-    requires: list[str] = _setuptools.get_requires_for_build_editable(config_settings)
-    return requires
+def _pure_hook(name: str) -> Callable[..., Any]:
+    """setuptools' hook ``name``, run without compiling (:func:`_pure`)."""
+    hook: Callable[..., Any] = getattr(_setuptools, name)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        _pure()
+        return hook(*args, **kwargs)
+
+    run.__name__ = name
+    return run
 
 
-def prepare_metadata_for_build_editable(
-    metadata_directory: str, config_settings: Any = None
-) -> str:
-    _pure()
-    name: str = _setuptools.prepare_metadata_for_build_editable(
-        metadata_directory, config_settings
-    )
-    return name
-
-
-def build_editable(
-    wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None
-) -> str:
-    _pure()
-    name: str = _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
-    return name
+# Metadata never depends on compiling; editable installs are never compiled (a compiled
+# module next to its source would shadow every later edit of it).
+prepare_metadata_for_build_wheel = _pure_hook("prepare_metadata_for_build_wheel")
+get_requires_for_build_editable = _pure_hook("get_requires_for_build_editable")
+prepare_metadata_for_build_editable = _pure_hook("prepare_metadata_for_build_editable")
+build_editable = _pure_hook("build_editable")
