@@ -1,8 +1,8 @@
 """Is this HaRP the compiled build, or the slower interpreted one?
 
 The wheel compiles the per-request modules with mypyc when it is built with a C compiler
-(harp/compiled.py, docs/performance.md); without one it still works, with about a third
-more CPU per small request.  Nothing else tells an operator which of the two is running.
+(harp/compiled.py, docs/performance.md); without one it still works, with about 15 to 25 % more
+CPU per small request.  Nothing else tells an operator which of the two is running.
 """
 
 from __future__ import annotations
