@@ -36,6 +36,7 @@ MODULES: Final = (
     "harp.exapps",
     "harp.lru",
     "harp.metrics",
+    "harp.poll",
     "harp.splice",
     "harp.state.memory",
     "harp.timers",

@@ -22,7 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
 from twisted.web.server import Request
 
-from harp import docker, logs, poll, writes
+from harp import collector, docker, logs, poll, writes
 from harp.client_address import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.exapps import ExAppRecord
@@ -377,6 +377,7 @@ def make_service_from_env(env: Mapping[str, str]) -> MultiService:
 
     writes.install(reactor)
     poll.install(reactor)
+    collector.install(reactor)
     return service
 
 

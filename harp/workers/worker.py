@@ -48,7 +48,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp import logs, poll, writes
+from harp import collector, logs, poll, writes
 from harp.config import ConfigError, Settings
 from harp.exapps import ExAppRecord
 from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -378,6 +378,7 @@ def main(argv: list[str]) -> int:
         return 2
     writes.install(reactor)
     poll.install(reactor)
+    collector.install(reactor)
     reactor.callWhenRunning(worker.start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return worker.exit_code

@@ -10,6 +10,7 @@ that may ignore SIGTERM, and reading a log that may not exist yet.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 import subprocess
@@ -116,9 +117,44 @@ def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bo
         return False
 
 
+#: Ports handed out by :func:`free_port` from below the ephemeral range: 10000 up to
+#: the FRP tunnel ports (23000-24099), which the tests bind for their own purposes.
+_PICK_LOW, _PICK_HIGH = 10000, 23000
+_picked: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for outgoing connections and ``bind(0)``."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just reported free on ``host`` (the small race is acceptable in tests)."""
+    """A port free on ``host`` now, chosen below the kernel's ephemeral range.
+
+    Why not ``bind(0)``: that port comes from the ephemeral range, so between this
+    check and the peer binding it, any outgoing connection (a test's client, HaRP's own
+    upstream pool) may be given it as its source port, and the peer then fails with
+    "Address already in use" (seen in CI).  Below the range only another listener can
+    take it; each port is handed out once per test process.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    high = min(_PICK_HIGH, _ephemeral_low())
+    if high - _PICK_LOW >= 1000:
+        for _ in range(500):
+            port = random.randrange(_PICK_LOW, high)
+            if port in _picked:
+                continue
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _picked.add(port)
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as sock:  # an unusual port range
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

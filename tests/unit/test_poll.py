@@ -9,9 +9,12 @@ instance, so the process's global reactor is untouched.
 
 from __future__ import annotations
 
+import socket
+import struct
+import time
 from typing import Any
 
-from twisted.internet import epollreactor, selectreactor
+from twisted.internet import epollreactor, main, selectreactor, tcp
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -101,3 +104,69 @@ def test_other_reactors_are_left_alone() -> None:
     before = reactor.doIteration
     assert not poll.install(reactor)
     assert reactor.doIteration == before
+
+
+# The read done by the dispatch itself (harp/poll.py, read_plain), on connected loopback
+# sockets wrapped in Twisted's own TCP connection.
+
+
+class _Record(Protocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+def _connection() -> tuple[tcp.Connection, _Record, socket.socket]:
+    """Twisted's TCP connection on one end of a loopback pair; the raw peer on the other."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ours = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+    ours.setblocking(False)
+    protocol = _Record()
+    connection = tcp.Connection(ours, protocol, epollreactor.EPollReactor())
+    connection.connected = True  # as Twisted's client and server connections say
+    protocol.makeConnection(connection)
+    return connection, protocol, peer
+
+
+def test_a_plain_read_delivers_the_bytes_and_reports_the_close() -> None:
+    connection, protocol, peer = _connection()
+    with peer:
+        assert poll.reads_plain(connection)
+        assert poll.read_plain(connection) is None  # nothing yet: "would block"
+        peer.sendall(b"hello")
+        deadline = time.monotonic() + 5
+        while not protocol.received and time.monotonic() < deadline:
+            poll.read_plain(connection)
+        assert protocol.received == [b"hello"]
+        peer.shutdown(socket.SHUT_WR)
+        time.sleep(0.05)
+        assert poll.read_plain(connection) is main.CONNECTION_DONE
+    connection.socket.close()
+
+
+def test_a_reset_connection_reads_as_lost() -> None:
+    connection, _, peer = _connection()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # RST
+    time.sleep(0.05)
+    assert poll.read_plain(connection) is main.CONNECTION_LOST
+    connection.socket.close()
+
+
+def test_readers_of_their_own_keep_them() -> None:
+    connection, _, peer = _connection()
+    with peer:
+        connection.doRead = lambda: None  # type: ignore[method-assign]
+        assert not poll.reads_plain(connection)  # an instance's own reader
+
+        class Own(tcp.Connection):
+            def doRead(self) -> None:
+                return None
+
+        own = Own(connection.socket, _Record(), connection.reactor)
+        assert not poll.reads_plain(own)  # a class's own reader
+        assert not poll.reads_plain(object())
+    connection.socket.close()

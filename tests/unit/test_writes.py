@@ -10,6 +10,7 @@ Each case runs on its own reactor instance, so the process's global reactor is u
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -153,3 +154,92 @@ def test_a_connecting_client_writes_once_connected() -> None:
 
 def test_reactors_without_poll_dispatch_are_left_alone() -> None:
     assert writes.install(object()) is None
+
+
+# The send done by the flush itself (harp/writes.py, send_now), on connected loopback
+# sockets wrapped in Twisted's own TCP connection (its reactor never runs: the test
+# calls send_now where the flush would).
+
+
+def _connection() -> tuple[tcp.Connection, socket.socket]:
+    """Twisted's TCP connection on one end of a loopback pair; the raw peer on the other."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ours = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+    ours.setblocking(False)
+    peer.settimeout(5)
+    protocol = Protocol()
+    connection = tcp.Connection(ours, protocol, epollreactor.EPollReactor())
+    connection.connected = True  # as Twisted's client and server connections say
+    protocol.makeConnection(connection)
+    return connection, peer
+
+
+def _read(peer: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = peer.recv(size - len(data))
+        assert chunk, "the peer saw a close"
+        data += chunk
+    return data
+
+
+def test_a_plain_write_is_sent_whole_and_the_buffers_left_empty() -> None:
+    connection, peer = _connection()
+    with peer, connection.socket:
+        for part in (b"HTTP/1.1 200 OK\r\n", b"content-length: 2\r\n\r\n", b"ok"):
+            connection.write(part)
+        assert writes.send_now(connection)
+        assert (connection.dataBuffer, connection._tempDataBuffer) == (b"", [])
+        assert connection._tempDataLen == 0
+        assert _read(peer, 40) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+def test_a_short_send_keeps_the_rest_where_twisted_sends_it_from() -> None:
+    connection, peer = _connection()
+    with peer, connection.socket:
+        payload = bytes(range(256)) * 512  # 128 KiB: at Twisted's send limit
+        sent = b""
+        while True:  # fill the kernel's buffers until a send falls short
+            connection.write(payload)
+            if not writes.send_now(connection):
+                break
+            sent += payload
+        assert connection.dataBuffer == payload and connection.offset < len(payload)
+        assert connection._tempDataBuffer == []
+        rest = payload[connection.offset:]
+        assert _read(peer, len(sent) + connection.offset) == sent + payload[:connection.offset]
+        while connection.dataBuffer:  # what the reactor does once epoll reports space
+            connection.doWrite()
+        assert _read(peer, len(rest)) == rest
+
+
+def test_what_twisted_must_finish_itself_is_left_to_it() -> None:
+    connection, peer = _connection()
+    with peer, connection.socket:
+        connection.write(b"x" * (connection.SEND_LIMIT + 1))
+        assert not writes.send_now(connection)  # more than one send of Twisted's
+        assert connection._tempDataLen == connection.SEND_LIMIT + 1  # untouched
+
+    connection, peer = _connection()
+    with peer, connection.socket:
+        connection.write(b"bye")
+        connection.loseConnection()
+        assert not writes.send_now(connection)  # the close waits for the send
+
+    connection, peer = _connection()
+    with peer, connection.socket:
+        class Pull:
+            def resumeProducing(self) -> None: ...
+            def stopProducing(self) -> None: ...
+
+        connection.registerProducer(Pull(), False)
+        connection.write(b"more?")
+        assert not writes.send_now(connection)  # a pull producer is resumed once drained
+
+    connection, peer = _connection()
+    with peer, connection.socket:
+        connection.doWrite = lambda: None  # type: ignore[method-assign]  # a spliced body's
+        connection.write(b"spliced")
+        assert not writes.send_now(connection)
+        assert not writes.send_now(object())
