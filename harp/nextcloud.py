@@ -225,6 +225,10 @@ class NextcloudClient:
         digest.update(b"\0" + app_id.encode("utf-8", "surrogateescape"))
         return digest.digest()
 
+    def cached_user(self, key: bytes) -> UserInfo | None:
+        """The user cached under the credential ``key``, if any (no lookup, no cost)."""
+        return self._state.get_user(key)
+
     def may_look_up(self, key: bytes, client: str) -> bool:
         """May ``client`` have the credential ``key`` resolved now?
 

@@ -335,7 +335,9 @@ class ConnectionPool:
 
     def release(self, connection: UpstreamConnection) -> None:
         """``connection`` finished an exchange cleanly: keep it for the next one."""
-        idle = self.idle.setdefault(connection.key, deque())
+        idle = self.idle.get(connection.key)
+        if idle is None:  # not setdefault: that makes a deque on every call
+            idle = self.idle[connection.key] = deque()
         if self.closing or len(idle) >= self.max_idle or connection.transport is None:
             connection.state = "closed"
             if connection.transport is not None:

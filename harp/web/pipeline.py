@@ -363,8 +363,12 @@ class Pipeline:
             # Uncached lookups are rate-limited per client; over the limit the request is
             # anonymous without asking Nextcloud (harp.nextcloud.NextcloudClient.may_look_up).
             lookup_key = NextcloudClient.credential_key(app_id, cookie, authorization)
+            cached = self.nextcloud.cached_user(lookup_key)
             try:
-                if self.nextcloud.may_look_up(lookup_key, client):
+                if cached is not None:
+                    # The common case, answered without a coroutine of the client's.
+                    user = cached
+                elif self.nextcloud.may_look_up(lookup_key, client):
                     user = await self.nextcloud.user_info(
                         app_id, lookup_key, request.requestHeaders.getAllRawHeaders()
                     )
@@ -395,7 +399,11 @@ class Pipeline:
         headers = request.requestHeaders
         if not last_header(request, b"authorization-app-api"):
             return False
-        return all(headers.hasHeader(name) for name in _SIGNED_HEADERS)
+        for name in _SIGNED_HEADERS:
+            # header_values, not hasHeader: no name canonicalised per call (None: absent).
+            if header_values(headers, name) is None:
+                return False
+        return True
 
     async def _signed(
         self, request: Request, app_raw: bytes, app_id: str, target: bytes, client: str,

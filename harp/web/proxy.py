@@ -78,14 +78,14 @@ class _Forward:
 
     __slots__ = (
         "body", "chunked", "conn", "finished", "head", "key", "method", "on_status",
-        "on_unresolvable", "proxy", "request", "retried", "timed_out", "timer",
+        "proxy", "request", "retried", "timed_out", "timer", "unresolvable_status",
     )
 
     def __init__(
         self, proxy: ExAppProxy, request: Request, key: tuple[str, int], method: bytes,
         head: bytes, body: BodyPipe | None, chunked: bool,
         on_status: Callable[[int], None] | None,
-        on_unresolvable: Callable[[], None] | None,
+        unresolvable_status: int,
     ) -> None:
         self.proxy = proxy
         self.request = request
@@ -95,7 +95,7 @@ class _Forward:
         self.body = body
         self.chunked = chunked
         self.on_status = on_status
-        self.on_unresolvable = on_unresolvable
+        self.unresolvable_status = unresolvable_status
         self.conn: UpstreamConnection | None = None
         self.finished = False
         self.retried = False
@@ -148,11 +148,12 @@ class _Forward:
         if self.finished:
             return
         host, port = self.key
-        if failure.check(DNSLookupError) and self.on_unresolvable is not None:
+        status = self.unresolvable_status
+        if status and failure.check(DNSLookupError):
             cast(HarpRequest, self.request).detail = f"upstream host {host} does not resolve"
             self._end()
             if not responses.gone(self.request):
-                self.on_unresolvable()
+                responses.finish(self.request, responses.error(self.request, status))
             return
         # Said in the request's access line (docs/operations.md, "Logs").
         request = cast(HarpRequest, self.request)
@@ -413,7 +414,7 @@ class ExAppProxy(ReverseProxyResource):
         identity: list[tuple[bytes, bytes]],
         body: IBodyProducer | None,
         on_status: Callable[[int], None] | None = None,
-        on_unresolvable: Callable[[], None] | None = None,
+        unresolvable_status: int = 0,
         headers_as_received: bool = False,
         also_drop: frozenset[bytes] = _NOTHING,
     ) -> None:
@@ -424,7 +425,9 @@ class ExAppProxy(ReverseProxyResource):
         changed ``requestHeaders`` since the head was parsed, so the forwarded lines may
         come from those remembered for the same header bytes.  ``also_drop``: header
         names (lower case, a constant) kept back on top of the hop-by-hop, HaRP and
-        identity headers (the Docker passthrough's secrets).
+        identity headers (the Docker passthrough's secrets).  ``unresolvable_status``: the
+        error answered when the upstream's name does not resolve (0: as any unreachable
+        upstream, 503) — a status, not a callback, so that no closure is made per request.
         """
         authority = _authority(host, port)
         lines = [
@@ -448,7 +451,7 @@ class ExAppProxy(ReverseProxyResource):
         head = b"\r\n".join(lines)
         _Forward(
             self, request, (host, port), request.method, head, pipe, chunked, on_status,
-            on_unresolvable,
+            unresolvable_status,
         ).start()
 
     def upgrade(

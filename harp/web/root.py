@@ -157,11 +157,6 @@ class Root(Resource):
                 if status in watched:
                     self.pipeline.fail(verdict.client, f"ExApp answered {status}")
 
-        def unresolvable() -> None:
-            # A signed call (e.g. /init) must never see a 404 of ours: Nextcloud would
-            # take it for "init done" (docs/differences.md#18).
-            responses.finish(request, responses.error(request, 503 if verdict.signed else 404))
-
         protocol = upgrade_protocol(request)
         if protocol is not None:
             if request.has_body:
@@ -175,9 +170,12 @@ class Root(Resource):
             )
             return
         body = request.body if request.has_body else None
+        # An upstream name that does not resolve: 404, but a signed call (e.g. /init) must
+        # never see a 404 of ours: Nextcloud would take it for "init done"
+        # (docs/differences.md#18).
         self.proxy.forward(
             request, record.host, record.port, verdict.target, identity, body, on_status,
-            unresolvable, headers_as_received=True,
+            503 if verdict.signed else 404, headers_as_received=True,
         )
 
     def _internal_error(self, failure: Failure, request: Request) -> None:

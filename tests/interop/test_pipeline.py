@@ -384,6 +384,20 @@ def test_direct_mode_dns_name(harp: HarpProcess, key: str, exapp: ExAppProcess) 
     assert ok(request(harp.http_port, path, {"harp-shared-key": key}, "DELETE")).status == 204
 
 
+def test_an_upstream_name_that_does_not_resolve(harp: HarpProcess, key: str,
+                                                exapp: ExAppProcess) -> None:
+    # Direct mode with a host name that never resolves (RFC 6761 ".invalid"): 404, as the
+    # reference answers; a signed call gets 503, because a 404 of ours would tell Nextcloud
+    # that the ExApp's /init is done (docs/differences.md#18).
+    record = json.dumps(record_for(exapp, host="no-such-exapp.invalid")).encode()
+    path = "/exapps/app_api/exapp_storage/nowhere"
+    assert ok(request(harp.http_port, path, {"harp-shared-key": key}, "POST", record)).status == 204
+    assert ok(request(harp.http_port, "/exapps/nowhere/public")).status == 404
+    signed = {**signed_headers(key, exapp), "EX-APP-ID": "nowhere"}
+    assert ok(request(harp.http_port, "/exapps/nowhere/public", signed)).status == 503
+    assert ok(request(harp.http_port, path, {"harp-shared-key": key}, "DELETE")).status == 204
+
+
 def test_metrics(harp: HarpProcess, key: str) -> None:
     ok(request(harp.http_port, f"/exapps/{APP}/public"))
     assert ok(request(harp.http_port, "/exapps/app_api/metrics")).status == 401

@@ -57,6 +57,9 @@ class FakeNextcloudClient:
             return defer.fail(NextcloudError("down"))
         return defer.succeed(self.records.get(app_id))
 
+    def cached_user(self, key: bytes) -> UserInfo | None:
+        return None  # no cache here: every credential goes through user_info
+
     def may_look_up(self, key: bytes, client: str) -> bool:
         return self.lookups_allowed
 

@@ -65,7 +65,7 @@ class FakeProxy(ExAppProxy):
 
     def forward(self, request: Request, host: str, port: int, target: bytes,
                 identity: list[tuple[bytes, bytes]], body: object, on_status: object,
-                on_unresolvable: object, headers_as_received: bool = False) -> None:
+                unresolvable_status: int, headers_as_received: bool = False) -> None:
         self.forwarded.append({"host": host, "port": port, "target": target,
                                "identity": dict(identity), "body": body,
                                "headers_as_received": headers_as_received})

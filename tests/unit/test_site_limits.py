@@ -128,3 +128,20 @@ def test_idle_limit_moves_with_every_byte_and_is_off_while_a_request_runs() -> N
     channel.requests[-1].finish()  # its answer is done: idle again
     clock.advance(2.25)
     assert transport.disconnecting
+
+
+def test_a_request_is_set_up_as_twisted_web_sets_one_up() -> None:
+    # HarpRequest.__init__ replaces twisted.web's three chained ones: the same attributes
+    # with the same values, or a Twisted upgrade that adds one fails here, not in use.
+    channel, _, _ = _connect(_Hold())
+    ours = HarpRequest(channel, 0)
+    twisted_web = Request(channel, 0)
+    assert sorted(vars(ours)) == sorted(vars(twisted_web))
+    for name, value in vars(twisted_web).items():
+        mine = vars(ours)[name]
+        if name.endswith("Headers"):
+            assert list(mine.getAllRawHeaders()) == list(value.getAllRawHeaders()) == []
+        else:
+            assert mine == value, name
+    assert ours.requestHeaders is not ours.responseHeaders
+    assert HarpRequest(channel, queued=False).queued is False  # as HTTP/2 passes it
