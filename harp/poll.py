@@ -122,4 +122,17 @@ def install(reactor: Any) -> bool:
                 log.failure("error while handling a ready descriptor")
 
     reactor.doIteration = do_poll  # type: ignore[method-assign]
+
+    # twisted.web resumes reading the client after every response (``requestDone`` →
+    # ``resumeProducing`` → ``addReader``), almost always of a descriptor epoll already
+    # watches for reading; the reactor's ``_add`` then finds it in its read set and does
+    # nothing.  The same test, compiled, before the reactor's own call.
+    reads: set[int] = reactor._reads  # type: ignore[attr-defined]
+    add_reader = reactor.addReader
+
+    def add_reader_once(reader: Any) -> None:
+        if reader.fileno() not in reads:
+            add_reader(reader)
+
+    reactor.addReader = add_reader_once  # type: ignore[method-assign]
     return True

@@ -42,7 +42,9 @@ IDLE_TIMEOUT: Final = 4.0
 class ExchangeHandler(Protocol):
     """What a connection tells the owner of the exchange it carries."""
 
-    def response_head(self, head: ResponseHead) -> None: ...
+    def response_head(self, head: ResponseHead, whole: bool) -> None:
+        """The upstream's answer begins; ``whole``: its entire body is already in hand
+        (it will be delivered before the connection reads again)."""
 
     def response_data(self, data: bytes) -> None: ...
 
@@ -173,7 +175,9 @@ class UpstreamConnection(TwistedProtocol):
         self.state = "body"
         handler = self.handler
         if handler is not None:
-            handler.response_head(head)
+            handler.response_head(
+                head, body.empty or (framing == "length" and len(rest) >= body.remaining)
+            )
         if self.state != "body":
             return None  # the handler gave up on the exchange
         if body.empty:

@@ -16,6 +16,13 @@ through the wrapper.  The wrapped protocol is connected at once (its head deadli
 covers a slow handshake); what it writes before the handshake completes is kept and
 sent after it.  ``negotiatedProtocol`` is the ALPN choice once the handshake is done.
 
+Closing is lingering, as HAProxy's: HaRP's last bytes (a final response, an HTTP/2
+GOAWAY, the close_notify) are followed by a FIN, not by a full close, and what the client
+still sends is read and thrown away until it closes too, or for at most
+:data:`LINGER` seconds.  Closing a socket with unread bytes in it makes the kernel send a
+reset, and a client that receives a reset may lose what it had not read yet (a client
+flooding HTTP/2 frames lost the GOAWAY that told it why).
+
 The certificate and policy come from :class:`harp.tlsctx.ReloadableServerContext`
 (SIGHUP swaps the context for new connections).  The FRP server keeps Twisted's TLS
 with pyOpenSSL: it needs client certificates checked against HaRP's own CA.
@@ -24,20 +31,26 @@ with pyOpenSSL: it needs client certificates checked against HaRP's own CA.
 from __future__ import annotations
 
 import ssl
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet import reactor as _reactor
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import LogLevel
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import alsoProvides
 
 from harp import logs
+from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
 
 log = HarpLogger("harp.https")
 
 #: Plaintext asked of the TLS object per read (at most one TLS record is 16 KiB).
 READ_SIZE = 64 * 1024
+
+#: Seconds a closing connection keeps reading (and discarding) what the client still
+#: sends, after HaRP's FIN, before it is cut (see the module's docstring).
+LINGER: Final = 2.0
 
 
 class ContextSource(Protocol):
@@ -67,6 +80,7 @@ class TLSServerProtocol(ProtocolWrapper):
         )
         self.state = "handshake"
         self._early: list[bytes] = []
+        self._linger: Deadline | None = None
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
@@ -96,8 +110,13 @@ class TLSServerProtocol(ProtocolWrapper):
             for piece in early:
                 self.write(piece)
         tls = self._tls
+        incoming = self._incoming
         wrapped = self.wrappedProtocol
         while self.state == "open":
+            if not incoming.pending and not tls.pending():
+                # Nothing left to decrypt: a read would only raise SSLWantReadError, an
+                # exception built for every request otherwise.
+                break
             try:
                 plain = tls.read(READ_SIZE)
             except ssl.SSLWantReadError:
@@ -146,7 +165,27 @@ class TLSServerProtocol(ProtocolWrapper):
         self.state = "closing"
         self.disconnecting = 1
         self._send_tls()
-        self.transport.loseConnection()
+        transport: Any = self.transport
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+            return
+        # FIN once the last bytes are written; reading goes on (dataReceived discards in
+        # this state) until the client closes or LINGER ends.
+        half_close()
+        self._linger = deadlines_for(self.factory.clock).call_later(LINGER, self._cut)
+
+    def _cut(self) -> None:
+        """The client kept its side open past LINGER: end the connection."""
+        self._linger = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        linger, self._linger = self._linger, None
+        if linger is not None:
+            linger.cancel()
+        super().connectionLost(reason)
 
     def abortConnection(self) -> None:
         self.state = "failed"
@@ -183,6 +222,8 @@ class TLSServerFactory(WrappingFactory):
 
     protocol = TLSServerProtocol  # type: ignore[assignment]
     noisy = False
+    #: Times the lingering close (a test's fake clock may stand in).
+    clock: IReactorTime = _reactor  # type: ignore[assignment]
 
     def __init__(self, contexts: ContextSource, wrapped: Any) -> None:
         super().__init__(wrapped)

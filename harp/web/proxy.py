@@ -166,7 +166,7 @@ class _Forward:
 
     # --- ExchangeHandler
 
-    def response_head(self, head: ResponseHead) -> None:
+    def response_head(self, head: ResponseHead, whole: bool) -> None:
         if self.on_status is not None:
             self.on_status(head.status)
         request = self.request
@@ -175,7 +175,10 @@ class _Forward:
             return
         responses.relay_head(request, head)
         conn = self.conn
-        if conn is not None and conn.transport is not None:
+        # A slow client pauses the upstream's reads, unless there is nothing left to
+        # read: a response whose body is in hand (most small ones) registers nothing
+        # (two calls into twisted.web's producer bookkeeping per request, saved).
+        if not whole and conn is not None and conn.transport is not None:
             request.registerProducer(conn.transport, True)
 
     def response_data(self, data: bytes) -> None:

@@ -17,8 +17,9 @@ class Handler:
         self.done = False
         self.failed: tuple[str, bool] | None = None
 
-    def response_head(self, head: ResponseHead) -> None:
+    def response_head(self, head: ResponseHead, whole: bool) -> None:
         self.head = head
+        self.whole = whole
 
     def response_data(self, data: bytes) -> None:
         self.data += data
@@ -56,6 +57,23 @@ def test_content_length_body_then_reused() -> None:
     assert handler.head is not None and handler.head.status == 200
     assert (handler.data, handler.done) == (b"hello", True)
     assert conn.state == "idle" and pool.take(conn.key) is conn
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "whole"),
+    [(b"GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"], True),
+     (b"GET", [b"HTTP/1.1 204 No Content\r\n\r\n"], True),
+     (b"HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"], True),
+     (b"GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", b"lo"], False),
+     (b"GET", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"], False),
+     (b"GET", [b"HTTP/1.1 200 OK\r\n\r\nabc"], False)],
+)
+def test_the_handler_is_told_whether_the_whole_body_is_in_hand(
+    method: bytes, answer: list[bytes], whole: bool
+) -> None:
+    # What decides whether the proxy registers the upstream as the client's producer.
+    _, _, _, handler = _exchange(method, *answer)
+    assert handler.whole is whole
 
 
 def test_chunked_body_decoded() -> None:

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from harp.tlsctx import ReloadableServerContext, TLSConfigError, load_frontend_context
-from harp.web.https import TLSServerFactory, TLSServerProtocol
+from harp.web.https import LINGER, TLSServerFactory, TLSServerProtocol
 from tests.conftest import self_signed_pem
 
 
@@ -197,3 +198,63 @@ def test_reload_swaps_the_context_for_new_connections_only(pem: Path, tmp_path: 
     with pytest.raises(TLSConfigError):
         contexts.reload()
     assert contexts.server_context() is not None  # the previous one stays in service
+
+
+class HalfClosing(StringTransport):
+    """A TCP-like transport: it can close its write side alone, and be cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_closed = False
+        self.aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def _lingering(pem: Path) -> tuple[Pair, HalfClosing, Clock]:
+    pair = Pair(pem, client_context(["http/1.1"]))
+    clock = Clock()
+    pair.server.factory.clock = clock
+    wire = HalfClosing()
+    pair.wire = wire
+    pair.server.transport = wire
+    pair.handshake()
+    return pair, wire, clock
+
+
+def test_a_close_of_ours_is_a_fin_then_reads_are_discarded_until_linger_ends(
+    pem: Path,
+) -> None:
+    pair, wire, clock = _lingering(pem)
+    pair.server.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+    pair.server.loseConnection()
+    # The answer and the close_notify leave, then a FIN: not a full close.
+    assert wire.write_closed and not wire.disconnecting and not wire.aborted
+    pair.shuttle()
+    answer = b""
+    while True:
+        try:
+            piece = pair.client.read(65536)
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            break
+        if not piece:
+            break  # the close_notify
+        answer += piece
+    assert answer == b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+    pair.client.write(b"x" * 100_000)  # a client that goes on sending
+    pair.shuttle()
+    assert pair.inner.data == b""  # read and thrown away
+    clock.advance(LINGER + 1)
+    assert wire.aborted  # it did not close its side in time: cut
+
+
+def test_a_client_that_closes_too_ends_the_linger(pem: Path) -> None:
+    pair, wire, clock = _lingering(pem)
+    pair.server.loseConnection()
+    pair.server.connectionLost(None)  # the client's FIN: the connection is over
+    clock.advance(LINGER + 1)
+    assert not wire.aborted

@@ -170,3 +170,21 @@ def test_readers_of_their_own_keep_them() -> None:
         assert not poll.reads_plain(own)  # a class's own reader
         assert not poll.reads_plain(object())
     connection.socket.close()
+
+
+def test_adding_a_reader_twice_is_one_registration() -> None:
+    reactor: Any = epollreactor.EPollReactor()
+    assert poll.install(reactor)
+    connection, _, peer = _connection()
+    connection.reactor = reactor
+    with peer:
+        fd = connection.fileno()
+        connection.startReading()
+        connection.startReading()  # what twisted.web does after every response
+        assert fd in reactor._reads and reactor._selectables[fd] is connection
+        connection.stopReading()
+        assert fd not in reactor._reads and fd not in reactor._selectables
+        connection.startReading()
+        assert fd in reactor._reads
+        connection.stopReading()
+    connection.socket.close()
