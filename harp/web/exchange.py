@@ -24,6 +24,7 @@ from collections import deque
 from typing import Any, Final, Protocol, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import _WrappingProtocol
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -34,6 +35,7 @@ from harp.splice import SPLICE_MIN, Splice, socket_fd
 from harp.timers import cancel
 from harp.web.response_body import ResponseBody
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
+from harp.writes import end_buffered_write, use_buffered_write
 
 #: Seconds an idle upstream connection is kept for reuse.
 IDLE_TIMEOUT: Final = 4.0
@@ -105,9 +107,18 @@ class UpstreamConnection(TwistedProtocol):
         self.splice: Splice | None = None
 
     def connectionMade(self) -> None:
+        transport: Any = self.transport
         # Read the upstream in larger pieces than Twisted's 64 KiB: fewer reactor turns
         # per response body (docs/performance.md#upstream-reads).
-        self.transport.bufferSize = UPSTREAM_READ_SIZE  # type: ignore[union-attr]
+        transport.bufferSize = UPSTREAM_READ_SIZE
+        # Twisted's endpoints connect through a wrapper protocol that, once connected,
+        # only hands each read and the close on to this one: the transport talks to this
+        # protocol directly from now on (an interpreted call less per read).  Only that
+        # wrapper, and only around this very protocol (an FRP tunnel's stream has none).
+        wrapper = getattr(transport, "protocol", None)
+        if type(wrapper) is _WrappingProtocol and wrapper._wrappedProtocol is self:
+            transport.protocol = self
+        use_buffered_write(transport)  # the request heads it writes (harp/writes.py)
 
     # --- the exchange
 
@@ -293,6 +304,7 @@ class UpstreamConnection(TwistedProtocol):
             handler.exchange_failed(reason, before)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        end_buffered_write(self.transport)
         self._cancel_splice()
         cancel(self.idle_timer)
         self.idle_timer = None

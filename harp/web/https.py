@@ -42,6 +42,7 @@ from zope.interface import alsoProvides
 from harp import logs
 from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
+from harp.writes import end_buffered_write, use_buffered_write
 
 log = HarpLogger("harp.https")
 
@@ -83,6 +84,7 @@ class TLSServerProtocol(ProtocolWrapper):
         self._linger: Deadline | None = None
 
     def makeConnection(self, transport: Any) -> None:
+        use_buffered_write(transport)
         super().makeConnection(transport)
         # After ProtocolWrapper copied the TCP transport's interfaces onto this wrapper.
         alsoProvides(self, ISSLTransport)
@@ -182,6 +184,7 @@ class TLSServerProtocol(ProtocolWrapper):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Any = None) -> None:
+        end_buffered_write(self.transport)
         linger, self._linger = self._linger, None
         if linger is not None:
             linger.cancel()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from twisted.internet import epollreactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -184,3 +189,45 @@ def test_a_splice_given_back_delivers_the_rest_through_the_process() -> None:
     assert (handler.data, handler.done) == (b"abcdefghij", True)
     assert conn.state == "idle" and pool.take(conn.key) is conn
     assert transport.value().startswith(b"GET / HTTP/1.1\r\n")
+
+
+def test_a_connection_made_through_an_endpoint_is_read_directly() -> None:
+    # Real sockets on an epoll reactor of its own: the endpoint's wrapper steps aside
+    # once connected, and the response and the upstream's close still arrive.
+    reactor: Any = epollreactor.EPollReactor()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+    class Upstream(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            assert self.transport is not None
+            self.transport.write(answer)
+            self.transport.loseConnection()
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Upstream), interface="127.0.0.1")
+    pool = ConnectionPool(reactor)
+    handler = Handler()
+    seen: list[Any] = []
+    closed: list[bool] = []
+
+    def connected(conn: UpstreamConnection) -> None:
+        transport: Any = conn.transport
+        seen.append(transport.protocol)
+        original = conn.connectionLost
+
+        def lost(reason: Any) -> None:
+            closed.append(True)
+            original(reason)
+            reactor.stop()
+
+        conn.connectionLost = lost  # type: ignore[method-assign]
+        conn.start(handler, b"GET", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    pool.connect(("127.0.0.1", port.getHost().port), endpoint).addCallback(connected)
+    reactor.callLater(10, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        port.stopListening()
+    assert len(seen) == 1 and isinstance(seen[0], UpstreamConnection)
+    assert (handler.data, handler.done, closed) == (b"ok", True, [True])

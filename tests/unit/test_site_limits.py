@@ -1,9 +1,13 @@
-"""HarpChannel/HarpRequest limits, in memory: minimum body rate, early answers."""
+"""HarpChannel/HarpRequest in memory: minimum body rate, early answers, and the steps
+taken in twisted.web's place (request set-up, cookies, persistence) held to twisted.web's."""
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -145,3 +149,48 @@ def test_a_request_is_set_up_as_twisted_web_sets_one_up() -> None:
             assert mine == value, name
     assert ours.requestHeaders is not ours.responseHeaders
     assert HarpRequest(channel, queued=False).queued is False  # as HTTP/2 passes it
+
+
+# HarpChannel.allHeadersReceived takes twisted.web's steps with HaRP's header look-ups:
+# the cookie parse and the persistence rule must decide exactly as twisted.web's do.
+
+_HEADER_BYTES = st.binary(max_size=40).map(
+    lambda raw: raw.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(_HEADER_BYTES | st.sampled_from(
+    [b"a=1; b=2", b"a=1;a=2", b" x = y ;z", b"=v", b"novalue", b"", b";;", b"k=v=w"]
+), max_size=3))
+def test_cookies_are_parsed_as_twisted_web_parses_them(values: list[bytes]) -> None:
+    channel, _, _ = _connect(_Hold())
+    ours, theirs = HarpRequest(channel, 0), Request(channel, 0)
+    for request in (ours, theirs):
+        if values:
+            request.requestHeaders.setRawHeaders(b"Cookie", values)
+    ours.parseCookies()
+    http.Request.parseCookies(theirs)
+    assert ours.received_cookies == theirs.received_cookies
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(_HEADER_BYTES | st.sampled_from(
+        [b"close", b"Close", b"keep-alive", b"keep-alive, close", b"close, keep-alive",
+         b"upgrade close", b"CLOSE"]
+    ), max_size=2),
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/0.9"]),
+)
+def test_persistence_is_decided_as_twisted_web_decides(values: list[bytes], version: bytes) -> None:
+    channel, _, _ = _connect(_Hold())
+    ours, theirs = HarpRequest(channel, 0), Request(channel, 0)
+    for request in (ours, theirs):
+        if values:
+            request.requestHeaders.setRawHeaders(b"Connection", values)
+    assert channel.checkPersistence(ours, version) == http.HTTPChannel.checkPersistence(
+        channel, theirs, version
+    )
+    assert list(ours.responseHeaders.getAllRawHeaders()) == list(
+        theirs.responseHeaders.getAllRawHeaders()
+    )

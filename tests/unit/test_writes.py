@@ -14,8 +14,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from twisted.internet import epollreactor, tcp
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from harp import writes
@@ -243,3 +245,66 @@ def test_what_twisted_must_finish_itself_is_left_to_it() -> None:
         connection.write(b"spliced")
         assert not writes.send_now(connection)
         assert not writes.send_now(object())
+
+
+# The compiled write (harp/writes.py, buffered_write): Twisted's FileDescriptor.write,
+# step by step, as a plain TCP connection's own write.
+
+
+def test_a_plain_connection_writes_through_the_compiled_steps() -> None:
+    connection, peer = _connection()
+    with peer, connection.socket:
+        asked: list[Any] = []
+        connection.reactor.addWriter = asked.append  # type: ignore[method-assign]
+        assert writes.use_buffered_write(connection)
+        assert not writes.use_buffered_write(connection)  # once
+        connection.write(b"head ")
+        connection.write(b"")  # nothing: no flush asked
+        connection.write(b"body")
+        assert connection._tempDataBuffer == [b"head ", b"body"]
+        assert connection._tempDataLen == 9 and asked == [connection, connection]
+        with pytest.raises(TypeError, match="Data must be bytes"):
+            connection.write("text")  # type: ignore[arg-type]
+        assert writes.send_now(connection)
+        assert _read(peer, 9) == b"head body"
+        writes.end_buffered_write(connection)
+        assert "write" not in vars(connection)  # no reference cycle left behind
+
+
+def test_a_full_buffer_pauses_a_streaming_producer_and_a_closed_one_drops() -> None:
+    connection, peer = _connection()
+    with peer, connection.socket:
+        connection.reactor.addWriter = lambda _: None  # type: ignore[method-assign]
+        writes.use_buffered_write(connection)
+
+        class Push:
+            paused = 0
+
+            def pauseProducing(self) -> None:
+                self.paused += 1
+
+            def resumeProducing(self) -> None: ...
+            def stopProducing(self) -> None: ...
+
+        push = Push()
+        connection.registerProducer(push, True)
+        connection.write(b"x" * connection.bufferSize)
+        assert push.paused == 0  # at the limit, not over it
+        connection.write(b"x")
+        assert push.paused == 1 and connection.producerPaused
+        connection.connected = False
+        connection.write(b"lost")
+        assert connection._tempDataLen == connection.bufferSize + 1  # dropped, as Twisted does
+        writes.end_buffered_write(connection)
+
+
+def test_only_plain_tcp_connections_get_the_compiled_write() -> None:
+    connection, peer = _connection()
+    with peer, connection.socket:
+
+        class OwnWrite(tcp.Connection):
+            def write(self, data: bytes) -> None: ...
+
+        assert not writes.use_buffered_write(OwnWrite(connection.socket, Protocol()))
+        assert not writes.use_buffered_write(StringTransport())
+        writes.end_buffered_write(StringTransport())  # nothing given, nothing taken
