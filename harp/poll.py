@@ -18,7 +18,8 @@ a ``recv`` on a closed socket fails into the same disconnection).  Other reactor
 left alone.
 
 For a plain TCP connection (one whose class reads with Twisted's own
-``tcp.Connection.doRead``), that read is done here, in the same steps: ``recv`` of up to
+``tcp.Connection.doRead``, or a unix socket connection whose protocol takes no file
+descriptors), that read is done here, in the same steps: ``recv`` of up to
 ``bufferSize`` bytes, "would block" ignored, any other socket error is a lost
 connection, no bytes is the peer's close, anything else goes to the protocol's
 ``dataReceived``.  The module is compiled (harp/compiled.py), so the two interpreted
@@ -34,8 +35,9 @@ import select
 import sys
 from typing import Any, Final
 
-from twisted.internet import main, tcp
+from twisted.internet import main, tcp, unix
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.python import log as legacy_log
 
 from harp.logs import HarpLogger
@@ -45,6 +47,8 @@ log = HarpLogger("harp.poll")
 #: Twisted's own read of a TCP connection, which :func:`read_plain` does in its place.
 _TCP_READ: Final = tcp.Connection.doRead
 _TCP_RECEIVED: Final = tcp.Connection._dataReceived
+#: A unix socket connection's read: ``recvmsg``, for descriptors passed along the bytes.
+_UNIX_READ: Final = unix.Server.doRead
 
 
 def reads_plain(selectable: Any) -> bool:
@@ -54,9 +58,15 @@ def reads_plain(selectable: Any) -> bool:
     may have been given a reader of its own.
     """
     kind = type(selectable)
+    read = getattr(kind, "doRead", None)
+    if read is not _TCP_READ and (
+        # A unix socket (the local Docker engine's) reads the same way when its protocol
+        # takes no descriptors: Twisted would close any that came, HaRP lets the kernel.
+        read is not _UNIX_READ or IFileDescriptorReceiver.providedBy(selectable.protocol)
+    ):
+        return False
     return (
-        getattr(kind, "doRead", None) is _TCP_READ
-        and getattr(kind, "_dataReceived", None) is _TCP_RECEIVED
+        getattr(kind, "_dataReceived", None) is _TCP_RECEIVED
         and "doRead" not in selectable.__dict__
     )
 

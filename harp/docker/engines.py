@@ -20,6 +20,7 @@ header with :func:`requested_port` and answer a refused selection with
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 from typing import Any, Final
@@ -107,12 +108,14 @@ class EngineEndpoints:
     ) -> None:
         self.reactor = reactor
         self.socket_path = socket_path
+        self._socket_name = str(socket_path)
         self.tunnels = tunnels
         self.connect_timeout = connect_timeout
 
     def local_socket(self) -> bool:
+        # os.stat of a string, not Path.stat: asked on every passthrough request.
         try:
-            return stat.S_ISSOCK(self.socket_path.stat().st_mode)
+            return stat.S_ISSOCK(os.stat(self._socket_name).st_mode)
         except OSError:
             return False
 
@@ -127,8 +130,14 @@ class EngineEndpoints:
         return None
 
     def require(self, port: int) -> None:
-        """Raise the 503 naming ``port`` when no engine is connected there."""
-        if self.endpoint(port) is not None:
+        """Raise the 503 naming ``port`` when no engine is connected there.
+
+        Asks whether there is one, without building the endpoint (which only a new
+        upstream connection needs; most requests reuse a pooled one).
+        """
+        if port == LOCAL_PORT and self.local_socket():
+            return
+        if self.tunnels is not None and self.tunnels.endpoint_for(port) is not None:
             return
         if port == LOCAL_PORT:
             message = (

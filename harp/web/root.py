@@ -131,7 +131,7 @@ class Root(Resource):
         # HaRP's own /docker/... endpoints (docs/compatibility.md#control-plane).
         if (
             self.docker is not None
-            and request.requestHeaders.hasHeader(b"docker-engine-port")
+            and header_values(request.requestHeaders, b"docker-engine-port") is not None
             and not verdict.rest.startswith(b"/docker/")
         ):
             self.docker.passthrough(request, verdict.rest)

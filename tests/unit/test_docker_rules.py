@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import tarfile
 from pathlib import Path
@@ -305,3 +306,14 @@ def test_tar_of() -> None:
         assert members["certs/frp/client.key"].mode == 0o644
         extracted = tar.extractfile("certs/frp/client.key")
         assert extracted is not None and extracted.read() == b"KEY"
+
+
+def test_a_local_engine_socket_is_required_and_found(tmp_path: Path) -> None:
+    path = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        endpoints = EngineEndpoints(None, path, None, 5)
+        endpoints.require(24000)  # a live socket: no error
+        assert endpoints.local_socket()
+        with pytest.raises(EngineSelectionError):
+            endpoints.require(24001)  # another port: no FRP client serves it

@@ -14,9 +14,11 @@ import struct
 import time
 from typing import Any
 
-from twisted.internet import epollreactor, main, selectreactor, tcp
+from twisted.internet import epollreactor, main, selectreactor, tcp, unix
+from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from harp import poll
 
@@ -188,3 +190,25 @@ def test_adding_a_reader_twice_is_one_registration() -> None:
         assert fd in reactor._reads
         connection.stopReading()
     connection.socket.close()
+
+
+def test_a_unix_socket_reads_plainly_unless_its_protocol_takes_descriptors() -> None:
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    protocol = _Record()
+    connection = unix.Server(ours, protocol, None, None, 1, epollreactor.EPollReactor())
+    protocol.makeConnection(connection)
+    with peer, ours:
+        assert poll.reads_plain(connection)
+        peer.sendall(b"engine answer")
+        deadline = time.monotonic() + 5
+        while not protocol.received and time.monotonic() < deadline:
+            poll.read_plain(connection)
+        assert protocol.received == [b"engine answer"]
+
+        @implementer(IFileDescriptorReceiver)
+        class TakesDescriptors(_Record):
+            def fileDescriptorReceived(self, descriptor: int) -> None: ...
+
+        connection.protocol = TakesDescriptors()
+        assert not poll.reads_plain(connection)  # Twisted's recvmsg keeps the descriptors
