@@ -216,7 +216,12 @@ class NextcloudClient:
 
     @staticmethod
     def credential_key(app_id: str, cookie: bytes | None, authorization: bytes | None) -> bytes:
-        """Cache key: a hash of the credential that decides the answer, and the app."""
+        """Cache key: a hash of the credential that decides the answer, and the app.
+
+        The bytes hashed are ``c\\0<cookie>`` (or ``a\\0<authorization>``), then
+        ``\\0<app id>``: replicas sharing Redis must compute the same key
+        (tests/unit/test_nextcloud_client.py pins it).
+        """
         digest = hashlib.blake2b(digest_size=20)
         if cookie:
             digest.update(b"c\0" + cookie)

@@ -36,6 +36,7 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import NO_BODY_CODES, _ChunkedTransferDecoder
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -168,7 +169,9 @@ class HarpChannel(http.HTTPChannel):
             return False
         if not self.persistent:
             return False
-        self.resetTimeout()
+        idle = self._idle  # resetTimeout(), inline: once per request
+        if idle is not None and idle.action is not None:
+            idle.reset(self.timeOut)  # type: ignore[arg-type]
         lines = head.split(b"\r\n")
         # What lineReceived adds up line by line (delimiters not counted); FAST_HEAD_MAX
         # keeps it and every line under twisted.web's limits.
@@ -245,7 +248,7 @@ class HarpChannel(http.HTTPChannel):
         which canonicalises each name on every call (≈ 4 % of a small request's Python
         with the calls around them); the decisions are the same, kept step by step.
         """
-        self._cancel_head_timer()
+        cancel(self._head_timer)  # _cancel_head_timer(), inline: once per request
         request = self.requests[-1]
         version = self._version
         request.head = (self._command, self._path, version)
@@ -279,8 +282,10 @@ class HarpChannel(http.HTTPChannel):
 
     def requestDone(self, request: http.Request) -> None:
         # Armed before the parent parses any pipelined request, which cancels it again.
-        if self.relay is None:
-            self._arm_head_timer()
+        if self.relay is None and self.head_timeout:  # _arm_head_timer(), inline
+            self._head_timer = deadlines_for(self.clock).rearm(
+                self._head_timer, self.head_timeout, self._head_timed_out
+            )
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -666,7 +671,11 @@ class HarpRequest(Request):
             return
         if self._rate_timer is not None:
             self._cancel_rate_check()
-        super().finish()
+        if self._encoder is None:
+            # twisted.web.server's finish only adds an encoder's flush: one call less.
+            HTTPRequest.finish(self)  # the module's class, read once (see above)
+        else:
+            super().finish()
 
     def close_early(self) -> None:
         """Answer before the client sent all of its body: close after the response."""

@@ -3,6 +3,7 @@ followed and uncached user lookups are rate-limited per client (docs/differences
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -107,3 +108,15 @@ def test_exapp_meta_nested_too_deep_is_unavailable_not_a_crash() -> None:
     failure = _result(client.exapp_meta("app"))
     assert failure.check(NextcloudError)
     assert "not JSON" in failure.getErrorMessage()
+
+
+def test_the_credential_key_hashes_the_documented_bytes() -> None:
+    # Replicas sharing Redis (and versions of HaRP during an upgrade) must agree on it.
+    def expected(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=20).digest()
+
+    assert NextcloudClient.credential_key("app", b"sess", b"Basic x") == expected(
+        b"c\0sess\0app")  # the cookie decides when there is one
+    assert NextcloudClient.credential_key("App\udcff", None, b"Basic x") == expected(
+        b"a\0Basic x\0App\xff")
+    assert NextcloudClient.credential_key("app", b"", None) == expected(b"a\0\0app")
