@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from harp import poll
+from tests.unit.loopback import tcp_connection
 
 
 class Echo(Protocol):
@@ -121,15 +122,8 @@ class _Record(Protocol):
 
 
 def _connection() -> tuple[tcp.Connection, _Record, socket.socket]:
-    """Twisted's TCP connection on one end of a loopback pair; the raw peer on the other."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        ours = socket.create_connection(server.getsockname())
-        peer, _ = server.accept()
-    ours.setblocking(False)
     protocol = _Record()
-    connection = tcp.Connection(ours, protocol, epollreactor.EPollReactor())
-    connection.connected = True  # as Twisted's client and server connections say
-    protocol.makeConnection(connection)
+    connection, peer = tcp_connection(protocol)
     return connection, protocol, peer
 
 

@@ -21,6 +21,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from harp import writes
+from tests.unit.loopback import tcp_connection
 
 BIG = 8 * 1024 * 1024
 
@@ -164,17 +165,7 @@ def test_reactors_without_poll_dispatch_are_left_alone() -> None:
 
 
 def _connection() -> tuple[tcp.Connection, socket.socket]:
-    """Twisted's TCP connection on one end of a loopback pair; the raw peer on the other."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        ours = socket.create_connection(server.getsockname())
-        peer, _ = server.accept()
-    ours.setblocking(False)
-    peer.settimeout(5)
-    protocol = Protocol()
-    connection = tcp.Connection(ours, protocol, epollreactor.EPollReactor())
-    connection.connected = True  # as Twisted's client and server connections say
-    protocol.makeConnection(connection)
-    return connection, peer
+    return tcp_connection(Protocol())
 
 
 def _read(peer: socket.socket, size: int) -> bytes:
