@@ -112,8 +112,9 @@ def send_now(writer: Any) -> bool:
     """Send what *writer* buffered, as Twisted's ``doWrite`` would; False: not done here.
 
     True means everything was sent and the connection is left as ``doWrite`` leaves it
-    after a complete send (its buffers empty, nothing to resume or close).  On False
-    nothing was sent or changed: the caller runs Twisted's ``doWrite``.
+    after a complete send (its buffers empty, nothing to resume or close).  On False the
+    caller runs Twisted's ``doWrite``: either nothing was sent or changed, or a short send
+    left the rest in ``dataBuffer`` from ``offset``, where ``doWrite`` sends it from.
     """
     # Only a connection that writes with Twisted's own steps (asked of its class each
     # time: a class may be changed at run time), and not one given a writer of its own

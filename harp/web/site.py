@@ -169,9 +169,7 @@ class HarpChannel(http.HTTPChannel):
             return False
         if not self.persistent:
             return False
-        idle = self._idle  # resetTimeout(), inline: once per request
-        if idle is not None and idle.action is not None:
-            idle.reset(self.timeOut)  # type: ignore[arg-type]
+        self.resetTimeout()
         lines = head.split(b"\r\n")
         # What lineReceived adds up line by line (delimiters not counted); FAST_HEAD_MAX
         # keeps it and every line under twisted.web's limits.
@@ -248,7 +246,7 @@ class HarpChannel(http.HTTPChannel):
         which canonicalises each name on every call (≈ 4 % of a small request's Python
         with the calls around them); the decisions are the same, kept step by step.
         """
-        cancel(self._head_timer)  # _cancel_head_timer(), inline: once per request
+        self._cancel_head_timer()
         request = self.requests[-1]
         version = self._version
         request.head = (self._command, self._path, version)
@@ -282,10 +280,8 @@ class HarpChannel(http.HTTPChannel):
 
     def requestDone(self, request: http.Request) -> None:
         # Armed before the parent parses any pipelined request, which cancels it again.
-        if self.relay is None and self.head_timeout:  # _arm_head_timer(), inline
-            self._head_timer = deadlines_for(self.clock).rearm(
-                self._head_timer, self.head_timeout, self._head_timed_out
-            )
+        if self.relay is None:
+            self._arm_head_timer()
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
