@@ -7,14 +7,16 @@ removes most of the interpreter's cost per call without changing the code.  The 
 the per-request path of the ExApp frontends and the Docker passthrough; everything else
 (start-up, the control plane, FRP, Docker and Kubernetes lifecycles) stays interpreted.
 
-Not compiled: :mod:`harp.web.site`.  Its channel, request and site subclass twisted.web's
-and share attributes with them.  Compiled as native classes, the attributes mypy cannot see
-in the Python base class get slots of their own, so twisted.web and HaRP would each read
-their own copy (of, for one, the header-size counter behind twisted.web's head limit);
-compiled as regular classes (``native_class=False``), every read of a twisted.web attribute
-is checked against twisted.web's annotation, which the values do not always follow
-(``timeOut`` is annotated ``int`` and holds HaRP's float seconds).  Its pure part is
-compiled where it lives on its own (:mod:`harp.web.relayed_head`).
+The client connection's channel (:mod:`harp.web.channel`) is HaRP's own class for that
+reason: twisted.web's ``HTTPChannel`` could not be compiled through a subclass.
+
+Not compiled: :mod:`harp.web.site`.  Its request and site subclass twisted.web's and share
+attributes with them.  Compiled as native classes, the attributes mypy cannot see in the
+Python base class get slots of their own, so twisted.web and HaRP would each read their
+own copy; compiled as regular classes (``native_class=False``), every read of a
+twisted.web attribute is checked against twisted.web's annotation, which the values do not
+always follow.  Its pure part is compiled where it lives on its own
+(:mod:`harp.web.relayed_head`).
 
 ``setup.py`` reads :data:`MODULES` without importing HaRP; the modules stay valid Python,
 so a build without a C compiler (or with ``HARP_COMPILE=0``) runs the same code, slower.
@@ -41,6 +43,7 @@ MODULES: Final = (
     "harp.state.memory",
     "harp.timers",
     "harp.web.body",
+    "harp.web.channel",
     "harp.web.chunks",
     "harp.web.exchange",
     "harp.web.headers",

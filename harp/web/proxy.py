@@ -344,7 +344,7 @@ def _header_lines(
 #: received, the upstream's authority).  Why: a client sends the same headers request after
 #: request (the path is in the request line, not here), and what is forwarded is a pure
 #: function of those bytes, as the one-pass parser turned them into ``requestHeaders``
-#: (harp.web.site.HarpChannel._whole_head, which keeps them as ``header_block``);
+#: (harp.web.channel.HarpChannel, which keeps them as ``header_block``);
 #: docs/performance.md.  Bounded: blocks up to 2 KiB, emptied when full.
 _FORWARDED: Final[dict[tuple[bytes, bytes, frozenset[bytes]], bytes]] = {}
 _MAX_REMEMBERED_BLOCKS: Final = 1024

@@ -1,460 +1,55 @@
-"""The HTTP server side: channel, request and site, adapted for a streaming proxy.
+"""The HTTP server side's request and site, adapted for a streaming proxy.
 
-Three changes to ``twisted.web``'s defaults, each for a reverse proxy's needs:
+The channel (one client connection) is HaRP's own, :mod:`harp.web.channel`.  Around it,
+two changes to ``twisted.web``'s defaults, each for a reverse proxy's needs:
 
-- **Decide on headers, stream the body.**  ``HTTPChannel`` normally calls
-  ``requestReceived`` (and so ``render``) only after the whole body has arrived and
-  been buffered.  :class:`HarpChannel` starts processing right after the headers, and
-  :class:`HarpRequest` feeds the body into a :class:`~harp.web.body.BodyPipe` instead of
-  a temporary file.  ``finish()`` is held back until the body is complete, because the
-  channel expects one request at a time; an answer given before the client finished
-  sending (e.g. a 403 to a big upload) closes the connection instead.
-- **A deadline for the request head.**  The idle timeout alone lets a slow-loris
-  client trickle one header byte at a time forever; the head must be complete within
-  ``HP_TIMEOUT_CLIENT``.
-- **Hand-over.**  After an accepted ``Upgrade`` (WebSocket, :mod:`harp.web.upgrade`)
-  the channel stops parsing HTTP and hands every byte to a :class:`~harp.relay.Relay`.
-  A TLS connection that negotiated ``h2`` by ALPN is handed, before its first byte is
-  parsed, to a :class:`~harp.web.h2.HarpH2Connection` (one ``HarpRequest`` per stream).
+- **Decide on headers, stream the body.**  twisted.web processes a request only once
+  its whole body has arrived and been buffered.  The channel starts processing right
+  after the headers (:meth:`HarpRequest.begin`), and :class:`HarpRequest` feeds the body
+  into a :class:`~harp.web.body.BodyPipe` instead of a temporary file.  ``finish()`` is
+  held back until the body is complete, because the channel answers one request at a
+  time; an answer given before the client finished sending (e.g. a 403 to a big upload)
+  closes the connection instead.
+- **One access line per request**, without secrets or query (:meth:`HarpSite.log`).
 
-The channel's private ``_command``/``_path``/``_version`` are read once, in
-``allHeadersReceived``: that is the only place the request line is known before the
-body, and these attributes have kept their names across Twisted releases.
+HTTP/2 streams (:mod:`harp.web.h2`) make the same ``HarpRequest`` objects.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from twisted.internet import reactor as _reactor
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol as BaseProtocol
 from twisted.logger import LogLevel
-from twisted.protocols import basic
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import NO_BODY_CODES, _ChunkedTransferDecoder
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.http import Request as HTTPRequest
-from twisted.web.http_headers import Headers, InvalidHeaderName
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from harp import logs
-from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
-from harp.lru import remember
 from harp.metrics import Metrics
-from harp.relay import Relay
 from harp.timers import cancel
 from harp.web.body import BodyPipe
-from harp.web.chunks import BoundedChunkedDecoder
-from harp.web.h2 import HarpH2Connection, HarpH2Stream
-from harp.web.headers import HEADERS_DICT, header_values, http_date
+from harp.web.channel import HarpChannel
+from harp.web.h2 import HarpH2Stream
+from harp.web.headers import header_values
 from harp.web.limits import ConnectionLimit
 from harp.web.relayed_head import relayed_head
-from harp.web.request_line import parse_request_line
-from harp.writes import end_buffered_write, use_buffered_write
+
+__all__ = ["MIN_BODY_RATE", "HarpChannel", "HarpRequest", "HarpSite"]
 
 log = HarpLogger("harp.access")
-
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n"
-    b"connection: close\r\n\r\n408 Request Timeout"
-)
-
 
 #: Bytes per second a request body must sustain while HaRP is reading it, measured
 #: over windows of ``HP_TIMEOUT_CLIENT`` (Apache's mod_reqtimeout uses the same idea).
 MIN_BODY_RATE: Final = 500
-
-
-#: Heads up to this size may take the one-pass path (:meth:`HarpChannel._whole_head`):
-#: below twisted.web's line and head limits (16 KiB each), which it then cannot reach.
-FAST_HEAD_MAX: Final = 8192
-
-#: The request headers that decide the body's framing, by lower-case name, with the
-#: canonical name twisted.web's framing code compares against.
-_FRAMING: Final = {b"content-length": b"Content-Length", b"transfer-encoding": b"Transfer-Encoding"}
-
-#: Request header blocks already parsed (the header lines of a head as received, without a
-#: framing header), as (header count, ``Headers``' own name → values): a client sends the
-#: same headers request after request, and their parse is a pure function of the bytes.
-#: Bounded: blocks up to 2 KiB, emptied when full (docs/performance.md).
-_PARSED_HEADERS: Final[dict[bytes, tuple[int, tuple[tuple[bytes, tuple[bytes, ...]], ...]]]] = {}
-_MAX_REMEMBERED_BLOCKS: Final = 1024
-_MAX_REMEMBERED_BLOCK: Final = 2048
-
-#: A head starting with these is for the line-by-line path (an empty line before the
-#: request line, which twisted.web skips once, or whitespace).
-_NOT_A_REQUEST_START: Final = frozenset(b"\r\n \t")
-
-
-class HarpChannel(http.HTTPChannel):
-    head_timeout: float = 30.0
-    clock: IReactorTime = _reactor  # type: ignore[assignment]
-    #: Set once the connection is handed over (:meth:`hand_over`): no more HTTP.
-    relay: Relay | None = None
-    discarding = False
-    limit: ConnectionLimit | None = None
-    #: Set when TLS negotiated ``h2``: every byte belongs to it.
-    h2: HarpH2Connection | None = None
-    _alpn_checked = False
-    _head_timer: Deadline | None = None
-    _idle: Deadline | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        use_buffered_write(self.transport)  # a plain TCP client (HTTPS has its own layer)
-        self._arm_head_timer()
-
-    _host: Any = None
-    _peer: Any = None
-
-    def getHost(self) -> Any:
-        # twisted.web asks for every request (a getsockname syscall each time); the
-        # local address of a connection never changes.
-        host = self._host
-        if host is None:
-            host = self._host = super().getHost()
-        return host
-
-    def getPeer(self) -> Any:
-        # Asked for every request too (a new address object each time); the peer of a
-        # connection never changes either.
-        peer = self._peer
-        if peer is None:
-            peer = self._peer = super().getPeer()
-        return peer
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.relay is not None:
-            self.relay.from_client(data)
-        elif self.h2 is not None:
-            self.h2.dataReceived(data)
-        elif not self.discarding:
-            if not self._alpn_checked:
-                # The first bytes arrive after the TLS handshake, so ALPN is settled.
-                self._alpn_checked = True
-                if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
-                    self._switch_to_h2().dataReceived(data)
-                    return
-            if (
-                self.line_mode and not self._buffer and not self._busyReceiving
-                and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
-            ):
-                end = data.find(b"\r\n\r\n")
-                if 0 < end < FAST_HEAD_MAX and self._whole_head(data, end):
-                    return
-            super().dataReceived(data)
-
-    def _whole_head(self, data: bytes, end: int) -> bool:
-        """A request head that arrived whole, parsed in one pass; False: not handled.
-
-        Why: ``LineReceiver`` splits the head line by line and ``HTTPChannel.lineReceived``
-        then dispatches each line (request line, header, header…, blank) with its own
-        bookkeeping; a browser's head of fifteen headers made that a few per cent of a
-        request.  Nearly every head arrives in one read, so it is split once here and
-        each part goes to what ``lineReceived`` would have called: the request line to
-        twisted.web's own parser, every header to ``headerReceived`` (the same checks,
-        limits and framing decisions), then ``allHeadersReceived``.  Anything unusual
-        — a head split across reads, folded header lines, the blank line tolerated
-        before a request, a connection that is closing — is left untouched to the
-        line-by-line path.  Both paths must give the same outcome for the same bytes
-        (tests/unit/test_channel_fuzz.py feeds random heads both ways).
-        """
-        head = data[:end]
-        if head[0] in _NOT_A_REQUEST_START or b"\r\n " in head or b"\r\n\t" in head:
-            return False
-        if not self.persistent:
-            return False
-        self.resetTimeout()
-        lines = head.split(b"\r\n")
-        # What lineReceived adds up line by line (delimiters not counted); FAST_HEAD_MAX
-        # keeps it and every line under twisted.web's limits.
-        self._receivedHeaderSize += end - 2 * (len(lines) - 1)
-        # Bytes after the head wait where LineReceiver keeps them, so that what happens
-        # meanwhile (a response finished at once, a re-entrant dataReceived) sees the
-        # same state as on the line-by-line path.
-        self._buffer = data[end + 4:]
-        self._busyReceiving = True
-        try:
-            self._head_received(lines, head[len(lines[0]) + 2:])
-        finally:
-            self._busyReceiving = False
-        if self._buffer and not getattr(self.transport, "disconnecting", False):
-            basic.LineReceiver.dataReceived(self, b"")  # the rest, as LineReceiver goes on
-        return True
-
-    def _head_received(self, lines: list[bytes], block: bytes) -> None:
-        """``lineReceived`` for the request line, each header and the blank line.
-
-        ``block``: the header lines as received (``lines[1:]`` unsplit)."""
-        request = cast(
-            "HarpRequest",
-            self.requestFactory(self, len(self.requests)),  # type: ignore[attr-defined]
-        )
-        request.header_block = block
-        self.requests.append(request)
-        self._HTTPChannel__first_line = 0
-        try:
-            command, path, version = parse_request_line(lines[0])
-        except ValueError:
-            self._respondToBadRequestAndDisconnect()
-            return
-        self._command = command
-        self._path = path
-        self._version = version
-        if not self._headers_received(request.requestHeaders, lines, block):
-            return  # refused and dropped (the line-by-line path stops there too)
-        self.allHeadersReceived()
-        if self.length == 0:
-            self.allContentReceived()
-        else:
-            self.setRawMode()
-
-    def _switch_to_h2(self) -> HarpH2Connection:
-        """Hand the connection to HTTP/2 (:mod:`harp.web.h2`) before any HTTP/1.1 parsing."""
-        self._cancel_head_timer()
-        self.setTimeout(None)
-        network: Any = self._networkProducer  # the TLS transport
-        network.unregisterProducer()
-        site = getattr(self, "site", None)  # set by Site.buildProtocol
-        h2 = HarpH2Connection(self.clock, self.head_timeout)
-        h2.requestFactory = self.requestFactory
-        h2.site = site
-        h2.factory = self.factory
-        h2.on_malformed = getattr(site, "on_malformed", None)
-        self.h2 = h2
-        h2.makeConnection(self.transport)
-        # The h2 connection now pauses and resumes on the transport's buffer.
-        network.registerProducer(h2, True)
-        return h2
-
-    def rawDataReceived(self, data: bytes) -> None:
-        # Body bytes that arrive in the same segment as the headers come here directly,
-        # not through dataReceived.
-        if not self.discarding:
-            super().rawDataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        """twisted.web's steps once the head is in (cookies, persistence, body length,
-        ``Expect: 100-continue``), with HaRP's header look-ups, then processing.
-
-        Why not ``super()``: twisted.web reads its three headers with ``getRawHeaders``,
-        which canonicalises each name on every call (≈ 4 % of a small request's Python
-        with the calls around them); the decisions are the same, kept step by step.
-        """
-        self._cancel_head_timer()
-        request = self.requests[-1]
-        version = self._version
-        request.head = (self._command, self._path, version)
-        request.parseCookies()
-        self.persistent = self.checkPersistence(request, version)
-        request.gotLength(self.length)
-        expect = header_values(request.requestHeaders, b"expect")
-        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
-            self._send100Continue()  # type: ignore[no-untyped-call]
-        request.begin()
-
-    def checkPersistence(self, request: Any, version: bytes) -> bool:
-        """twisted.web's rule, read with HaRP's look-up: HTTP/1.1 stays open unless the
-        first ``Connection`` header, split at spaces as twisted.web splits it, says
-        ``close`` (then the response says ``Connection: close`` too); older versions close.
-        """
-        connection = header_values(request.requestHeaders, b"connection")
-        if version != b"HTTP/1.1":
-            return False
-        if connection and b"close" in [t.lower() for t in connection[0].split(b" ")]:
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            return False
-        return True
-
-    def allContentReceived(self) -> None:
-        if self.discarding or not self.requests:
-            # An early answer (which closes the connection) already ended this request
-            # while its last body bytes were being parsed: nothing is left to complete.
-            return
-        super().allContentReceived()
-
-    def requestDone(self, request: http.Request) -> None:
-        # Armed before the parent parses any pipelined request, which cancels it again.
-        if self.relay is None:
-            self._arm_head_timer()
-        super().requestDone(request)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        end_buffered_write(self.transport)
-        self._cancel_head_timer()
-        limit, self.limit = self.limit, None
-        if limit is not None:
-            limit.closed()
-        relay, self.relay = self.relay, None
-        if relay is not None:
-            relay.client_lost()
-        if self.h2 is not None:
-            self.h2.connectionLost(reason)
-        super().connectionLost(reason)
-
-    def writeHeaders(
-        self, version: bytes, code: bytes, reason: bytes, headers: Any
-    ) -> None:
-        """twisted.web's head, with a ``Date`` (added here, so a relayed head that has
-        the upstream's own never pays for setting HaRP's first)."""
-        if isinstance(headers, Headers) and not headers.hasHeader(b"date"):
-            headers.setRawHeaders(b"date", [http_date()])
-        super().writeHeaders(version, code, reason, headers)
-
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
-        # Twisted ignores ``Transfer-Encoding: identity`` (and would then read the body
-        # as the next request): the only coding a request may declare is exactly
-        # ``chunked`` (docs/security.md, request framing).
-        if header == b"Transfer-Encoding" and data.lower() != b"chunked":
-            self._respondToBadRequestAndDisconnect()
-            return False
-        ok: bool = super()._maybeChooseTransferDecoder(header, data)
-        decoder = self._transferDecoder
-        # The class is imported, not read as ``http._ChunkedTransferDecoder``:
-        # twisted.web.http is a deprecation proxy whose every attribute read costs a
-        # ``__getattribute__`` call (≈1 % of a small request).
-        if ok and type(decoder) is _ChunkedTransferDecoder:
-            self._transferDecoder = BoundedChunkedDecoder(
-                decoder.dataCallback, decoder.finishCallback
-            )
-        return ok
-
-    def _headers_received(self, headers: Headers, lines: list[bytes], block: bytes) -> bool:
-        """``headerReceived`` for each header line of a whole head, in one loop.
-
-        The same checks in the same order of consequence (twisted.web's
-        ``headerReceived``): a line without a colon, a value with NUL, CR or LF, a name
-        that is not a token, a bad framing header, or more than ``maxHeaders`` headers
-        drop the request.  Only the two framing headers go through
-        :meth:`_maybeChooseTransferDecoder`; the name is canonicalised once (by
-        ``addRawHeader``), not twice.
-
-        A block of header lines parsed before without a framing header (so with no
-        effect on the channel but the headers themselves) gives the same headers again:
-        they are copied from :data:`_PARSED_HEADERS` instead (docs/performance.md).
-        """
-        start = self._receivedHeaderCount
-        remembered = _PARSED_HEADERS.get(block) if HEADERS_DICT and not start else None
-        if remembered is not None and remembered[0] <= self.maxHeaders:
-            count, parsed = remembered
-            headers._rawHeaders = {name: list(values) for name, values in parsed}
-            self._receivedHeaderCount = count
-            return True
-        add = headers.addRawHeader
-        count = start
-        framed = False
-        for line in lines[1:]:
-            # No empty line can be here: the head ended at the first one.
-            name, colon, value = line.partition(b":")
-            value = value.strip(b" \t")
-            if not colon or b"\x00" in value or b"\r" in value or b"\n" in value:
-                self._respondToBadRequestAndDisconnect()
-                return False
-            framing = _FRAMING.get(name.lower())
-            if framing is not None:
-                framed = True
-                if not self._maybeChooseTransferDecoder(framing, value):
-                    return False
-            try:
-                add(name, value)
-            except InvalidHeaderName:
-                self._respondToBadRequestAndDisconnect()
-                return False
-            count += 1
-            if count > self.maxHeaders:
-                self._receivedHeaderCount = count
-                self._respondToBadRequestAndDisconnect()
-                return False
-        self._receivedHeaderCount = count
-        if HEADERS_DICT and not framed and not start and len(block) <= _MAX_REMEMBERED_BLOCK:
-            parsed = tuple((name, tuple(values)) for name, values in headers._rawHeaders.items())
-            remember(_PARSED_HEADERS, block, (count, parsed), _MAX_REMEMBERED_BLOCKS)
-        return True
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # The reference answers a malformed request (bad request line, oversized or
-        # broken headers) with a silent drop, not a 400 (docs/security.md).  It
-        # counts as a failure of its client, like any other probe.
-        if not self.discarding and self.requests:
-            on_malformed = getattr(getattr(self, "site", None), "on_malformed", None)
-            if on_malformed is not None:
-                on_malformed(self.requests[-1])
-        self.discarding = True
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def body_too_slow(self, answered: bool) -> None:
-        """Cut a request whose body trickles in (see :data:`MIN_BODY_RATE`)."""
-        self.discarding = True
-        if self.transport is None:
-            return
-        if not answered:
-            self.transport.write(_TIMEOUT_RESPONSE)
-            self.transport.loseConnection()
-        else:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def hand_over(self, relay: Relay) -> None:
-        """Stop speaking HTTP: every further byte, and those buffered, belong to *relay*.
-
-        The relay's idle limit replaces the channel's timeouts: an idle WebSocket must
-        not be cut at ``HP_TIMEOUT_CLIENT``.
-        """
-        self._cancel_head_timer()
-        self.setTimeout(None)
-        self._savedTimeOut = None
-        self.relay = relay
-        buffered = b"".join(self._dataBuffer)
-        self._dataBuffer = []
-        if buffered:
-            relay.from_client(buffered)
-
-    # Both limits are coarse deadlines (harp/deadlines.py), reused across the requests of
-    # a connection: seconds-long limits set and unset around every request would
-    # otherwise be a reactor timer created and cancelled each time.
-
-    def setTimeout(self, period: float | None) -> float | None:  # type: ignore[override]
-        """Twisted's idle limit (``TimeoutMixin``), kept as one reusable deadline."""
-        previous: float | None = self.timeOut
-        self.timeOut = period  # type: ignore[assignment]  # Twisted says int; seconds
-        if period is None:
-            cancel(self._idle)
-        else:
-            self._idle = deadlines_for(self.clock).rearm(self._idle, period, self._idle_timed_out)
-        return previous
-
-    def resetTimeout(self) -> None:
-        idle = self._idle
-        if idle is not None and idle.action is not None:
-            idle.reset(self.timeOut)  # type: ignore[arg-type]
-
-    def _idle_timed_out(self) -> None:
-        self.timeoutConnection()
-
-    def _arm_head_timer(self) -> None:
-        if self.head_timeout:
-            self._head_timer = deadlines_for(self.clock).rearm(
-                self._head_timer, self.head_timeout, self._head_timed_out
-            )
-
-    def _cancel_head_timer(self) -> None:
-        cancel(self._head_timer)
-
-    def _head_timed_out(self) -> None:
-        if self.transport is None:
-            return
-        if self.requests:
-            # A request started but its head did not complete: slow or broken client.
-            self.transport.write(_TIMEOUT_RESPONSE)
-            self.transport.loseConnection()
-        else:
-            # Idle keep-alive connection: close quietly.
-            self.transport.loseConnection()
 
 
 class HarpRequest(Request):
@@ -754,11 +349,10 @@ class HarpSite(Site):
         limit = self.limit
         if limit is not None and not limit.try_open():
             return _Refuse()
-        channel: HarpChannel = super().buildProtocol(addr)
-        channel.head_timeout = self.head_timeout
+        channel = HarpChannel(self, self.head_timeout, self.timeOut)
+        channel.clock = self.reactor
         channel.limit = limit
         return channel
-
 
     def log(self, request: http.Request) -> None:
         """The request's one access line (docs/operations.md, "Logs") and its metrics.

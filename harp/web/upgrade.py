@@ -43,9 +43,10 @@ from harp.logs import HarpLogger
 from harp.relay import Relay
 from harp.timers import cancel
 from harp.web import responses
+from harp.web.channel import HarpChannel
 from harp.web.response_body import ResponseBody
 from harp.web.response_head import BadResponse, ResponseHead, body_framing, parse_response_head
-from harp.web.site import HarpChannel, HarpRequest
+from harp.web.site import HarpRequest
 
 log = HarpLogger("harp.upgrade")
 
@@ -78,7 +79,7 @@ class WebSocketUpgrade:
         on_failure: Callable[[int], None],
         on_status: Callable[[int], None] | None = None,
     ) -> None:
-        channel = request.channel
+        channel: object = request.channel  # twisted.web types it as its own channel
         assert isinstance(channel, HarpChannel)
         self.request = request
         self.channel = channel

@@ -1,7 +1,7 @@
 """Request header blocks parsed once: the remembered parse gives the same headers.
 
 Why: a client sends the same header lines request after request, so the one-pass head
-parser remembers what a block of them became (harp.web.site._PARSED_HEADERS).  Each
+parser remembers what a block of them became (harp.web.channel._PARSED_HEADERS).  Each
 request must still get headers of its own, equal to a fresh parse of the same bytes, and
 a block that sets the body's framing (Content-Length, Transfer-Encoding), changes the
 channel besides its headers, so it is never remembered.
@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp.web import site
+from harp.web import channel as channel_module
 from harp.web.site import HarpChannel, HarpSite
 
 BLOCK = (b"Host: harp\r\nCookie: a=b; oc_sessionPassphrase=s\r\nX-Two: 1\r\n"
@@ -46,9 +46,9 @@ class _Headers(Resource):
 
 @pytest.fixture
 def resource() -> Iterator[_Headers]:
-    site._PARSED_HEADERS.clear()
+    channel_module._PARSED_HEADERS.clear()
     yield _Headers()
-    site._PARSED_HEADERS.clear()
+    channel_module._PARSED_HEADERS.clear()
 
 
 def _channel(resource: Resource) -> HarpChannel:
@@ -70,7 +70,7 @@ def test_a_remembered_block_gives_each_request_equal_headers_of_its_own(
     split = _channel(resource)
     split.dataReceived(head[:30])
     split.dataReceived(head[30:])
-    assert len(site._PARSED_HEADERS) == 1
+    assert len(channel_module._PARSED_HEADERS) == 1
     first = resource.seen[0]
     assert first[b"X-Two"] == [b"1", b"2"] and first[b"Accept"] == [b"text/html"]
     assert resource.seen == [first] * 4  # a handler's changes never reach the next one
@@ -81,4 +81,4 @@ def test_a_block_with_framing_is_never_remembered(resource: _Headers) -> None:
     channel.dataReceived(
         b"POST /exapps/a/x HTTP/1.1\r\nHost: harp\r\nContent-Length: 2\r\n\r\nok"
     )
-    assert resource.seen and not site._PARSED_HEADERS
+    assert resource.seen and not channel_module._PARSED_HEADERS

@@ -65,7 +65,6 @@ class Stack:
         channel = self.site.buildProtocol(None)
         assert isinstance(channel, HarpChannel)
         channel.clock = self.clock
-        channel.callLater = self.clock.callLater  # type: ignore[method-assign]
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
         channel.makeConnection(transport)
         return channel, transport

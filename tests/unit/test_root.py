@@ -119,7 +119,6 @@ class Server:
         channel = self.site.buildProtocol(None)
         assert isinstance(channel, HarpChannel)
         channel.clock = self.clock
-        channel.callLater = self.clock.callLater  # type: ignore[method-assign]
         transport = StringTransport(peerAddress=IPv4Address("TCP", client, 40000))
         channel.makeConnection(transport)
         return channel, transport

@@ -45,7 +45,6 @@ def _connect(
     assert isinstance(channel, HarpChannel)
     clock = Clock()
     channel.clock = clock
-    channel.callLater = clock.callLater  # type: ignore[method-assign]
     transport = StringTransport()
     channel.makeConnection(transport)
     return channel, transport, clock
@@ -188,8 +187,8 @@ def test_persistence_is_decided_as_twisted_web_decides(values: list[bytes], vers
     for request in (ours, theirs):
         if values:
             request.requestHeaders.setRawHeaders(b"Connection", values)
-    assert channel.checkPersistence(ours, version) == http.HTTPChannel.checkPersistence(
-        channel, theirs, version
+    assert channel._persists(ours, ours.requestHeaders, version) == (
+        http.HTTPChannel.checkPersistence(channel, theirs, version)
     )
     assert list(ours.responseHeaders.getAllRawHeaders()) == list(
         theirs.responseHeaders.getAllRawHeaders()

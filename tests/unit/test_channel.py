@@ -1,0 +1,170 @@
+"""HaRP's HTTP/1.x channel in memory: its states, time limits and back-pressure.
+
+What a head may be is held to twisted.web's by tests/unit/test_channel_fuzz.py; these
+are the parts of a connection's life around it.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from harp.web import channel as channel_module
+from harp.web.channel import EAGER_READ, HarpChannel, lines_within_limits, unfold
+from harp.web.site import HarpSite
+
+
+class _Held(Resource):
+    """Keeps every request unanswered until the test answers it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Request] = []
+
+    def render(self, request: Request) -> int:  # type: ignore[override]
+        self.held.append(request)
+        return NOT_DONE_YET
+
+
+def _answer(request: Request) -> None:
+    request.setHeader(b"content-length", b"2")
+    request.write(b"ok")
+    request.finish()
+
+
+def _connect(resource: Resource) -> tuple[HarpChannel, StringTransport, Clock, list[Request]]:
+    site = HarpSite(resource, head_timeout=3.0, timeout=10.0)
+    malformed: list[Request] = []
+    site.on_malformed = malformed.append
+    channel = site.buildProtocol(None)
+    assert isinstance(channel, HarpChannel)
+    clock = Clock()
+    channel.clock = clock
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock, malformed
+
+
+GET = b"GET /exapps/app/x HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def test_a_started_request_line_times_out_with_408() -> None:
+    channel, transport, clock, _ = _connect(_Held())
+    channel.dataReceived(b"GET /exapps/app/x HTTP/1.1\r\nHost: h")
+    clock.advance(3.5)
+    assert transport.value().startswith(b"HTTP/1.1 408") and transport.disconnecting
+
+
+def test_bytes_that_never_made_a_request_line_are_closed_quietly() -> None:
+    channel, transport, clock, _ = _connect(_Held())
+    channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64)
+    clock.advance(3.5)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_an_idle_keep_alive_connection_is_closed_quietly() -> None:
+    resource = _Held()
+    channel, transport, clock, _ = _connect(resource)
+    channel.dataReceived(GET)
+    _answer(resource.held[0])
+    transport.clear()
+    clock.advance(3.5)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_no_idle_limit_while_an_answer_is_prepared() -> None:
+    resource = _Held()
+    channel, transport, clock, _ = _connect(resource)
+    channel.dataReceived(GET)
+    for _ in range(30):
+        clock.advance(1.0)
+    assert not transport.disconnecting
+    _answer(resource.held[0])
+    assert transport.value().startswith(b"HTTP/1.1 200")
+
+
+def test_pipelined_requests_wait_and_past_the_eager_limit_reading_pauses() -> None:
+    resource = _Held()
+    channel, transport, _, _ = _connect(resource)
+    channel.dataReceived(GET)
+    channel.dataReceived(GET * (EAGER_READ // len(GET)))
+    assert transport.producerState == "producing"
+    channel.dataReceived(GET * 2)
+    assert transport.producerState == "paused"
+    assert len(resource.held) == 1
+    _answer(resource.held[0])
+    # Answered: the next waiting request is parsed (and held); what still waits is more
+    # than the limit, so reading stays paused until enough are answered.
+    assert len(resource.held) == 2
+    while transport.producerState == "paused":
+        _answer(resource.held[-1])
+    assert len(channel.buffer) <= EAGER_READ
+
+
+def test_a_full_client_pauses_the_answer_not_the_reading_of_its_request() -> None:
+    resource = _Held()
+    channel, transport, _, _ = _connect(resource)
+    channel.dataReceived(GET)
+
+    class Producer:
+        paused = False
+
+        def pauseProducing(self) -> None:
+            self.paused = True
+
+        def resumeProducing(self) -> None:
+            self.paused = False
+
+        def stopProducing(self) -> None:
+            pass
+
+    producer = Producer()
+    resource.held[0].registerProducer(producer, True)
+    channel.pauseProducing()  # as the transport does when its buffer is full
+    assert producer.paused and transport.producerState == "producing"
+    channel.resumeProducing()
+    assert not producer.paused
+
+
+def test_a_full_client_between_requests_stops_reading() -> None:
+    resource = _Held()
+    channel, transport, _, _ = _connect(resource)
+    channel.pauseProducing()
+    assert transport.producerState == "paused"
+    channel.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+def test_an_over_long_line_counts_as_malformed() -> None:
+    channel, transport, _, malformed = _connect(_Held())
+    channel.dataReceived(b"GET /exapps/app/x HTTP/1.1\r\nX-Long: " + b"a" * 17000)
+    assert transport.value() == b"" and transport.disconnecting
+    assert len(malformed) == 1
+
+
+def test_a_body_split_across_reads_then_the_next_request() -> None:
+    resource = _Held()
+    channel, _, _, _ = _connect(resource)
+    channel.dataReceived(b"POST /exapps/app/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+    channel.dataReceived(b"cde" + GET)
+    first = resource.held[0]
+    assert first.body is not None and first.body_complete  # type: ignore[attr-defined]
+    _answer(first)
+    assert len(resource.held) == 2 and resource.held[1].method == b"GET"
+
+
+def test_unfold_joins_continuations_as_twisted_web_does() -> None:
+    assert unfold([b"A: 1", b" more", b"\tand", b"B: 2"]) == [b"A: 1 more and", b"B: 2"]
+    assert unfold([b" lone", b"B: 2"]) == [b" lone", b"B: 2"]
+
+
+def test_head_limits() -> None:
+    assert lines_within_limits([b"a" * 16384], 0)
+    assert not lines_within_limits([b"a" * 16385], 0)
+    assert not lines_within_limits([b"a" * 9000, b"b" * 9000], 0)
+    assert not lines_within_limits([b"a"], 16385)
+    assert channel_module.MAX_HEAD == channel_module.MAX_LINE == 16384
