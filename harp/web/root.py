@@ -46,6 +46,10 @@ class Root(Resource):
     """Decide with the pipeline, then act: drop, error, control plane or proxy."""
 
     isLeaf = True
+    #: ``render`` serves every method and always answers later (``NOT_DONE_YET``): the
+    #: request may call it directly, without twisted.web's dispatch around it
+    #: (:meth:`harp.web.site.HarpRequest.begin`).
+    answers_later = True
 
     def __init__(
         self, pipeline: Pipeline, control: ControlPlane, proxy: ExAppProxy,

@@ -6,8 +6,11 @@ are the parts of a connection's life around it.
 
 from __future__ import annotations
 
+import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -168,3 +171,39 @@ def test_head_limits() -> None:
     assert not lines_within_limits([b"a" * 9000, b"b" * 9000], 0)
     assert not lines_within_limits([b"a"], 16385)
     assert channel_module.MAX_HEAD == channel_module.MAX_LINE == 16384
+
+
+def test_finish_keeps_twisted_webs_steps() -> None:
+    """HarpRequest's one-call finish: the same outcome as twisted.web's three calls."""
+    resource = _Held()
+    channel, transport, _, _ = _connect(resource)
+    channel.dataReceived(GET)
+    request = resource.held[0]
+    done = request.notifyFinish()
+    fired: list[object] = []
+    done.addCallback(fired.append)
+    request.finish()  # nothing written yet: the head goes first
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert fired == [None] and request.finished and not channel.requests
+    with pytest.warns(UserWarning, match="finish called twice"):
+        request.finish()
+
+
+def test_finish_after_the_connection_was_lost_is_refused() -> None:
+    resource = _Held()
+    channel, _, _, _ = _connect(resource)
+    channel.dataReceived(GET)
+    request = resource.held[0]
+    channel.connectionLost(Failure(ConnectionDone()))
+    with pytest.raises(RuntimeError, match="connection was lost"):
+        request.finish()
+
+
+def test_a_chunked_answer_is_ended() -> None:
+    resource = _Held()
+    channel, transport, _, _ = _connect(resource)
+    channel.dataReceived(GET)
+    request = resource.held[0]
+    request.write(b"abc")  # no length: chunked
+    request.finish()
+    assert transport.value().endswith(b"3\r\nabc\r\n0\r\n\r\n")
