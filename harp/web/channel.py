@@ -65,6 +65,9 @@ MAX_LINE: Final = 16384
 MAX_HEAD: Final = 16384
 #: Most header lines in one head (twisted.web's ``maxHeaders``).
 MAX_HEADERS: Final = 500
+#: How much an incomplete head over :data:`MAX_LINE` may grow between two checks of the
+#: limits (each is a split of the whole head; the complete head is always checked).
+CHECK_EVERY: Final = 4096
 #: Bytes of pipelined requests read while one is answered, before reading pauses
 #: (twisted.web's ``_optimisticEagerReadSize``).
 EAGER_READ: Final = 0x4000
@@ -157,6 +160,7 @@ class HarpChannel:
         #: Bytes received and not yet parsed.
         self.buffer = b""
         self._scanned = 0
+        self._checked = 0
         self._parsing = False
         self._blank_allowed = True
         self._alpn_checked = False
@@ -307,18 +311,23 @@ class HarpChannel:
                 return False
         end = buffer.find(b"\r\n\r\n", self._scanned)
         if end < 0:
+            size = len(buffer)
             if buffer[:2] == b"\r\n":
                 self._malformed()  # an empty request line
-            elif len(buffer) > MAX_LINE:
+            elif size > MAX_LINE and size - self._checked >= CHECK_EVERY:
+                # Over the limits already?  Asked again only every few KiB: a client
+                # trickling a huge head costs a split of it per check, not per read.
+                self._checked = size
                 lines = buffer.split(b"\r\n")
                 tail = lines.pop()
                 if not lines_within_limits(lines, len(tail)):
                     self._malformed()
             if buffer[:1] != b"\r":
                 self._blank_allowed = False
-            self._scanned = max(len(buffer) - 3, 0)
+            self._scanned = max(size - 3, 0)
             return False
         self._scanned = 0
+        self._checked = 0
         self.buffer = buffer[end + 4:]
         self._blank_allowed = True
         head = buffer[:end]

@@ -207,3 +207,19 @@ def test_a_chunked_answer_is_ended() -> None:
     request.write(b"abc")  # no length: chunked
     request.finish()
     assert transport.value().endswith(b"3\r\nabc\r\n0\r\n\r\n")
+
+
+def test_a_trickled_oversized_head_is_dropped_within_a_bound() -> None:
+    """Many short header lines, one byte per read: dropped once the lines' total passes
+    the limit, at most ``CHECK_EVERY`` bytes later — never buffered without end."""
+    channel, transport, _, malformed = _connect(_Held())
+    data = b"GET /exapps/app/x HTTP/1.1\r\n" + b"X: y\r\n" * 10000
+    fed = 0
+    for byte in data:
+        channel.dataReceived(bytes([byte]))
+        fed += 1
+        if transport.disconnecting:
+            break
+    assert transport.disconnecting and malformed and transport.value() == b""
+    # 16 384 bytes of lines are ≈ 24.6 KB with their CRLFs; one check step later at most.
+    assert fed <= 16384 * 6 // 4 + 64 + channel_module.CHECK_EVERY
