@@ -22,7 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTCP
 from twisted.web.server import Request
 
-from harp import collector, docker, logs, poll, writes
+from harp import docker, logs
 from harp.client_address import ClientAddressResolver
 from harp.config import Address, ConfigError, Settings
 from harp.exapps import ExAppRecord
@@ -38,6 +38,7 @@ from harp.state import State
 from harp.state.memory import MemoryState
 from harp.state.redis import RedisState, RedisStateService
 from harp.tlsctx import ReloadableServerContext, TLSConfigError
+from harp.tuning import tune
 from harp.web import responses
 from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
@@ -375,9 +376,7 @@ def make_service_from_env(env: Mapping[str, str]) -> MultiService:
         raise SystemExit(2) from None
     from twisted.internet import reactor
 
-    writes.install(reactor)
-    poll.install(reactor)
-    collector.install(reactor)
+    tune(reactor)
     return service
 
 

@@ -48,11 +48,12 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp import collector, logs, poll, writes
+from harp import logs
 from harp.config import ConfigError, Settings
 from harp.exapps import ExAppRecord
 from harp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from harp.tlsctx import ReloadableServerContext, TLSConfigError
+from harp.tuning import tune
 from harp.web import responses
 from harp.web.https import TLSServerFactory
 from harp.web.storage import app_id_of, read_record
@@ -376,9 +377,7 @@ def main(argv: list[str]) -> int:
     except TLSConfigError as exc:
         log.error("worker {n}: cannot load the HTTPS certificate: {e}", n=index, e=str(exc))
         return 2
-    writes.install(reactor)
-    poll.install(reactor)
-    collector.install(reactor)
+    tune(reactor)
     reactor.callWhenRunning(worker.start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return worker.exit_code
