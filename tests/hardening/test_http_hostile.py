@@ -576,6 +576,53 @@ def test_heldup_10000_headers(env: Env) -> None:
     assert refused(result, "431") and not reached
 
 
+def test_channel_pipelined_flood_answered_in_order(env: Env) -> None:
+    """More pipelined requests than HaRP reads ahead (16 KiB): reading pauses and resumes,
+    every request is answered, in order, and nothing is lost."""
+    mark = marker()
+    count = 300
+    payload = b"".join(
+        build_request("GET", f"/exapps/{APP}/x?m={mark}&n={n}") for n in range(count)
+    )
+    assert len(payload) > 16384
+    result, reached = env.hostile("channel/300 pipelined GETs (> 16 KiB)", payload,
+                                  "300 x 200, in order", mark, want=count, timeout=10.0)
+    assert result.statuses == [200] * count and reached
+    targets = [r.target for r in env.upstream.requests_with(mark)]
+    assert targets == [f"/x?m={mark}&n={n}" for n in range(count)]
+
+
+FOLDED: dict[str, bytes] = {
+    "folded Content-Length": b"Content-Length: 5\r\n 6\r\n",
+    "folded TE + CL": b"Transfer-Encoding:\r\n chunked\r\nContent-Length: 5\r\n",
+    "CL + folded TE": b"Content-Length: 5\r\nTransfer-Encoding:\r\n\tchunked\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDED))
+def test_channel_folded_framing_headers(env: Env, name: str) -> None:
+    mark, smuggled = marker(), marker()
+    payload = (f"POST /exapps/{APP}/x?m={mark} HTTP/1.1\r\nHost: harp.test\r\n".encode()
+               + FOLDED[name] + b"\r\n" + smuggle_body(smuggled))
+    result, reached = env.hostile(f"channel/{name}", payload, "400 or drop; nothing upstream",
+                                  mark, want=2)
+    assert refused(result) and not reached and not env.upstream.saw(smuggled)
+
+
+def test_channel_two_blank_lines_before_a_request(env: Env) -> None:
+    """One empty line before a request line is tolerated (as twisted.web does); two are not
+    a request."""
+    mark = marker()
+    payload = b"\r\n\r\n" + build_request("GET", f"/exapps/{APP}/x?m={mark}")
+    result, reached = env.hostile("channel/two blank lines, then GET", payload,
+                                  "400 or drop", mark)
+    assert refused(result) and not reached
+    mark = marker()
+    payload = b"\r\n" + build_request("GET", f"/exapps/{APP}/x?m={mark}")
+    result, reached = env.hostile("channel/one blank line, then GET", payload, "200", mark)
+    assert result.statuses == [200] and reached
+
+
 def test_heldup_forged_identity_replaced(env: Env) -> None:
     mark, forged = marker(), marker()
     payload = build_request("GET", f"/exapps/{APP}/x?m={mark}", [
