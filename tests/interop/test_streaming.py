@@ -193,6 +193,28 @@ def test_download_100mb_bounded_memory(harp: HarpProcess) -> None:
         c.close()
 
 
+def test_https_stalled_reader_bounded_memory(harp: HarpProcess) -> None:
+    """An HTTPS client that stops reading a 100 MB download: HaRP stops reading the
+    upstream too (back-pressure through the TLS layer), its RSS stays bounded."""
+    assert harp.proc is not None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    baseline = rss_kib(harp.proc.pid)
+    c = http.client.HTTPSConnection("127.0.0.1", harp.https_port, timeout=30, context=ctx)
+    with RssSampler(harp.proc.pid) as sampler:
+        c.request("GET", f"/exapps/bulk/bytes/{100 * MB}")
+        resp = c.getresponse()
+        assert resp.status == 200
+        assert len(resp.read(MB)) == MB
+        time.sleep(3)  # stalled: the upstream keeps offering 99 MB meanwhile
+        rest = iter(partial(resp.read, 1 << 16), b"")
+        received = MB + sum(len(block) for block in rest)
+    c.close()
+    assert received == 100 * MB
+    assert sampler.peak - baseline < 50 * 1024, (sampler.peak, baseline)
+
+
 def pipes(pid: int) -> int:
     """Pipes ``pid`` holds: a body HaRP splices holds one while it is in flight."""
     count = 0

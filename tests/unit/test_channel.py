@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from harp.web import channel as channel_module
 from harp.web.channel import EAGER_READ, HarpChannel, lines_within_limits, unfold
-from harp.web.site import HarpSite
+from tests.unit.test_site_limits import _connect as connect
 
 
 class _Held(Resource):
@@ -40,16 +40,20 @@ def _answer(request: Request) -> None:
 
 
 def _connect(resource: Resource) -> tuple[HarpChannel, StringTransport, Clock, list[Request]]:
-    site = HarpSite(resource, head_timeout=3.0, timeout=10.0)
+    """A channel with a 3 s head deadline and a 10 s idle limit, and the requests its
+    site was told were malformed."""
+    channel, transport, clock = connect(resource, timeout=3.0, idle=10.0)
     malformed: list[Request] = []
-    site.on_malformed = malformed.append
-    channel = site.buildProtocol(None)
-    assert isinstance(channel, HarpChannel)
-    clock = Clock()
-    channel.clock = clock
-    transport = StringTransport()
-    channel.makeConnection(transport)
+    channel.site.on_malformed = malformed.append
     return channel, transport, clock, malformed
+
+
+def _one_request() -> tuple[HarpChannel, StringTransport, Clock, Request]:
+    """A channel whose one GET is held unanswered."""
+    resource = _Held()
+    channel, transport, clock, _ = _connect(resource)
+    channel.dataReceived(GET)
+    return channel, transport, clock, resource.held[0]
 
 
 GET = b"GET /exapps/app/x HTTP/1.1\r\nHost: h\r\n\r\n"
@@ -70,23 +74,19 @@ def test_bytes_that_never_made_a_request_line_are_closed_quietly() -> None:
 
 
 def test_an_idle_keep_alive_connection_is_closed_quietly() -> None:
-    resource = _Held()
-    channel, transport, clock, _ = _connect(resource)
-    channel.dataReceived(GET)
-    _answer(resource.held[0])
+    _, transport, clock, request = _one_request()
+    _answer(request)
     transport.clear()
     clock.advance(3.5)
     assert transport.value() == b"" and transport.disconnecting
 
 
 def test_no_idle_limit_while_an_answer_is_prepared() -> None:
-    resource = _Held()
-    channel, transport, clock, _ = _connect(resource)
-    channel.dataReceived(GET)
+    _, transport, clock, request = _one_request()
     for _ in range(30):
         clock.advance(1.0)
     assert not transport.disconnecting
-    _answer(resource.held[0])
+    _answer(request)
     assert transport.value().startswith(b"HTTP/1.1 200")
 
 
@@ -109,9 +109,7 @@ def test_pipelined_requests_wait_and_past_the_eager_limit_reading_pauses() -> No
 
 
 def test_a_full_client_pauses_the_answer_not_the_reading_of_its_request() -> None:
-    resource = _Held()
-    channel, transport, _, _ = _connect(resource)
-    channel.dataReceived(GET)
+    channel, transport, _, request = _one_request()
 
     class Producer:
         paused = False
@@ -126,7 +124,7 @@ def test_a_full_client_pauses_the_answer_not_the_reading_of_its_request() -> Non
             pass
 
     producer = Producer()
-    resource.held[0].registerProducer(producer, True)
+    request.registerProducer(producer, True)
     channel.pauseProducing()  # as the transport does when its buffer is full
     assert producer.paused and transport.producerState == "producing"
     channel.resumeProducing()
@@ -175,10 +173,7 @@ def test_head_limits() -> None:
 
 def test_finish_keeps_twisted_webs_steps() -> None:
     """HarpRequest's one-call finish: the same outcome as twisted.web's three calls."""
-    resource = _Held()
-    channel, transport, _, _ = _connect(resource)
-    channel.dataReceived(GET)
-    request = resource.held[0]
+    channel, transport, _, request = _one_request()
     done = request.notifyFinish()
     fired: list[object] = []
     done.addCallback(fired.append)
@@ -190,20 +185,14 @@ def test_finish_keeps_twisted_webs_steps() -> None:
 
 
 def test_finish_after_the_connection_was_lost_is_refused() -> None:
-    resource = _Held()
-    channel, _, _, _ = _connect(resource)
-    channel.dataReceived(GET)
-    request = resource.held[0]
+    channel, _, _, request = _one_request()
     channel.connectionLost(Failure(ConnectionDone()))
     with pytest.raises(RuntimeError, match="connection was lost"):
         request.finish()
 
 
 def test_a_chunked_answer_is_ended() -> None:
-    resource = _Held()
-    channel, transport, _, _ = _connect(resource)
-    channel.dataReceived(GET)
-    request = resource.held[0]
+    _, transport, _, request = _one_request()
     request.write(b"abc")  # no length: chunked
     request.finish()
     assert transport.value().endswith(b"3\r\nabc\r\n0\r\n\r\n")

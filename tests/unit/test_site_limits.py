@@ -38,9 +38,11 @@ class _EarlyAnswer(Resource):
 
 
 def _connect(
-    resource: Resource, timeout: float = 3.0
+    resource: Resource, timeout: float = 3.0, idle: float | None = None,
 ) -> tuple[HarpChannel, StringTransport, Clock]:
-    site = HarpSite(resource, head_timeout=timeout)
+    """A channel of a HarpSite over an in-memory transport; ``idle``: the site's idle
+    limit (twisted.web's default, 12 hours, otherwise)."""
+    site = HarpSite(resource, head_timeout=timeout, **({} if idle is None else {"timeout": idle}))
     channel = site.buildProtocol(None)
     assert isinstance(channel, HarpChannel)
     clock = Clock()
