@@ -296,11 +296,6 @@ class HarpChannel:
     def _head(self) -> bool:
         """Parse a whole head if one is buffered; False: wait for more (or dropped)."""
         buffer = self.buffer
-        if not self.persistent:
-            # Bytes after a request that closes the connection are not read.
-            self.buffer = b""
-            self.state = CLOSED
-            return False
         if buffer[:2] == b"\r\n" and self._blank_allowed:
             # One empty line before a request line is tolerated (twisted.web's rule,
             # for clients that end a body with an extra CRLF).
