@@ -33,10 +33,11 @@ from harp.lru import remember
 from harp.splice import socket_fd
 from harp.web import responses
 from harp.web.body import BodyPipe
+from harp.web.channel import HarpChannel
 from harp.web.exchange import ChunkedWriter, ConnectionPool, UpstreamConnection
 from harp.web.headers import HOP_BY_HOP, connection_listed
 from harp.web.response_head import ResponseHead
-from harp.web.site import HarpChannel, HarpRequest
+from harp.web.site import HarpRequest
 from harp.web.upgrade import WebSocketUpgrade
 from harp.web.upstream import EndpointFactory, UpstreamEndpoints, upstream_uri
 

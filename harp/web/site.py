@@ -43,8 +43,6 @@ from harp.web.headers import header_values
 from harp.web.limits import ConnectionLimit
 from harp.web.relayed_head import relayed_head
 
-__all__ = ["MIN_BODY_RATE", "HarpChannel", "HarpRequest", "HarpSite"]
-
 log = HarpLogger("harp.access")
 
 #: Bytes per second a request body must sustain while HaRP is reading it, measured

@@ -19,7 +19,8 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from harp.web.site import HarpChannel, HarpRequest, HarpSite
+from harp.web.channel import HarpChannel
+from harp.web.site import HarpRequest, HarpSite
 from harp.web.target import normalise_path, valid_target
 
 

@@ -17,7 +17,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from harp.web import h2 as harp_h2
 from harp.web.body import WINDOW
-from harp.web.site import HarpChannel, HarpRequest, HarpSite
+from harp.web.channel import HarpChannel
+from harp.web.site import HarpRequest, HarpSite
 
 
 class _Answer(Resource):

@@ -18,7 +18,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from harp.web import channel as channel_module
-from harp.web.site import HarpChannel, HarpSite
+from harp.web.channel import HarpChannel
+from harp.web.site import HarpSite
 
 BLOCK = (b"Host: harp\r\nCookie: a=b; oc_sessionPassphrase=s\r\nX-Two: 1\r\n"
          b"x-two: 2\r\nAccept:  text/html \r\nAUTHORIZATION-APP-API: dXNlcjp0b2s=")

@@ -15,8 +15,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from harp.web import responses
+from harp.web.channel import HarpChannel
 from harp.web.response_head import parse_response_head
-from harp.web.site import HarpChannel, HarpSite
+from harp.web.site import HarpSite
 
 
 class _Relay(Resource):

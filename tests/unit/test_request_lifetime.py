@@ -23,11 +23,12 @@ from harp.client_address import ClientAddressResolver, parse_trusted_proxies
 from harp.exapps import parse_record
 from harp.state.memory import MemoryState
 from harp.web import pipeline as P
+from harp.web.channel import HarpChannel
 from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
 from harp.web.proxy import ExAppProxy
 from harp.web.root import Root
-from harp.web.site import HarpChannel, HarpRequest, HarpSite
+from harp.web.site import HarpRequest, HarpSite
 
 UPSTREAM_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

@@ -28,11 +28,12 @@ from harp.exapps import parse_record
 from harp.state.memory import MemoryState
 from harp.web import pipeline as P
 from harp.web import responses
+from harp.web.channel import HarpChannel
 from harp.web.control import ControlPlane
 from harp.web.headers import KeyCheck
 from harp.web.proxy import ExAppProxy
 from harp.web.root import CONTROL_BODY_LIMIT, Root
-from harp.web.site import HarpChannel, HarpRequest, HarpSite
+from harp.web.site import HarpRequest, HarpSite
 
 CONTROL = P.ControlPlaneCall
 

@@ -11,7 +11,8 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from harp.web.site import MIN_BODY_RATE, HarpChannel, HarpRequest, HarpSite
+from harp.web.channel import HarpChannel
+from harp.web.site import MIN_BODY_RATE, HarpRequest, HarpSite
 
 
 class _Hold(Resource):
