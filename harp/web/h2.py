@@ -1,7 +1,7 @@
 """HTTP/2 on the HTTPS frontend: Twisted's ``H2Connection``, bounded and streaming.
 
 A TLS client that negotiates ``h2`` by ALPN (:mod:`harp.tlsctx`) has its connection
-handed from :class:`~harp.web.site.HarpChannel` to a :class:`HarpH2Connection`; every
+handed from :class:`~harp.web.channel.HarpChannel` to a :class:`HarpH2Connection`; every
 stream then carries one :class:`~harp.web.site.HarpRequest` through the same pipeline,
 proxy and access log as an HTTP/1.1 request.  What this module changes in Twisted's
 implementation, and why (docs/security.md#http2):
