@@ -37,7 +37,7 @@ from typing import Any, Final
 from twisted.internet import reactor as _reactor
 from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet.interfaces import IPushProducer, ISSLTransport, ITCPTransport
-from twisted.web.http import _MalformedChunkedDataError
+from twisted.web.http import _MalformedChunkedDataError, _NoPushProducer
 from twisted.web.http_headers import Headers, InvalidHeaderName
 
 from harp.deadlines import Deadline, deadlines_for
@@ -193,7 +193,7 @@ class HarpChannel:
         self._secure = ISSLTransport(transport, None) is not None
         self.setTimeout(self.timeOut)
         network = IPushProducer(transport, None)
-        self._network = network if network is not None else _NoNetwork()
+        self._network = network if network is not None else _NoPushProducer()
         self._network.registerProducer(self, True)
         use_buffered_write(transport)  # a plain TCP client (HTTPS has its own layer)
         self._arm_head_timer()
@@ -708,23 +708,3 @@ class HarpChannel:
         # Otherwise an idle keep-alive connection, or bytes that never made a request
         # line (TLS spoken to the HTTP port, say): closed quietly.
         self.transport.loseConnection()
-
-
-class _NoNetwork:
-    """The network producer of a transport that cannot pause (twisted.web's
-    ``_NoPushProducer``): pausing and resuming do nothing."""
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def registerProducer(self, producer: object, streaming: object) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
