@@ -31,8 +31,10 @@ from typing import Final
 MODULES: Final = (
     "harp.bans",
     "harp.client_address",
+    "harp.credentials",
     "harp.deadlines",
     "harp.docker.allowlist",
+    "harp.docker.engines",
     "harp.docker.passthrough",
     "harp.docker.query",
     "harp.exapps",

@@ -24,7 +24,6 @@ jar would leak one user's ``Set-Cookie`` into another user's lookups (reference 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
 from http.cookiejar import Cookie
@@ -213,22 +212,6 @@ class NextcloudClient:
             raise NextcloudError(f"exapp-meta for {app_id}: {exc}") from None
 
     # --- user-info
-
-    @staticmethod
-    def credential_key(app_id: str, cookie: bytes | None, authorization: bytes | None) -> bytes:
-        """Cache key: a hash of the credential that decides the answer, and the app.
-
-        The bytes hashed are ``c\\0<cookie>`` (or ``a\\0<authorization>``), then
-        ``\\0<app id>``: replicas sharing Redis must compute the same key
-        (tests/unit/test_nextcloud_client.py pins it).
-        """
-        digest = hashlib.blake2b(digest_size=20)
-        if cookie:
-            digest.update(b"c\0" + cookie)
-        else:
-            digest.update(b"a\0" + (authorization or b""))
-        digest.update(b"\0" + app_id.encode("utf-8", "surrogateescape"))
-        return digest.digest()
 
     def cached_user(self, key: bytes) -> UserInfo | None:
         """The user cached under the credential ``key``, if any (no lookup, no cost)."""

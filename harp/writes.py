@@ -28,8 +28,9 @@ twice per proxied request (the head upstream, the answer to the client).
 
 The flush also does the common write itself (:func:`send_now`): a connection with nothing
 left over from an earlier send and nothing Twisted must do once its buffer drains (no
-producer to resume, no close or half-close waiting) gets its buffered bytes joined and
-sent in one ``send``, and its buffer emptied, exactly as Twisted's ``doWrite`` would.
+producer to resume, no close or half-close waiting, no descriptor queued to pass on a
+unix socket) gets its buffered bytes joined and sent in one ``send``, and its buffer
+emptied, exactly as Twisted's ``doWrite`` would.
 That skips the dispatch and three interpreted calls per write (``doWrite``,
 ``writeSomeData``, ``stopWriting``); anything else — an error, a short send, more than
 Twisted's ``SEND_LIMIT`` — goes the reactor's way as before.
@@ -40,11 +41,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Final
 
-from twisted.internet import _newtls, abstract, tcp
+from twisted.internet import _newtls, abstract, tcp, unix
 
 #: Twisted's own write steps, which :func:`send_now` takes in their place.
 _DO_WRITE: Final = abstract.FileDescriptor.doWrite
 _WRITE_SOME: Final = tcp.Connection.writeSomeData
+#: A unix socket connection's: descriptors queued by ``sendFileDescriptor`` go first (with
+#: ``sendmsg``), then the bytes as a TCP connection sends them.  HaRP passes none, so with
+#: the queue empty it is the same send (the local Docker engine's socket, on every call).
+_UNIX_WRITE_SOME: Final = unix.Client.writeSomeData
 
 #: Twisted's steps of ``write`` that :func:`buffered_write` takes in their place.
 _WRITE_STEPS: Final = {
@@ -54,6 +59,9 @@ _WRITE_STEPS: Final = {
 #: A TCP connection's ``write``: Twisted's TLS switch (``startTLS``) in front of
 #: ``FileDescriptor.write``.
 _TCP_WRITES: Final = (_newtls.ConnectionMixin.write, abstract.FileDescriptor.write)
+#: A unix socket connection's buffer is also full with more than 64 descriptors queued to
+#: pass; HaRP passes none, so its bytes decide alone, as :func:`buffered_write` checks.
+_UNIX_BUFFER_FULL: Final = unix.Client._isSendBufferFull
 
 
 def buffered_write(transport: Any, data: object) -> None:
@@ -80,7 +88,7 @@ def buffered_write(transport: Any, data: object) -> None:
 
 
 def use_buffered_write(transport: Any) -> bool:
-    """Give a plain TCP connection :func:`buffered_write` as its ``write``.
+    """Give a plain TCP (or unix socket) connection :func:`buffered_write` as its ``write``.
 
     Only a connection whose class writes with Twisted's own steps (a TLS-started one
     does not).  The connection then holds a reference to itself: the owner calls
@@ -91,7 +99,9 @@ def use_buffered_write(transport: Any) -> bool:
     if not isinstance(transport, tcp.Connection) or getattr(kind, "write", None) not in _TCP_WRITES:
         return False
     for name, step in _WRITE_STEPS.items():
-        if getattr(kind, name, None) is not step:
+        if getattr(kind, name, None) is not step and not (
+            name == "_isSendBufferFull" and getattr(kind, name, None) is _UNIX_BUFFER_FULL
+        ):
             return False
     if "write" in transport.__dict__:
         return False
@@ -120,9 +130,13 @@ def send_now(writer: Any) -> bool:
     # time: a class may be changed at run time), and not one given a writer of its own
     # (a spliced body's).
     kind = type(writer)
+    write_some = getattr(kind, "writeSomeData", None)
     if (
         getattr(kind, "doWrite", None) is not _DO_WRITE
-        or getattr(kind, "writeSomeData", None) is not _WRITE_SOME
+        or (
+            write_some is not _WRITE_SOME
+            and (write_some is not _UNIX_WRITE_SOME or writer._sendmsgQueue)
+        )
         or "doWrite" in writer.__dict__
     ):
         return False

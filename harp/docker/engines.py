@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +46,13 @@ REMOTE_PORTS: Final = range(24001, 24100)
 ENGINE_HOST: Final = "engine"
 #: The request header that names the engine (AppAPI's daemon ``docker_socket_port``).
 PORT_HEADER: Final = b"docker-engine-port"
+#: Seconds a local engine socket, once found, is believed without asking the file system
+#: again.  Every passthrough request asks (``_ping`` is AppAPI's most frequent call), and
+#: a ``stat`` per request was a system call of its own (docs/performance.md).  Only a
+#: socket that is there is remembered: one that appears is seen at once, one that goes
+#: away fails the next connection for at most this long (pooled connections are
+#: reused anyway).
+SOCKET_RECHECK: Final = 1.0
 
 
 class EngineSelectionError(Exception):
@@ -111,13 +120,23 @@ class EngineEndpoints:
         self._socket_name = str(socket_path)
         self.tunnels = tunnels
         self.connect_timeout = connect_timeout
+        #: Monotonic seconds; a test may stand in its own.
+        self.clock: Callable[[], float] = time.monotonic
+        self._socket_believed_until = 0.0
 
     def local_socket(self) -> bool:
+        """Is ``HP_DOCKER_SOCKET`` a socket?  A yes is remembered :data:`SOCKET_RECHECK` s."""
+        now = self.clock()
+        if now < self._socket_believed_until:
+            return True
         # os.stat of a string, not Path.stat: asked on every passthrough request.
         try:
-            return stat.S_ISSOCK(os.stat(self._socket_name).st_mode)
+            found = stat.S_ISSOCK(os.stat(self._socket_name).st_mode)
         except OSError:
             return False
+        if found:
+            self._socket_believed_until = now + SOCKET_RECHECK
+        return found
 
     def endpoint(self, port: int) -> IStreamClientEndpoint | None:
         """The live engine on ``port`` (a valid engine port), or None."""

@@ -40,6 +40,7 @@ from twisted.internet.interfaces import IPushProducer, ISSLTransport, ITCPTransp
 from twisted.web.http import _MalformedChunkedDataError, _NoPushProducer
 from twisted.web.http_headers import Headers, InvalidHeaderName
 
+from harp.credentials import parse_cookies
 from harp.deadlines import Deadline, deadlines_for
 from harp.logs import HarpLogger
 from harp.lru import remember
@@ -354,7 +355,7 @@ class HarpChannel:
                 return
         self._cancel_head_timer()
         request.head = (command, path, version)
-        request.parseCookies()
+        parse_cookies(header_values(headers, b"cookie"), request.received_cookies)
         self.persistent = self._persists(request, headers, version)
         chunked = self._chunked
         length: int | None = None if chunked is not None else self._remaining

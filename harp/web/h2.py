@@ -49,9 +49,10 @@ from twisted.python.failure import Failure
 from twisted.web import _http2
 from zope.interface import directlyProvides, providedBy
 
+from harp.credentials import parse_cookies
 from harp.logs import HarpLogger
 from harp.timers import cancel
-from harp.web.headers import http_date
+from harp.web.headers import header_values, http_date
 
 log = HarpLogger("harp.h2")
 
@@ -393,7 +394,7 @@ class HarpH2Stream(_http2.H2Stream):  # type: ignore[misc]
             self.abortConnection()
             return
         request.gotLength(length)
-        request.parseCookies()
+        parse_cookies(header_values(request.requestHeaders, b"cookie"), request.received_cookies)
         expect = request.requestHeaders.getRawHeaders(b"expect")
         if expect and expect[0].lower() == b"100-continue" and length != 0:
             self._send100Continue()

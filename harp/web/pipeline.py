@@ -21,6 +21,7 @@ from mypy_extensions import mypyc_attr
 from twisted.web.server import Request
 
 from harp.client_address import ClientAddressResolver
+from harp.credentials import credential_key
 from harp.exapps import PUBLIC, ExAppRecord, Route, synthesized
 from harp.logs import HarpLogger, Throttle
 from harp.nextcloud import NextcloudClient, NextcloudError
@@ -373,7 +374,7 @@ class Pipeline:
         if cookie or authorization is not None:
             # Uncached lookups are rate-limited per client; over the limit the request is
             # anonymous without asking Nextcloud (harp.nextcloud.NextcloudClient.may_look_up).
-            lookup_key = NextcloudClient.credential_key(app_id, cookie, authorization)
+            lookup_key = credential_key(app_id, cookie, authorization)
             cached = self.nextcloud.cached_user(lookup_key)
             try:
                 if cached is not None:

@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from harp import logs
+from harp.credentials import parse_cookies
 from harp.logs import HarpLogger
 from harp.metrics import Metrics
 from harp.timers import cancel
@@ -111,14 +112,11 @@ class HarpRequest(Request):
         self._adapterCache = {}
 
     def parseCookies(self) -> None:
-        """twisted.web's cookie parse (``name=value`` pairs split at ``;``, the last of a
-        name kept, malformed pairs skipped), with HaRP's header look-up."""
-        for text in header_values(self.requestHeaders, b"cookie") or ():
-            if text:
-                for cookie in text.split(b";"):
-                    name, equals, value = cookie.lstrip().partition(b"=")
-                    if equals:
-                        self.received_cookies[name] = value
+        """twisted.web's cookie parse, compiled (:func:`harp.credentials.parse_cookies`).
+
+        HaRP's channels call that function themselves; this is twisted.web's name for it.
+        """
+        parse_cookies(header_values(self.requestHeaders, b"cookie"), self.received_cookies)
 
     def relay(self, status: int, reason: bytes, lines: bytes, names: frozenset[bytes]) -> None:
         """Answer with an upstream's status and end-to-end headers (HTTP/1.x).

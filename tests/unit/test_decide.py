@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from harp.client_address import ClientAddressResolver, parse_trusted_proxies
+from harp.credentials import credential_key
 from harp.exapps import ExAppRecord, parse_record
-from harp.nextcloud import NextcloudClient, NextcloudError
+from harp.nextcloud import NextcloudError
 from harp.state import ANONYMOUS, UserInfo
 from harp.state.memory import MemoryState
 from harp.web import pipeline as P
@@ -73,7 +74,7 @@ class FakeNextcloudClient:
 
     def sign_in(self, cookie: bytes, user: UserInfo, app_id: str = APP) -> None:
         """``cookie`` (an ``oc_sessionPassphrase``) now belongs to ``user``."""
-        self.users[NextcloudClient.credential_key(app_id, cookie, None)] = user
+        self.users[credential_key(app_id, cookie, None)] = user
 
 
 ROUTES = [
@@ -429,7 +430,7 @@ def test_route_bruteforce_statuses_travel_with_the_verdict(known: World) -> None
 
 def test_basic_credentials_are_resolved_too(known: World) -> None:
     auth = b"Basic " + base64.b64encode(b"usr:pw")
-    known.nextcloud.users[NextcloudClient.credential_key(APP, None, auth)] = UserInfo("usr", 1)
+    known.nextcloud.users[credential_key(APP, None, auth)] = UserInfo("usr", 1)
     verdict = known.decide(b"/exapps/myapp/user", {b"authorization": auth})
     assert isinstance(verdict, P.Forward)
     assert known.nextcloud.user_calls == [APP]

@@ -13,7 +13,12 @@ import pytest
 from harp.docker.allowlist import allowed_target
 from harp.docker.archive import tar_of
 from harp.docker.certificates import ca_target
-from harp.docker.engines import EngineEndpoints, EngineSelectionError, parse_port
+from harp.docker.engines import (
+    SOCKET_RECHECK,
+    EngineEndpoints,
+    EngineSelectionError,
+    parse_port,
+)
 from harp.docker.names import (
     CertificatesPayload,
     CreatePayload,
@@ -132,6 +137,25 @@ def test_local_engine_missing_is_503_naming_port(tmp_path: Path) -> None:
         endpoints.require(24017)
     assert err.value.status == 503
     assert "24017" in err.value.payload()["error"]
+
+
+def test_a_found_engine_socket_is_remembered_for_a_second(tmp_path: Path) -> None:
+    """One stat per SOCKET_RECHECK, not per request; a missing socket is never remembered."""
+    path = tmp_path / "docker.sock"
+    now = [100.0]
+    endpoints = EngineEndpoints(None, path, None, 5)
+    endpoints.clock = lambda: now[0]
+    assert not endpoints.local_socket()  # absent: not remembered
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        assert endpoints.local_socket()  # appeared: seen at once
+    path.unlink()
+    now[0] += SOCKET_RECHECK / 2
+    assert endpoints.local_socket()  # believed without a stat
+    now[0] += SOCKET_RECHECK
+    assert not endpoints.local_socket()  # asked again: gone
+    with pytest.raises(EngineSelectionError):
+        endpoints.require(24000)
 
 
 def test_regular_file_is_not_an_engine_socket(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from harp.credentials import credential_key
 from harp.nextcloud import LOOKUP_BURST, NextcloudClient, NextcloudError
 from harp.state import ANONYMOUS, UserInfo
 from harp.state.memory import MemoryState
@@ -54,7 +55,7 @@ def _result(d: defer.Deferred[Any]) -> Any:
 def test_user_info_redirect_is_anonymous_and_cached(code: int) -> None:
     http = FakeHTTP(code)
     client, state = _client(http)
-    key = NextcloudClient.credential_key("app", b"made-up", None)
+    key = credential_key("app", b"made-up", None)
     user = _result(defer.Deferred.fromCoroutine(client.user_info("app", key, [])))
     assert user == ANONYMOUS
     assert http.calls[0]["allow_redirects"] is False
@@ -76,14 +77,14 @@ def test_exapp_meta_redirect_is_unavailable_not_missing() -> None:
 def test_user_info_ok_still_parsed() -> None:
     http = FakeHTTP(200, b'{"user_id": "alice", "access_level": 1}')
     client, _ = _client(http)
-    key = NextcloudClient.credential_key("app", b"c", None)
+    key = credential_key("app", b"c", None)
     user = _result(defer.Deferred.fromCoroutine(client.user_info("app", key, [])))
     assert user == UserInfo("alice", 1)
 
 
 def test_lookup_budget_per_client_and_cached_answers_are_free() -> None:
     client, state = _client(FakeHTTP(200))
-    keys = [NextcloudClient.credential_key("app", str(i).encode(), None) for i in range(50)]
+    keys = [credential_key("app", str(i).encode(), None) for i in range(50)]
     granted = [client.may_look_up(k, "192.0.2.1") for k in keys]
     assert granted == [True] * LOOKUP_BURST + [False] * (50 - LOOKUP_BURST)
     assert client.may_look_up(keys[-1], "192.0.2.2")  # another client has its own budget
@@ -94,7 +95,7 @@ def test_lookup_budget_per_client_and_cached_answers_are_free() -> None:
 def test_lookup_budget_shared_by_an_ipv6_64() -> None:
     client, _ = _client(FakeHTTP(200))
     granted = [
-        client.may_look_up(NextcloudClient.credential_key("app", str(i).encode(), None),
+        client.may_look_up(credential_key("app", str(i).encode(), None),
                            f"2001:db8:1:2::{i:x}")
         for i in range(LOOKUP_BURST + 5)
     ]
@@ -115,8 +116,8 @@ def test_the_credential_key_hashes_the_documented_bytes() -> None:
     def expected(data: bytes) -> bytes:
         return hashlib.blake2b(data, digest_size=20).digest()
 
-    assert NextcloudClient.credential_key("app", b"sess", b"Basic x") == expected(
+    assert credential_key("app", b"sess", b"Basic x") == expected(
         b"c\0sess\0app")  # the cookie decides when there is one
-    assert NextcloudClient.credential_key("App\udcff", None, b"Basic x") == expected(
+    assert credential_key("App\udcff", None, b"Basic x") == expected(
         b"a\0Basic x\0App\xff")
-    assert NextcloudClient.credential_key("app", b"", None) == expected(b"a\0\0app")
+    assert credential_key("app", b"", None) == expected(b"a\0\0app")

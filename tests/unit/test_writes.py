@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet import epollreactor, tcp
+from twisted.internet import epollreactor, tcp, unix
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -236,6 +236,28 @@ def test_what_twisted_must_finish_itself_is_left_to_it() -> None:
         connection.write(b"spliced")
         assert not writes.send_now(connection)
         assert not writes.send_now(object())
+
+
+def test_a_unix_connection_is_sent_at_once_unless_a_descriptor_waits() -> None:
+    """The local Docker engine's socket: Twisted's unix write is its TCP write after any
+    queued descriptors, so with none queued the flush sends it itself."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    theirs.settimeout(5)
+    with ours, theirs:
+        connection = unix.Server(ours, Protocol(), None, None, 1, epollreactor.EPollReactor())
+        connection.connected = True
+        connection.reactor.addWriter = lambda _: None  # type: ignore[method-assign]
+        assert writes.use_buffered_write(connection)  # the compiled write too
+        connection.write(b"GET /_ping HTTP/1.1\r\n\r\n")
+        assert writes.send_now(connection)
+        assert connection._tempDataBuffer == [] and connection.dataBuffer == b""
+        assert _read(theirs, 23) == b"GET /_ping HTTP/1.1\r\n\r\n"
+        connection._sendmsgQueue.append(0)  # as sendFileDescriptor queues one
+        connection.write(b"with a descriptor")
+        assert not writes.send_now(connection)  # Twisted's doWrite passes it first
+        assert connection._tempDataLen == 17
+        writes.end_buffered_write(connection)
 
 
 # The compiled write (harp/writes.py, buffered_write): Twisted's FileDescriptor.write,
