@@ -1,9 +1,11 @@
 """A request's Nextcloud credentials: its cookies, and the key its user is cached under.
 
 Both run on every request that carries a cookie or an ``Authorization`` header (a
-logged-in user's every click), so they live in a compiled module (harp/compiled.py);
-interpreted, the cookie parse and the key were ≈ 1 µs of such a request
-(docs/performance.md).
+logged-in user's every click).  The HTTP/1.x channel, the HTTP/2 stream and the request
+(twisted.web's ``parseCookies``) share the one parse here, and the pipeline the one key;
+the module is compiled with the rest of the request path (harp/compiled.py), which
+measured about even with the interpreted form (docs/performance.md, "The Docker
+passthrough").
 """
 
 from __future__ import annotations
