@@ -51,17 +51,20 @@ _WRITE_SOME: Final = tcp.Connection.writeSomeData
 #: the queue empty it is the same send (the local Docker engine's socket, on every call).
 _UNIX_WRITE_SOME: Final = unix.Client.writeSomeData
 
-#: Twisted's steps of ``write`` that :func:`buffered_write` takes in their place.
+#: Twisted's steps of ``write`` that :func:`buffered_write` takes in their place, each
+#: with the forms it may have.  A unix socket connection's buffer is also full with more
+#: than 64 descriptors queued to pass; HaRP passes none, so its bytes decide alone, as
+#: :func:`buffered_write` checks.
 _WRITE_STEPS: Final = {
-    name: getattr(abstract.FileDescriptor, name)
-    for name in ("startWriting", "_maybePauseProducer", "_isSendBufferFull")
+    "startWriting": (abstract.FileDescriptor.startWriting,),
+    "_maybePauseProducer": (abstract.FileDescriptor._maybePauseProducer,),
+    "_isSendBufferFull": (
+        abstract.FileDescriptor._isSendBufferFull, unix.Client._isSendBufferFull,
+    ),
 }
 #: A TCP connection's ``write``: Twisted's TLS switch (``startTLS``) in front of
 #: ``FileDescriptor.write``.
 _TCP_WRITES: Final = (_newtls.ConnectionMixin.write, abstract.FileDescriptor.write)
-#: A unix socket connection's buffer is also full with more than 64 descriptors queued to
-#: pass; HaRP passes none, so its bytes decide alone, as :func:`buffered_write` checks.
-_UNIX_BUFFER_FULL: Final = unix.Client._isSendBufferFull
 
 
 def buffered_write(transport: Any, data: object) -> None:
@@ -98,10 +101,8 @@ def use_buffered_write(transport: Any) -> bool:
     kind = type(transport)
     if not isinstance(transport, tcp.Connection) or getattr(kind, "write", None) not in _TCP_WRITES:
         return False
-    for name, step in _WRITE_STEPS.items():
-        if getattr(kind, name, None) is not step and not (
-            name == "_isSendBufferFull" and getattr(kind, name, None) is _UNIX_BUFFER_FULL
-        ):
+    for name, steps in _WRITE_STEPS.items():
+        if getattr(kind, name, None) not in steps:
             return False
     if "write" in transport.__dict__:
         return False
