@@ -14,7 +14,9 @@ of HaRP's processes during its runs (100 = one core) and their RSS after.  Befor
 A reference HaRP can be measured side by side (``--reference http://127.0.0.1:8780``): start it
 with ``NC_INSTANCE_URL`` pointing at the bench's fake Nextcloud and the same key, e.g.
 ``--nextcloud-port 18000 --shared-key bench-key``; it then learns the ExApp ``bench`` with
-the bench's nginx as upstream (fix that port with ``--nginx-port``).
+the bench's nginx as upstream (fix that port with ``--nginx-port``: the reference keeps the
+address it learnt).  ``--reference-pid`` adds its CPU%.  How it was run for the README:
+bench/README.md.
 
 Needs ``wrk`` and ``nginx`` (Debian packages).  Nothing here asserts timings.
 """
@@ -46,6 +48,11 @@ def _reference_base(args: argparse.Namespace, scenario: Scenario) -> str | None:
     return args.reference
 
 
+def _reference_headers(stack_: Stack, scenario: Scenario) -> dict[str, str]:
+    chosen = scenario.reference_headers or scenario.headers
+    return chosen(stack_)
+
+
 def _connections(args: argparse.Namespace, scenario: Scenario) -> int:
     return args.connections if scenario.connections == 50 else scenario.connections
 
@@ -56,11 +63,11 @@ def warm_up(stack_: Stack, args: argparse.Namespace, scenarios: list[Scenario]) 
         headers = sc.headers(stack_)
         bases = [stack_.nginx.url, _harp_base(stack_, sc)]
         ref = _reference_base(args, sc)
-        urls = [bases[0] + sc.direct_path, bases[1] + sc.harp_path]
+        runs = [(bases[0] + sc.direct_path, headers), (bases[1] + sc.harp_path, headers)]
         if ref:
-            urls.append(ref.rstrip("/") + sc.harp_path)
-        for url in urls:
-            wrk.run(url, headers, 1, min(_connections(args, sc), 8 if sc.bulk else 50))
+            runs.append((ref.rstrip("/") + sc.harp_path, _reference_headers(stack_, sc)))
+        for url, url_headers in runs:
+            wrk.run(url, url_headers, 1, min(_connections(args, sc), 8 if sc.bulk else 50))
 
 
 def run_scenario(stack_: Stack, args: argparse.Namespace, sc: Scenario) -> Row:
@@ -71,6 +78,7 @@ def run_scenario(stack_: Stack, args: argparse.Namespace, sc: Scenario) -> Row:
     harp_url = _harp_base(stack_, sc) + sc.harp_path
     ref_base = _reference_base(args, sc)
     meter = procstat.CpuMeter(stack_.pid)
+    ref_meters = [procstat.CpuMeter(pid) for pid in args.reference_pid]
     for rep in range(args.reps):
         row.direct.append(wrk.run(direct_url, headers, args.duration, conns))
         meter.start()
@@ -81,9 +89,12 @@ def run_scenario(stack_: Stack, args: argparse.Namespace, sc: Scenario) -> Row:
         row.rss_largest.append(mem.largest)
         row.processes = mem.processes
         if ref_base:
-            row.reference.append(
-                wrk.run(ref_base.rstrip("/") + sc.harp_path, headers, args.duration, conns)
-            )
+            for ref_meter in ref_meters:
+                ref_meter.start()
+            row.reference.append(wrk.run(ref_base.rstrip("/") + sc.harp_path,
+                                         _reference_headers(stack_, sc), args.duration, conns))
+            if ref_meters:
+                row.reference_cpu.append(sum(ref_meter.stop() for ref_meter in ref_meters))
         last = row.harp[-1]
         print(
             f"  {sc.name} rep {rep + 1}/{args.reps}: direct "
@@ -113,6 +124,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="base URL of a running reference HaRP's HTTP frontend")
     parser.add_argument("--reference-https", metavar="URL",
                         help="base URL of the reference's HTTPS frontend")
+    parser.add_argument("--reference-pid", type=int, action="append", default=[], metavar="PID",
+                        help="a process of the reference (with its children) whose CPU to "
+                             "report, e.g. HAProxy's master and the agent (repeatable)")
     parser.add_argument("--shared-key", help="HP_SHARED_KEY (default: random)")
     parser.add_argument("--nextcloud-port", type=int, default=0,
                         help="fixed port for the fake Nextcloud (default: any)")

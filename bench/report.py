@@ -17,6 +17,8 @@ class Row:
     direct: list[WrkResult] = field(default_factory=list)
     harp: list[WrkResult] = field(default_factory=list)
     reference: list[WrkResult] = field(default_factory=list)
+    #: CPU% of the reference's processes during its runs (``--reference-pid``)
+    reference_cpu: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     #: total RSS of HaRP's processes after each run, and the largest single process
     rss: list[int] = field(default_factory=list)
@@ -57,7 +59,8 @@ def _ms(value: float) -> str:
 def columns(with_reference: bool) -> list[str]:
     head = ["scenario", "direct", "HaRP", "ratio", "ref ratio", "ours ÷ ref"]
     if with_reference:
-        head += ["reference (measured)", "ref ratio (measured)"]
+        head += ["reference (measured)", "ref ratio (measured)", "ours ÷ ref (measured)",
+                 "ref p50 / p99 ms", "ref CPU %"]
     return [*head, "HaRP p50 / p99 ms", "HaRP CPU %", "HaRP RSS MB"]
 
 
@@ -79,13 +82,7 @@ def cells(row: Row, with_reference: bool) -> list[str]:
     out = [sc.title, _fmt_value(row, row.median(row.direct)), harp_cell, f"{ratio:.3f}", ref,
            ours_vs_ref]
     if with_reference:
-        if row.reference:
-            errors = sum(r.errors for r in row.reference)
-            out += [_fmt_value(row, row.median(row.reference)) + (f" ({errors} errors)"
-                                                                  if errors else ""),
-                    f"{row.ratio(row.reference):.3f}"]
-        else:
-            out += ["—", "—"]
+        out += _reference_cells(row, ratio)
     p50 = statistics.median(r.p50_ms for r in row.harp)
     p99 = statistics.median(r.p99_ms for r in row.harp)
     latency = f"{_ms(p50)} / {_ms(p99)}"
@@ -98,6 +95,22 @@ def cells(row: Row, with_reference: bool) -> list[str]:
     if row.processes > 1:
         rss += f" ({row.processes} procs, max {statistics.median(row.rss_largest) / MB:.0f})"
     return [*out, latency, cpu, rss]
+
+
+def _reference_cells(row: Row, ours: float) -> list[str]:
+    """The measured reference: its rate, ratio, ours ÷ its ratio, latency and CPU."""
+    if not row.reference:
+        return ["—"] * 5
+    errors = sum(r.errors for r in row.reference)
+    value = _fmt_value(row, row.median(row.reference))
+    if errors:
+        value += f" ({errors} errors)"
+    ref_ratio = row.ratio(row.reference)
+    versus = f"{ours / ref_ratio:.2f}" if ref_ratio > 0 else "—"
+    p50 = statistics.median(r.p50_ms for r in row.reference)
+    p99 = statistics.median(r.p99_ms for r in row.reference)
+    cpu = f"{statistics.median(row.reference_cpu):.0f}" if row.reference_cpu else "—"
+    return [value, f"{ref_ratio:.3f}", versus, f"{_ms(p50)} / {_ms(p99)}", cpu]
 
 
 def markdown(rows: list[Row], with_reference: bool) -> str:
