@@ -85,6 +85,20 @@ http {{
 """
 
 
+def _check_free(port: int) -> None:
+    """Refuse a port something already listens on (an nginx left over by an earlier bench,
+    say).  nginx itself would retry its bind for seconds before giving up, and meanwhile the
+    other listener answers the readiness check: the bench would then measure the leftover
+    for "direct" while HaRP's Docker socket, which belonged to the nginx that gave up, is
+    gone (every ``_ping`` an error)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise RuntimeError(f"nginx: port {port} is taken ({exc.strerror})") from None
+
+
 class Nginx(Peer):
     """nginx serving the bench files on ``port`` and the Docker ping on ``socket_path``."""
 
@@ -124,6 +138,7 @@ class Nginx(Peer):
     def start(self) -> Self:
         if shutil.which(self.binary) is None:
             raise RuntimeError(f"{self.binary} not found: apt-get install nginx-light (or nginx)")
+        _check_free(self.port)
         conf = self._prepare()
         self._log = open(self.work / "error.log", "wb")  # closed in stop()
         self.proc = subprocess.Popen(
