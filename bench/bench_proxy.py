@@ -73,6 +73,7 @@ def warm_up(stack_: Stack, args: argparse.Namespace, scenarios: list[Scenario]) 
 def run_scenario(stack_: Stack, args: argparse.Namespace, sc: Scenario) -> Row:
     row = Row(sc)
     headers = sc.headers(stack_)
+    ref_headers = _reference_headers(stack_, sc)
     conns = _connections(args, sc)
     direct_url = stack_.nginx.url + sc.direct_path
     harp_url = _harp_base(stack_, sc) + sc.harp_path
@@ -91,8 +92,8 @@ def run_scenario(stack_: Stack, args: argparse.Namespace, sc: Scenario) -> Row:
         if ref_base:
             for ref_meter in ref_meters:
                 ref_meter.start()
-            row.reference.append(wrk.run(ref_base.rstrip("/") + sc.harp_path,
-                                         _reference_headers(stack_, sc), args.duration, conns))
+            row.reference.append(wrk.run(ref_base.rstrip("/") + sc.harp_path, ref_headers,
+                                         args.duration, conns))
             if ref_meters:
                 row.reference_cpu.append(sum(ref_meter.stop() for ref_meter in ref_meters))
         last = row.harp[-1]
